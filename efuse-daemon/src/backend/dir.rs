@@ -1,0 +1,894 @@
+//! `dir` backend: a directory on this machine (in production, a 3FS FUSE
+//! mount or any POSIX tree).
+//!
+//! The root is a jail. Every inode the kernel may name is held as an
+//! `O_PATH | O_NOFOLLOW` descriptor, and every name is resolved with one
+//! `openat` relative to its parent's descriptor: no path string is ever
+//! walked, no symlink is ever followed by the daemon, `.`/`..`/`/` in names
+//! are refused, and entries on another device (mounts inside the tree) are
+//! hidden. Data and attribute calls that need a real descriptor reopen the
+//! inode through `/proc/self/fd/N`, which names exactly that inode.
+//!
+//! Holding the descriptor also pins the backing inode, so its number cannot
+//! be reused while the kernel still knows it: backend inode numbers are the
+//! backing `st_ino`.
+
+use std::collections::HashMap;
+use std::ffi::{CString, OsStr, OsString};
+use std::fs::File;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+use super::{
+    Attr, Backend, BackendError, Caller, DirEntry, Fh, FileKind, Ino, Result, SetAttr, SetTime,
+    StatFs, check_name,
+};
+
+/// One pinned inode.
+struct Node {
+    fd: Arc<OwnedFd>,
+    pins: u64,
+}
+
+/// An open directory stream.
+struct DirHandle {
+    ino: Ino,
+    fd: OwnedFd,
+}
+
+/// A local directory served as a backend. See the module docs.
+pub struct DirBackend {
+    root_path: PathBuf,
+    root_ino: Ino,
+    dev: u64,
+    is_root_user: bool,
+    /// Lock order: `nodes` before `files` before `dirs`; no call holds two.
+    nodes: RwLock<HashMap<Ino, Node>>,
+    files: RwLock<HashMap<Fh, Arc<File>>>,
+    dirs: RwLock<HashMap<Fh, Arc<Mutex<DirHandle>>>>,
+    next_fh: AtomicU64,
+}
+
+fn cstr(name: &OsStr) -> Result<CString> {
+    CString::new(name.as_bytes()).map_err(|_| BackendError::InvalidName(name.to_owned()))
+}
+
+fn proc_path(fd: RawFd) -> CString {
+    CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
+}
+
+fn check(op: &'static str, rc: libc::c_int) -> Result<libc::c_int> {
+    if rc < 0 {
+        Err(BackendError::last_os(op))
+    } else {
+        Ok(rc)
+    }
+}
+
+fn ts(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs((-sec) as u64) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+/// Convert a `struct stat` to [`Attr`].
+pub(crate) fn attr_from_stat(st: &libc::stat) -> Attr {
+    Attr {
+        ino: st.st_ino,
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: ts(st.st_atime, st.st_atime_nsec),
+        mtime: ts(st.st_mtime, st.st_mtime_nsec),
+        ctime: ts(st.st_ctime, st.st_ctime_nsec),
+        kind: FileKind::from_mode(st.st_mode).unwrap_or(FileKind::File),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+    }
+}
+
+fn fstat_fd(fd: RawFd) -> Result<libc::stat> {
+    let mut st = MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: valid fd, empty C string, `st` is a valid out pointer.
+    let rc = unsafe {
+        libc::fstatat(
+            fd,
+            c"".as_ptr(),
+            st.as_mut_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    check("fstatat", rc)?;
+    // SAFETY: fstatat succeeded and filled `st`.
+    Ok(unsafe { st.assume_init() })
+}
+
+fn timespec(t: Option<SetTime>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(SetTime::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(SetTime::At(t)) => {
+            let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    let mut sec = -(d.as_secs() as i64);
+                    let mut nsec = -(d.subsec_nanos() as i64);
+                    if nsec < 0 {
+                        sec -= 1;
+                        nsec += 1_000_000_000;
+                    }
+                    (sec, nsec)
+                }
+            };
+            libc::timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            }
+        }
+    }
+}
+
+impl DirBackend {
+    /// Open `root` as a jailed backend.
+    pub fn new(root: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
+        // SAFETY: valid C string; the returned fd is owned below.
+        let fd = unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot open backend directory {}", root.display()));
+        }
+        // SAFETY: `fd` was just returned by open and is not owned elsewhere.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat_fd(fd.as_raw_fd())
+            .with_context(|| format!("cannot stat backend directory {}", root.display()))?;
+        let mut nodes = HashMap::new();
+        nodes.insert(
+            st.st_ino,
+            Node {
+                fd: Arc::new(fd),
+                // The root is pinned for the life of the backend.
+                pins: 1,
+            },
+        );
+        Ok(Self {
+            root_path: root.to_owned(),
+            root_ino: st.st_ino,
+            dev: st.st_dev,
+            is_root_user: nix::unistd::geteuid().is_root(),
+            nodes: RwLock::new(nodes),
+            files: RwLock::new(HashMap::new()),
+            dirs: RwLock::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        })
+    }
+
+    /// The backing directory.
+    pub fn root_path(&self) -> &Path {
+        &self.root_path
+    }
+
+    fn fd(&self, ino: Ino) -> Result<Arc<OwnedFd>> {
+        self.nodes
+            .read()
+            .get(&ino)
+            .map(|n| n.fd.clone())
+            .ok_or(BackendError::Stale(ino))
+    }
+
+    fn file(&self, fh: Fh) -> Result<Arc<File>> {
+        self.files
+            .read()
+            .get(&fh)
+            .cloned()
+            .ok_or(BackendError::Stale(fh))
+    }
+
+    fn new_fh(&self) -> Fh {
+        self.next_fh.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Open `name` under `parent_fd` as an `O_PATH` node, stat it and pin it.
+    fn pin_child(&self, parent_fd: RawFd, name: &OsStr) -> Result<Attr> {
+        let c = cstr(name)?;
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let fd = unsafe {
+            libc::openat(
+                parent_fd,
+                c.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::ENOENT) => BackendError::NotFound,
+                _ => BackendError::io("openat", e),
+            });
+        }
+        // SAFETY: freshly opened, not owned elsewhere.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let st = fstat_fd(fd.as_raw_fd())?;
+        if st.st_dev != self.dev {
+            return Err(BackendError::CrossDevice);
+        }
+        let mut nodes = self.nodes.write();
+        let node = nodes.entry(st.st_ino).or_insert_with(|| Node {
+            fd: Arc::new(fd),
+            pins: 0,
+        });
+        node.pins += 1;
+        Ok(attr_from_stat(&st))
+    }
+
+    /// Give newly created `name` under `parent_fd` to the caller.
+    fn chown_new(&self, who: Caller, parent_fd: RawFd, name: &CString) -> Result<()> {
+        if self.is_root_user && (who.uid != 0 || who.gid != 0) {
+            // SAFETY: valid dirfd and C string.
+            let rc = unsafe {
+                libc::fchownat(
+                    parent_fd,
+                    name.as_ptr(),
+                    who.uid,
+                    who.gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            check("fchownat", rc)?;
+        }
+        Ok(())
+    }
+
+    fn xattr_target(&self, ino: Ino) -> Result<(Arc<OwnedFd>, CString)> {
+        let fd = self.fd(ino)?;
+        let p = proc_path(fd.as_raw_fd());
+        Ok((fd, p))
+    }
+
+    /// Call an xattr getter twice: once for the size, once for the data.
+    fn xattr_buf(op: &'static str, f: impl Fn(*mut libc::c_void, usize) -> isize) -> Result<Vec<u8>> {
+        loop {
+            let size = f(std::ptr::null_mut(), 0);
+            if size < 0 {
+                return Err(BackendError::last_os(op));
+            }
+            let mut buf = vec![0u8; size as usize];
+            let got = f(buf.as_mut_ptr().cast(), buf.len());
+            if got < 0 {
+                let e = std::io::Error::last_os_error();
+                // Grew between the two calls: ask again.
+                if e.raw_os_error() == Some(libc::ERANGE) {
+                    continue;
+                }
+                return Err(BackendError::io(op, e));
+            }
+            buf.truncate(got as usize);
+            return Ok(buf);
+        }
+    }
+}
+
+/// Parse a `getdents64` buffer into entries.
+fn parse_dirents(buf: &[u8], out: &mut Vec<(OsString, u64, u8, u64)>) {
+    let mut pos = 0;
+    while pos + 19 <= buf.len() {
+        let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().expect("8 bytes"));
+        let off = u64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().expect("8 bytes"));
+        let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().expect("2 bytes")) as usize;
+        let dtype = buf[pos + 18];
+        if reclen == 0 || pos + reclen > buf.len() {
+            break;
+        }
+        let name_bytes = &buf[pos + 19..pos + reclen];
+        let len = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
+        out.push((OsString::from_vec(name_bytes[..len].to_vec()), ino, dtype, off));
+        pos += reclen;
+    }
+}
+
+fn kind_from_dtype(d: u8) -> Option<FileKind> {
+    Some(match d {
+        libc::DT_REG => FileKind::File,
+        libc::DT_DIR => FileKind::Dir,
+        libc::DT_LNK => FileKind::Symlink,
+        libc::DT_FIFO => FileKind::Fifo,
+        libc::DT_SOCK => FileKind::Socket,
+        libc::DT_CHR => FileKind::CharDev,
+        libc::DT_BLK => FileKind::BlockDev,
+        _ => return None,
+    })
+}
+
+impl Backend for DirBackend {
+    fn kind(&self) -> String {
+        "dir".into()
+    }
+
+    fn root(&self) -> Ino {
+        self.root_ino
+    }
+
+    fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
+        check_name(name)?;
+        let pfd = self.fd(parent)?;
+        self.pin_child(pfd.as_raw_fd(), name)
+    }
+
+    fn forget(&self, ino: Ino, n: u64) {
+        if ino == self.root_ino {
+            return;
+        }
+        let mut nodes = self.nodes.write();
+        if let Some(node) = nodes.get_mut(&ino) {
+            node.pins = node.pins.saturating_sub(n);
+            if node.pins == 0 {
+                nodes.remove(&ino);
+            }
+        }
+    }
+
+    fn getattr(&self, ino: Ino) -> Result<Attr> {
+        let fd = self.fd(ino)?;
+        Ok(attr_from_stat(&fstat_fd(fd.as_raw_fd())?))
+    }
+
+    fn setattr(&self, ino: Ino, fh: Option<Fh>, set: &SetAttr) -> Result<Attr> {
+        let fd = self.fd(ino)?;
+        let path = proc_path(fd.as_raw_fd());
+        if let Some(mode) = set.mode {
+            // SAFETY: valid C string.
+            check("chmod", unsafe { libc::chmod(path.as_ptr(), mode & 0o7777) })?;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            let uid = set.uid.unwrap_or(u32::MAX);
+            let gid = set.gid.unwrap_or(u32::MAX);
+            // SAFETY: valid fd and empty C string.
+            let rc = unsafe {
+                libc::fchownat(
+                    fd.as_raw_fd(),
+                    c"".as_ptr(),
+                    uid,
+                    gid,
+                    libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            check("fchownat", rc)?;
+        }
+        if let Some(size) = set.size {
+            let open = fh.and_then(|fh| self.file(fh).ok());
+            match open {
+                Some(f) => f
+                    .set_len(size)
+                    .map_err(|e| BackendError::io("ftruncate", e))?,
+                // SAFETY: valid C string.
+                None => {
+                    check("truncate", unsafe {
+                        libc::truncate(path.as_ptr(), size as libc::off_t)
+                    })?;
+                }
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let times = [timespec(set.atime), timespec(set.mtime)];
+            // SAFETY: valid C string and a 2-element timespec array.
+            let rc = unsafe { libc::utimensat(libc::AT_FDCWD, path.as_ptr(), times.as_ptr(), 0) };
+            check("utimensat", rc)?;
+        }
+        self.getattr(ino)
+    }
+
+    fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
+        let fd = self.fd(ino)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: valid fd, empty C string, buffer of the given length.
+        let n = unsafe {
+            libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        if n < 0 {
+            return Err(BackendError::last_os("readlinkat"));
+        }
+        buf.truncate(n as usize);
+        Ok(buf)
+    }
+
+    fn mknod(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, rdev: u32) -> Result<Attr> {
+        check_name(name)?;
+        let pfd = self.fd(parent)?;
+        let c = cstr(name)?;
+        // SAFETY: valid dirfd and C string.
+        let rc = unsafe { libc::mknodat(pfd.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t) };
+        check("mknodat", rc)?;
+        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        self.pin_child(pfd.as_raw_fd(), name)
+    }
+
+    fn mkdir(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32) -> Result<Attr> {
+        check_name(name)?;
+        let pfd = self.fd(parent)?;
+        let c = cstr(name)?;
+        // SAFETY: valid dirfd and C string.
+        check("mkdirat", unsafe { libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), mode) })?;
+        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        self.pin_child(pfd.as_raw_fd(), name)
+    }
+
+    fn symlink(&self, who: Caller, parent: Ino, name: &OsStr, target: &OsStr) -> Result<Attr> {
+        check_name(name)?;
+        let pfd = self.fd(parent)?;
+        let c = cstr(name)?;
+        let t = cstr(target)?;
+        // SAFETY: valid dirfd and C strings.
+        check("symlinkat", unsafe {
+            libc::symlinkat(t.as_ptr(), pfd.as_raw_fd(), c.as_ptr())
+        })?;
+        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        self.pin_child(pfd.as_raw_fd(), name)
+    }
+
+    fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> Result<Attr> {
+        check_name(newname)?;
+        let fd = self.fd(ino)?;
+        let pfd = self.fd(newparent)?;
+        let c = cstr(newname)?;
+        let src = proc_path(fd.as_raw_fd());
+        // SAFETY: valid C strings and dirfd; AT_SYMLINK_FOLLOW resolves the
+        // magic link to exactly the inode `fd` holds.
+        let rc = unsafe {
+            libc::linkat(
+                libc::AT_FDCWD,
+                src.as_ptr(),
+                pfd.as_raw_fd(),
+                c.as_ptr(),
+                libc::AT_SYMLINK_FOLLOW,
+            )
+        };
+        check("linkat", rc)?;
+        self.pin_child(pfd.as_raw_fd(), newname)
+    }
+
+    fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        check_name(name)?;
+        let pfd = self.fd(parent)?;
+        let c = cstr(name)?;
+        // SAFETY: valid dirfd and C string.
+        check("unlinkat", unsafe { libc::unlinkat(pfd.as_raw_fd(), c.as_ptr(), 0) })?;
+        Ok(())
+    }
+
+    fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
+        check_name(name)?;
+        let pfd = self.fd(parent)?;
+        let c = cstr(name)?;
+        // SAFETY: valid dirfd and C string.
+        check("rmdir", unsafe {
+            libc::unlinkat(pfd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR)
+        })?;
+        Ok(())
+    }
+
+    fn rename(&self, parent: Ino, name: &OsStr, newparent: Ino, newname: &OsStr, flags: u32) -> Result<()> {
+        check_name(name)?;
+        check_name(newname)?;
+        let pfd = self.fd(parent)?;
+        let npfd = self.fd(newparent)?;
+        let a = cstr(name)?;
+        let b = cstr(newname)?;
+        // SAFETY: valid dirfds and C strings.
+        let rc = unsafe {
+            libc::renameat2(pfd.as_raw_fd(), a.as_ptr(), npfd.as_raw_fd(), b.as_ptr(), flags)
+        };
+        check("renameat2", rc)?;
+        Ok(())
+    }
+
+    fn open(&self, ino: Ino, flags: i32) -> Result<Fh> {
+        let fd = self.fd(ino)?;
+        let path = proc_path(fd.as_raw_fd());
+        let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT))
+            | libc::O_CLOEXEC;
+        // SAFETY: valid C string; the fd is owned below.
+        let f = unsafe { libc::open(path.as_ptr(), flags) };
+        let f = check("open", f)?;
+        // SAFETY: freshly opened, not owned elsewhere.
+        let file = Arc::new(unsafe { File::from_raw_fd(f) });
+        let fh = self.new_fh();
+        self.files.write().insert(fh, file);
+        Ok(fh)
+    }
+
+    fn create(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, Fh)> {
+        check_name(name)?;
+        let pfd = self.fd(parent)?;
+        let c = cstr(name)?;
+        let flags = (flags & !(libc::O_NOCTTY | libc::O_DIRECT))
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC;
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let f = unsafe { libc::openat(pfd.as_raw_fd(), c.as_ptr(), flags, mode) };
+        let f = check("openat(O_CREAT)", f)?;
+        // SAFETY: freshly opened, not owned elsewhere.
+        let file = Arc::new(unsafe { File::from_raw_fd(f) });
+        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        let attr = self.pin_child(pfd.as_raw_fd(), name)?;
+        let fh = self.new_fh();
+        self.files.write().insert(fh, file);
+        Ok((attr, fh))
+    }
+
+    fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>> {
+        let f = self.file(fh)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match f.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(BackendError::io("pread", e)),
+            }
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> Result<u32> {
+        let f = self.file(fh)?;
+        f.write_all_at(data, offset)
+            .map_err(|e| BackendError::io("pwrite", e))?;
+        Ok(data.len() as u32)
+    }
+
+    fn flush(&self, fh: Fh) -> Result<()> {
+        let f = self.file(fh)?;
+        // close(dup(fd)): a network filesystem below (3FS, NFS) commits on
+        // close, so every close(2) through the mount reaches it.
+        // SAFETY: valid fd.
+        let d = check("dup", unsafe { libc::dup(f.as_raw_fd()) })?;
+        // SAFETY: `d` is ours to close.
+        check("close", unsafe { libc::close(d) })?;
+        Ok(())
+    }
+
+    fn fsync(&self, fh: Fh, datasync: bool) -> Result<()> {
+        let f = self.file(fh)?;
+        if datasync {
+            f.sync_data()
+        } else {
+            f.sync_all()
+        }
+        .map_err(|e| BackendError::io("fsync", e))
+    }
+
+    fn release(&self, fh: Fh) {
+        self.files.write().remove(&fh);
+    }
+
+    fn opendir(&self, ino: Ino) -> Result<Fh> {
+        let fd = self.fd(ino)?;
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let d = unsafe {
+            libc::openat(
+                fd.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        let d = check("opendir", d)?;
+        // SAFETY: freshly opened, not owned elsewhere.
+        let d = unsafe { OwnedFd::from_raw_fd(d) };
+        let fh = self.new_fh();
+        self.dirs
+            .write()
+            .insert(fh, Arc::new(Mutex::new(DirHandle { ino, fd: d })));
+        Ok(fh)
+    }
+
+    fn readdir(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<DirEntry>> {
+        let h = self
+            .dirs
+            .read()
+            .get(&dh)
+            .cloned()
+            .ok_or(BackendError::Stale(dh))?;
+        let h = h.lock();
+        // SAFETY: valid fd.
+        let rc = unsafe { libc::lseek(h.fd.as_raw_fd(), offset as libc::off_t, libc::SEEK_SET) };
+        if rc < 0 {
+            return Err(BackendError::last_os("seekdir"));
+        }
+        let mut out = Vec::new();
+        let mut raw = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while out.len() < max {
+            // SAFETY: valid fd and buffer of the given length.
+            let n = unsafe {
+                libc::syscall(
+                    libc::SYS_getdents64,
+                    h.fd.as_raw_fd(),
+                    buf.as_mut_ptr(),
+                    buf.len(),
+                )
+            };
+            if n < 0 {
+                return Err(BackendError::last_os("getdents64"));
+            }
+            if n == 0 {
+                break;
+            }
+            raw.clear();
+            parse_dirents(&buf[..n as usize], &mut raw);
+            for (name, ino, dtype, next) in raw.drain(..) {
+                if out.len() >= max {
+                    break;
+                }
+                let kind = match kind_from_dtype(dtype) {
+                    Some(k) => k,
+                    None => {
+                        let c = cstr(&name)?;
+                        let mut st = MaybeUninit::<libc::stat>::uninit();
+                        // SAFETY: valid dirfd, C string and out pointer.
+                        let rc = unsafe {
+                            libc::fstatat(h.fd.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                        };
+                        if rc < 0 {
+                            continue;
+                        }
+                        // SAFETY: fstatat succeeded.
+                        FileKind::from_mode(unsafe { st.assume_init() }.st_mode).unwrap_or(FileKind::File)
+                    }
+                };
+                out.push(DirEntry { name, ino, kind, next });
+            }
+        }
+        let _ = h.ino;
+        Ok(out)
+    }
+
+    fn readdir_plus(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<(DirEntry, Attr)>> {
+        let dir_ino = self
+            .dirs
+            .read()
+            .get(&dh)
+            .map(|h| h.lock().ino)
+            .ok_or(BackendError::Stale(dh))?;
+        let entries = self.readdir(dh, offset, max)?;
+        let pfd = self.fd(dir_ino)?;
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let b = e.name.as_bytes();
+            if b == b"." || b == b".." {
+                let attr = if b == b"." {
+                    self.getattr(dir_ino)?
+                } else {
+                    // Only the name and kind of `..` matter to the kernel.
+                    let mut a = self.getattr(dir_ino)?;
+                    a.ino = e.ino;
+                    a
+                };
+                out.push((e, attr));
+                continue;
+            }
+            match self.pin_child(pfd.as_raw_fd(), &e.name) {
+                Ok(attr) => out.push((DirEntry { ino: attr.ino, kind: attr.kind, ..e }, attr)),
+                // Removed since the listing, or a hidden mount point: skip.
+                Err(BackendError::NotFound | BackendError::CrossDevice) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(out)
+    }
+
+    fn releasedir(&self, dh: Fh) {
+        self.dirs.write().remove(&dh);
+    }
+
+    fn statfs(&self) -> Result<StatFs> {
+        let fd = self.fd(self.root_ino)?;
+        let mut st = MaybeUninit::<libc::statvfs>::uninit();
+        // SAFETY: valid fd and out pointer.
+        check("fstatvfs", unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+        // SAFETY: fstatvfs succeeded.
+        let st = unsafe { st.assume_init() };
+        Ok(StatFs {
+            blocks: st.f_blocks,
+            bfree: st.f_bfree,
+            bavail: st.f_bavail,
+            files: st.f_files,
+            ffree: st.f_ffree,
+            bsize: st.f_bsize as u32,
+            namelen: st.f_namemax as u32,
+            frsize: st.f_frsize as u32,
+        })
+    }
+
+    fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
+        let (_fd, path) = self.xattr_target(ino)?;
+        let n = cstr(name)?;
+        Self::xattr_buf("getxattr", |p, len| {
+            // SAFETY: valid C strings and a buffer of `len` bytes (or null, 0).
+            unsafe { libc::getxattr(path.as_ptr(), n.as_ptr(), p, len) }
+        })
+    }
+
+    fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        let (_fd, path) = self.xattr_target(ino)?;
+        let n = cstr(name)?;
+        // SAFETY: valid C strings and value slice.
+        let rc = unsafe {
+            libc::setxattr(path.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+        };
+        check("setxattr", rc)?;
+        Ok(())
+    }
+
+    fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        let (_fd, path) = self.xattr_target(ino)?;
+        Self::xattr_buf("listxattr", |p, len| {
+            // SAFETY: valid C string and a buffer of `len` bytes (or null, 0).
+            unsafe { libc::listxattr(path.as_ptr(), p.cast(), len) }
+        })
+    }
+
+    fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
+        let (_fd, path) = self.xattr_target(ino)?;
+        let n = cstr(name)?;
+        // SAFETY: valid C strings.
+        check("removexattr", unsafe { libc::removexattr(path.as_ptr(), n.as_ptr()) })?;
+        Ok(())
+    }
+
+    fn fallocate(&self, fh: Fh, offset: u64, len: u64, mode: i32) -> Result<()> {
+        let f = self.file(fh)?;
+        // SAFETY: valid fd.
+        let rc = unsafe {
+            libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
+        };
+        check("fallocate", rc)?;
+        Ok(())
+    }
+
+    fn lseek(&self, fh: Fh, offset: i64, whence: i32) -> Result<i64> {
+        let f = self.file(fh)?;
+        // SAFETY: valid fd.
+        let rc = unsafe { libc::lseek(f.as_raw_fd(), offset, whence) };
+        if rc < 0 {
+            return Err(BackendError::last_os("lseek"));
+        }
+        Ok(rc)
+    }
+
+    fn copy_file_range(&self, fh_in: Fh, off_in: u64, fh_out: Fh, off_out: u64, len: u64) -> Result<u64> {
+        let a = self.file(fh_in)?;
+        let b = self.file(fh_out)?;
+        let mut oi = off_in as libc::loff_t;
+        let mut oo = off_out as libc::loff_t;
+        // SAFETY: valid fds and offset pointers.
+        let n = unsafe {
+            libc::copy_file_range(a.as_raw_fd(), &mut oi, b.as_raw_fd(), &mut oo, len as usize, 0)
+        };
+        if n < 0 {
+            return Err(BackendError::last_os("copy_file_range"));
+        }
+        Ok(n as u64)
+    }
+
+    fn backing_file(&self, fh: Fh) -> Option<Arc<File>> {
+        self.file(fh).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend() -> (tempfile::TempDir, DirBackend) {
+        let t = tempfile::tempdir().unwrap();
+        let b = DirBackend::new(t.path()).unwrap();
+        (t, b)
+    }
+
+    #[test]
+    fn lookup_pins_and_forget_unpins() {
+        let (t, b) = backend();
+        std::fs::write(t.path().join("f"), b"x").unwrap();
+        let a = b.lookup(b.root(), OsStr::new("f")).unwrap();
+        b.lookup(b.root(), OsStr::new("f")).unwrap();
+        assert_eq!(b.nodes.read().get(&a.ino).unwrap().pins, 2);
+        b.forget(a.ino, 1);
+        assert!(b.getattr(a.ino).is_ok());
+        b.forget(a.ino, 1);
+        assert!(matches!(b.getattr(a.ino), Err(BackendError::Stale(_))));
+        // The root is never dropped.
+        b.forget(b.root(), 100);
+        assert!(b.getattr(b.root()).is_ok());
+    }
+
+    #[test]
+    fn jail_refuses_dot_dot_and_slashes() {
+        let (_t, b) = backend();
+        for bad in ["..", ".", "a/b", "/etc"] {
+            let e = b.lookup(b.root(), OsStr::new(bad)).unwrap_err();
+            assert_eq!(e.to_errno(), libc::EINVAL, "{bad}");
+        }
+        let long = "x".repeat(256);
+        assert_eq!(b.lookup(b.root(), OsStr::new(&long)).unwrap_err().to_errno(), libc::ENAMETOOLONG);
+    }
+
+    #[test]
+    fn symlink_is_never_followed_by_the_daemon() {
+        let (t, b) = backend();
+        std::os::unix::fs::symlink("/etc", t.path().join("evil")).unwrap();
+        let a = b.lookup(b.root(), OsStr::new("evil")).unwrap();
+        assert_eq!(a.kind, FileKind::Symlink);
+        // Resolving a name under the symlink must not reach /etc/passwd.
+        let e = b.lookup(a.ino, OsStr::new("passwd")).unwrap_err();
+        assert_eq!(e.to_errno(), libc::ENOTDIR);
+        assert_eq!(b.readlink(a.ino).unwrap(), b"/etc");
+        // Opening the symlink inode for data is refused too.
+        assert!(b.opendir(a.ino).is_err());
+    }
+
+    #[test]
+    fn readdir_resumes_from_cookies() {
+        let (t, b) = backend();
+        for i in 0..100 {
+            std::fs::write(t.path().join(format!("f{i}")), b"").unwrap();
+        }
+        let dh = b.opendir(b.root()).unwrap();
+        let mut names = Vec::new();
+        let mut off = 0;
+        loop {
+            let chunk = b.readdir(dh, off, 7).unwrap();
+            if chunk.is_empty() {
+                break;
+            }
+            off = chunk.last().unwrap().next;
+            names.extend(chunk.into_iter().map(|e| e.name));
+        }
+        b.releasedir(dh);
+        assert_eq!(names.len(), 102);
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), 102);
+    }
+
+    #[test]
+    fn create_write_read_roundtrip() {
+        let (t, b) = backend();
+        let (attr, fh) = b
+            .create(Caller::default(), b.root(), OsStr::new("new"), 0o100644, libc::O_RDWR)
+            .unwrap();
+        assert_eq!(attr.kind, FileKind::File);
+        assert_eq!(b.write(fh, 3, b"abc").unwrap(), 3);
+        assert_eq!(b.read(fh, 0, 100).unwrap(), b"\0\0\0abc");
+        b.release(fh);
+        assert_eq!(std::fs::read(t.path().join("new")).unwrap(), b"\0\0\0abc");
+    }
+}

@@ -1,0 +1,252 @@
+//! Command line of the `efuse` binary. Methods here turn raw arguments into
+//! library configuration ([`MountConfig`]); nothing else sees them.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::config::{BackendKind, IGNORED_OPTIONS, MountConfig, Offload};
+
+const MOUNT_HEADING: &str = "Mount options";
+const BACKEND_HEADING: &str = "Backend options";
+
+/// efuse: an eBPF-accelerated FUSE filesystem.
+#[derive(Debug, Parser)]
+#[command(
+    name = "efuse",
+    version,
+    about,
+    long_about = "efuse serves a directory (or a 3FS mount, or an in-memory tree) through FUSE and \
+                  cuts the round trips to the daemon with kernel caching and BPF.\n\
+                  Configuration file reference: doc/CONFIGURATION.md"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Mount a backend (daemonizes once the mount is ready, unless --foreground).
+    Mount(MountArgs),
+    /// Unmount an efuse mount and wait for its daemon to exit.
+    #[command(alias = "unmount")]
+    Umount(UmountArgs),
+    /// List efuse mounts: backend, offload tier, daemon pid.
+    Status(StatusArgs),
+}
+
+/// On/off switch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    /// Enabled.
+    On,
+    /// Disabled.
+    Off,
+}
+
+/// `efuse mount`.
+#[derive(Debug, Args, Clone)]
+pub struct MountArgs {
+    /// Backend source: the directory to serve (ignored by --backend mem).
+    #[arg(value_name = "BACKEND")]
+    pub source: PathBuf,
+    /// Where to mount it (an existing, empty directory).
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+    /// Backend kind [default: dir].
+    #[arg(long, value_enum, help_heading = BACKEND_HEADING)]
+    pub backend: Option<BackendKind>,
+    /// Backend wrapped by --backend sim [default: dir].
+    #[arg(long, value_enum, help_heading = BACKEND_HEADING)]
+    pub sim_inner: Option<BackendKind>,
+    /// Offload tier: off = plain FUSE, kernel = stock kernel caching, bpf = BPF hook, auto = best available [default: off].
+    #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
+    pub offload: Option<Offload>,
+    /// Mount options, comma-separated (ro, noatime, nosuid, nodev, noexec, allow_other, nonempty, backend=, offload=, config=, trace=).
+    #[arg(short = 'o', value_delimiter = ',', help_heading = MOUNT_HEADING)]
+    pub options: Vec<String>,
+    /// Stay in the foreground (for systemd); logs go to stderr.
+    #[arg(short = 'f', long, help_heading = MOUNT_HEADING)]
+    pub foreground: bool,
+    /// TOML config file with the same settings; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// FUSE worker threads [default: 8].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = MOUNT_HEADING)]
+    pub threads: Option<u16>,
+    /// eBPF tracing of this mount's FUSE requests [default: on].
+    #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
+    pub trace: Option<OnOff>,
+    /// Log file of the daemon [default: /run/efuse/<id>.log].
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+}
+
+/// `efuse umount`.
+#[derive(Debug, Args, Clone)]
+pub struct UmountArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// Detach now even if busy; the daemon exits when the last user leaves.
+    #[arg(short = 'l', long)]
+    pub lazy: bool,
+    /// Abort the FUSE connection first (for a hung or stalled daemon), then detach.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `efuse status`.
+#[derive(Debug, Args, Clone)]
+pub struct StatusArgs {
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl MountArgs {
+    /// Merge the config file (if any), `-o` settings and flags.
+    pub fn mount_config(&self) -> anyhow::Result<MountConfig> {
+        let mut file = self.config.clone();
+        let mut generic = Vec::new();
+        let mut kv_backend = None;
+        let mut kv_offload = None;
+        let mut kv_trace = None;
+        for o in &self.options {
+            let o = o.trim();
+            if o.is_empty() || IGNORED_OPTIONS.contains(&o) {
+                continue;
+            }
+            match o.split_once('=') {
+                Some(("backend", v)) => kv_backend = Some(parse_enum::<BackendKind>("backend", v)?),
+                Some(("offload", v)) => kv_offload = Some(parse_enum::<Offload>("offload", v)?),
+                Some(("trace", v)) => kv_trace = Some(parse_enum::<OnOff>("trace", v)? == OnOff::On),
+                Some(("config", v)) => file = Some(PathBuf::from(v)),
+                _ => generic.push(o.to_string()),
+            }
+        }
+        let mut cfg = match &file {
+            Some(f) => MountConfig::from_file(f)?,
+            None => MountConfig::default(),
+        };
+        cfg.source = Some(self.source.clone());
+        if let Some(b) = self.backend.or(kv_backend) {
+            cfg.backend = b;
+        }
+        if let Some(b) = self.sim_inner {
+            cfg.sim_inner = b;
+        }
+        if let Some(o) = self.offload.or(kv_offload) {
+            cfg.offload = o;
+        }
+        if let Some(t) = self.threads {
+            cfg.threads = t as usize;
+        }
+        if let Some(t) = self.trace.map(|t| t == OnOff::On).or(kv_trace) {
+            cfg.trace = t;
+        }
+        for o in generic {
+            if !cfg.options.contains(&o) {
+                cfg.options.push(o);
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn parse_enum<T: ValueEnum>(what: &str, v: &str) -> anyhow::Result<T> {
+    T::from_str(v, true).map_err(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        anyhow::anyhow!("invalid {what}={v:?}; expected one of {}", names.join(", "))
+    })
+}
+
+/// Translate a mount helper invocation (`mount.fuse.efuse SRC DST -o opts`,
+/// as mount(8) runs it for `-t fuse.efuse` and fstab) into `efuse mount` arguments.
+pub fn mount_helper_args(args: &[OsString]) -> anyhow::Result<Vec<OsString>> {
+    let mut out: Vec<OsString> = vec!["efuse".into(), "mount".into()];
+    let mut positional = Vec::new();
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.to_str() {
+            Some("-o") => {
+                let v = it.next().context("-o needs a value")?;
+                out.push("-o".into());
+                out.push(v.clone());
+            }
+            Some(s) if s.starts_with("-o") && s.len() > 2 => {
+                out.push("-o".into());
+                out.push(s[2..].into());
+            }
+            // mount(8) flags: -n (no mtab), -s (sloppy), -v (verbose), -f (fake).
+            Some("-n" | "-s" | "-v") => {}
+            Some("-f") => bail!("fake mounts (-f) are not supported"),
+            _ => positional.push(a.clone()),
+        }
+    }
+    if positional.len() != 2 {
+        bail!("usage: mount.fuse.efuse SOURCE MOUNTPOINT [-o options]");
+    }
+    out.extend(positional);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> MountArgs {
+        let mut v = vec!["efuse", "mount"];
+        v.extend_from_slice(args);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Mount(m) => m,
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn dash_o_carries_efuse_settings() {
+        let m = parse(&["/tmp", "/mnt", "-o", "noatime,offload=off,backend=mem,_netdev,trace=off"]);
+        let c = m.mount_config().unwrap();
+        assert_eq!(c.backend, BackendKind::Mem);
+        assert_eq!(c.offload, Offload::Off);
+        assert!(!c.trace);
+        assert_eq!(c.options, vec!["noatime".to_string()]);
+    }
+
+    #[test]
+    fn flags_override_dash_o() {
+        let m = parse(&["/tmp", "/mnt", "--backend", "mem", "-o", "backend=dir"]);
+        assert_eq!(m.mount_config().unwrap().backend, BackendKind::Mem);
+    }
+
+    #[test]
+    fn bad_values_are_clear_errors() {
+        let m = parse(&["/tmp", "/mnt", "-o", "offload=turbo"]);
+        let e = m.mount_config().unwrap_err().to_string();
+        assert!(e.contains("offload") && e.contains("kernel"), "{e}");
+        let m = parse(&["/tmp", "/mnt", "-o", "bogus"]);
+        assert!(m.mount_config().unwrap_err().to_string().contains("unknown mount option"));
+        assert!(Cli::try_parse_from(["efuse", "mount", "/a", "/b", "--threads", "0"]).is_err());
+    }
+
+    #[test]
+    fn mount_helper_translation() {
+        let a: Vec<OsString> = ["mount.fuse.efuse", "/src", "/dst", "-o", "rw,offload=off", "-n"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let out = mount_helper_args(&a).unwrap();
+        let out: Vec<_> = out.iter().map(|s| s.to_str().unwrap()).collect();
+        assert_eq!(out, ["efuse", "mount", "-o", "rw,offload=off", "/src", "/dst"]);
+        assert!(mount_helper_args(&a[..2]).is_err());
+    }
+}

@@ -1,0 +1,209 @@
+//! Mount configuration: a TOML file with the same settings as the command
+//! line; flags override the file. See `doc/CONFIGURATION.md`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::sim::SimConfig;
+
+/// Which backend serves the mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// A local directory (or a 3FS FUSE mount), jailed at its root.
+    #[default]
+    Dir,
+    /// An in-memory tree (the source argument is ignored).
+    Mem,
+    /// `sim_inner` wrapped in simulated 3FS latency and faults.
+    Sim,
+}
+
+/// How much of the work the kernel does without asking the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Offload {
+    /// Plain FUSE: no kernel caching, every operation reaches the daemon.
+    #[default]
+    Off,
+    /// Stock kernel caching: long TTLs kept coherent by invalidation,
+    /// READDIRPLUS, passthrough reads.
+    Kernel,
+    /// BPF programs answer lookup/getattr in the kernel (patched kernel).
+    Bpf,
+    /// The best tier this kernel supports.
+    Auto,
+}
+
+impl std::fmt::Display for Offload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Off => "off",
+            Self::Kernel => "kernel",
+            Self::Bpf => "bpf",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Dir => "dir",
+            Self::Mem => "mem",
+            Self::Sim => "sim",
+        })
+    }
+}
+
+/// Everything a mount needs, after merging the config file and the flags.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MountConfig {
+    /// Backend kind.
+    pub backend: BackendKind,
+    /// Backend source (a directory for `dir` and `sim` over `dir`).
+    pub source: Option<PathBuf>,
+    /// Backend under `sim`.
+    pub sim_inner: BackendKind,
+    /// Offload tier.
+    pub offload: Offload,
+    /// Mount options (`-o`), e.g. `ro`, `noatime`, `allow_other`.
+    pub options: Vec<String>,
+    /// FUSE worker threads.
+    pub threads: usize,
+    /// eBPF tracing of this mount (on by default where the kernel has the
+    /// fuse tracepoints).
+    pub trace: bool,
+    /// Latency and faults of the `sim` backend.
+    pub sim: SimConfig,
+}
+
+impl Default for MountConfig {
+    fn default() -> Self {
+        Self {
+            backend: BackendKind::Dir,
+            source: None,
+            sim_inner: BackendKind::Dir,
+            offload: Offload::Off,
+            options: Vec::new(),
+            threads: 8,
+            trace: true,
+            sim: SimConfig::default(),
+        }
+    }
+}
+
+impl MountConfig {
+    /// Read a TOML config file.
+    pub fn from_file(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+    }
+
+    /// Check the merged configuration.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.threads == 0 || self.threads > 256 {
+            bail!("threads must be between 1 and 256, got {}", self.threads);
+        }
+        if self.backend == BackendKind::Sim && self.sim_inner == BackendKind::Sim {
+            bail!("sim_inner cannot be sim");
+        }
+        let needs_source = match self.backend {
+            BackendKind::Dir => true,
+            BackendKind::Mem => false,
+            BackendKind::Sim => self.sim_inner == BackendKind::Dir,
+        };
+        if needs_source {
+            let Some(src) = &self.source else {
+                bail!("the {} backend needs a source directory", self.backend);
+            };
+            let md = std::fs::metadata(src)
+                .with_context(|| format!("backend directory {} does not exist", src.display()))?;
+            if !md.is_dir() {
+                bail!("backend {} is not a directory", src.display());
+            }
+        }
+        self.sim.validate()?;
+        for o in &self.options {
+            mount_option_known(o)?;
+        }
+        Ok(())
+    }
+
+    /// Short description of the backend for `efuse status`.
+    pub fn backend_label(&self) -> String {
+        match self.backend {
+            BackendKind::Sim => format!("sim+{}", self.sim_inner),
+            b => b.to_string(),
+        }
+    }
+}
+
+/// Mount options efuse understands (beyond its own `backend=`, `offload=`...).
+const KNOWN_OPTIONS: &[&str] = &[
+    "ro", "rw", "noatime", "atime", "nosuid", "suid", "nodev", "dev",
+    "noexec", "exec", "sync", "async", "dirsync", "allow_other", "allow_root", "nonempty",
+    "default_permissions",
+];
+
+/// Options mount(8) and fstab pass that have no meaning for the filesystem.
+pub const IGNORED_OPTIONS: &[&str] = &["defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"];
+
+/// Refuse an option efuse does not know, with the list it does.
+pub fn mount_option_known(opt: &str) -> anyhow::Result<()> {
+    if KNOWN_OPTIONS.contains(&opt)
+        || IGNORED_OPTIONS.contains(&opt)
+        || opt.starts_with("x-")
+        || opt.starts_with("fsname=")
+    {
+        Ok(())
+    } else {
+        bail!(
+            "unknown mount option {opt:?}; known: {}, and backend=, offload=, config=, trace=",
+            KNOWN_OPTIONS.join(", ")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_roundtrip_and_unknown_keys_refused() {
+        let c: MountConfig = toml::from_str(
+            r#"
+            backend = "sim"
+            sim_inner = "mem"
+            offload = "off"
+            options = ["noatime"]
+            [sim]
+            meta_us = 50
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.backend, BackendKind::Sim);
+        assert_eq!(c.sim.meta_us, 50);
+        c.validate().unwrap();
+        assert!(toml::from_str::<MountConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn unknown_mount_option_is_refused() {
+        assert!(mount_option_known("noatime").is_ok());
+        assert!(mount_option_known("_netdev").is_ok());
+        let e = mount_option_known("frobnicate").unwrap_err().to_string();
+        assert!(e.contains("frobnicate"), "{e}");
+    }
+
+    #[test]
+    fn dir_backend_needs_existing_source() {
+        let c = MountConfig { source: Some("/nonexistent/efuse".into()), ..Default::default() };
+        let e = format!("{:#}", c.validate().unwrap_err());
+        assert!(e.contains("does not exist"), "{e}");
+    }
+}

@@ -1,0 +1,641 @@
+//! Mount lifecycle: preflight checks, daemonizing, the serving loop,
+//! state records, `status` and `umount`.
+//!
+//! `efuse mount` without `--foreground` re-executes itself in the
+//! foreground in a new session, with its output going to a log file, and
+//! waits on a pipe: the child writes `ready` once the kernel has answered
+//! FUSE_INIT (the mount is usable), or `error: ...`. The parent exits 0 only
+//! after `ready`, so scripts can use the mount as soon as the command returns.
+//!
+//! Each live mount has a record in `/run/efuse/mounts/` (root-only) with
+//! the daemon's pid, backend and tier; `status` joins these records with
+//! `/proc/self/mountinfo`.
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use fuser::{MountOption, SessionACL};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::SharedBackend;
+use crate::backend::dir::DirBackend;
+use crate::backend::mem::MemBackend;
+use crate::backend::sim::SimBackend;
+use crate::cli::{MountArgs, StatusArgs, UmountArgs};
+use crate::config::{BackendKind, MountConfig, Offload};
+use crate::fs::EfuseFs;
+use crate::fuse::FuseAdapter;
+use crate::metrics::Metrics;
+
+/// Root of efuse's run-time state.
+pub const STATE_DIR: &str = "/run/efuse";
+const READY_FD_ENV: &str = "EFUSE_READY_FD";
+const CONFIG_ENV: &str = "EFUSE_MOUNT_CONFIG";
+
+/// What `status` knows of a mount.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MountRecord {
+    /// Absolute mount point.
+    pub mountpoint: PathBuf,
+    /// Backend source.
+    pub source: String,
+    /// Backend label (`dir`, `mem`, `sim+dir`).
+    pub backend: String,
+    /// Offload tier in effect.
+    pub offload: String,
+    /// Daemon pid.
+    pub pid: u32,
+    /// FUSE connection id (kernel dev_t of the mount).
+    pub connection: u32,
+    /// Unix time the mount became ready.
+    pub started: u64,
+    /// Daemon log file, if daemonized.
+    pub log: Option<PathBuf>,
+}
+
+/// Make `p` absolute and drop `.`/`..` without touching the filesystem
+/// (a dead FUSE mount cannot be canonicalized).
+pub fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
+    let base = if p.is_absolute() {
+        PathBuf::new()
+    } else {
+        std::env::current_dir()?
+    };
+    let mut out = PathBuf::from("/");
+    for c in base.join(p).components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+fn mount_id(mp: &Path) -> String {
+    // FNV-1a: a stable, dependency-free name for the record.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in mp.as_os_str().as_bytes() {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+fn records_dir() -> PathBuf {
+    Path::new(STATE_DIR).join("mounts")
+}
+
+fn ensure_state_dirs() -> anyhow::Result<()> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(records_dir())
+        .with_context(|| format!("cannot create {}", records_dir().display()))
+}
+
+fn record_path(mp: &Path) -> PathBuf {
+    records_dir().join(format!("{}.json", mount_id(mp)))
+}
+
+fn write_record(r: &MountRecord) -> anyhow::Result<()> {
+    ensure_state_dirs()?;
+    let p = record_path(&r.mountpoint);
+    let tmp = p.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(serde_json::to_string_pretty(r)?.as_bytes())?;
+    fs::rename(&tmp, &p)?;
+    Ok(())
+}
+
+/// Read the record of a mount point, if any.
+pub fn read_record(mp: &Path) -> Option<MountRecord> {
+    let text = fs::read_to_string(record_path(mp)).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+/// One line of `/proc/self/mountinfo`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountInfo {
+    /// Mount point.
+    pub mountpoint: PathBuf,
+    /// Filesystem type (`fuse.efuse`).
+    pub fstype: String,
+    /// Source.
+    pub source: String,
+    /// Kernel dev_t (major << 20 | minor), the FUSE connection id.
+    pub dev: u32,
+}
+
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() {
+            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
+                out.push(v);
+                i += 4;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    PathBuf::from(std::ffi::OsString::from(OsStr::from_bytes(&out)))
+}
+
+/// Parse `/proc/self/mountinfo`.
+pub fn mountinfo() -> anyhow::Result<Vec<MountInfo>> {
+    let text = fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else { continue };
+        if f.len() < sep + 3 || f.len() < 5 {
+            continue;
+        }
+        let (maj, min) = f[2].split_once(':').unwrap_or(("0", "0"));
+        let dev = (maj.parse::<u32>().unwrap_or(0) << 20) | min.parse::<u32>().unwrap_or(0);
+        out.push(MountInfo {
+            mountpoint: unescape_mountinfo(f[4]),
+            fstype: f[sep + 1].to_string(),
+            source: f[sep + 2].to_string(),
+            dev,
+        });
+    }
+    Ok(out)
+}
+
+fn mounted_at(mp: &Path) -> anyhow::Result<Option<MountInfo>> {
+    Ok(mountinfo()?.into_iter().rev().find(|m| m.mountpoint == mp))
+}
+
+/// True if `pid` is a running (not zombie) process.
+fn pid_alive(pid: u32) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesized command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+/// True if the mount at `mp` has lost its daemon.
+fn connection_dead(mp: &Path) -> bool {
+    matches!(fs::metadata(mp), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+}
+
+/// Checks before mounting, each failing with what to do about it.
+fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("efuse must run as root: it mounts with mount(2) and loads BPF programs (try sudo)");
+    }
+    if !Path::new("/dev/fuse").exists() {
+        bail!("/dev/fuse is missing: load the FUSE module (modprobe fuse) or, in a container, pass --device /dev/fuse");
+    }
+    match cfg.offload {
+        Offload::Off => {}
+        t => bail!(
+            "--offload {t} is not available in this version of efuse yet; use --offload off \
+             (plain FUSE). The kernel tier needs Linux 6.9+ for passthrough; the bpf tier needs the \
+             efuse kernel patch (see README)"
+        ),
+    }
+    if let Some(m) = mounted_at(mp)? {
+        let dead = m.fstype == "fuse.efuse" && connection_dead(mp);
+        if dead {
+            tracing::warn!(mountpoint = %mp.display(), "removing the stale mount of a dead efuse daemon");
+            lazy_unmount(mp)?;
+        } else {
+            bail!(
+                "{} is already a mount point ({} from {}); unmount it first (efuse umount {})",
+                mp.display(),
+                m.fstype,
+                m.source,
+                mp.display()
+            );
+        }
+    }
+    let md = fs::metadata(mp).with_context(|| format!("mountpoint {} does not exist", mp.display()))?;
+    if !md.is_dir() {
+        bail!("mountpoint {} is not a directory", mp.display());
+    }
+    if !cfg.options.iter().any(|o| o == "nonempty")
+        && fs::read_dir(mp)
+            .with_context(|| format!("cannot list mountpoint {}", mp.display()))?
+            .next()
+            .is_some()
+    {
+        bail!(
+            "mountpoint {} is not empty; mounting would hide its files (use -o nonempty to mount anyway)",
+            mp.display()
+        );
+    }
+    if let Some(src) = &cfg.source
+        && matches!(cfg.backend, BackendKind::Dir)
+    {
+        let src = fs::canonicalize(src)?;
+        if mp.starts_with(&src) {
+            bail!("mountpoint {} lies inside the backend {}; pick a mountpoint outside it", mp.display(), src.display());
+        }
+    }
+    Ok(())
+}
+
+fn lazy_unmount(mp: &Path) -> anyhow::Result<()> {
+    nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH)
+        .with_context(|| format!("cannot detach {}", mp.display()))
+}
+
+/// Build the backend a config asks for.
+pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
+    let plain = |kind: BackendKind| -> anyhow::Result<SharedBackend> {
+        Ok(match kind {
+            BackendKind::Mem => Arc::new(MemBackend::new()),
+            _ => {
+                let src = cfg.source.as_ref().context("the dir backend needs a source directory")?;
+                Arc::new(DirBackend::new(src)?)
+            }
+        })
+    };
+    Ok(match cfg.backend {
+        BackendKind::Sim => Arc::new(SimBackend::new(plain(cfg.sim_inner)?, cfg.sim.clone())),
+        k => plain(k)?,
+    })
+}
+
+fn fuse_config(cfg: &MountConfig) -> fuser::Config {
+    let mut c = fuser::Config::default();
+    let source = match cfg.backend {
+        BackendKind::Mem => "efuse-mem".to_string(),
+        _ => cfg
+            .source
+            .as_ref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_else(|| "efuse".into()),
+    };
+    c.mount_options = vec![
+        MountOption::FSName(source),
+        // fuser gives Subtype only to fusermount; the kernel takes it directly
+        // and then lists the mount as `fuse.efuse`.
+        MountOption::CUSTOM("subtype=efuse".into()),
+        // The daemon runs as root: let the kernel check permissions.
+        MountOption::DefaultPermissions,
+    ];
+    c.acl = SessionACL::Owner;
+    for o in &cfg.options {
+        let m = match o.as_str() {
+            "ro" => MountOption::RO,
+            "rw" => MountOption::RW,
+            "noatime" => MountOption::NoAtime,
+            "atime" => MountOption::Atime,
+            "nosuid" => MountOption::NoSuid,
+            "suid" => MountOption::Suid,
+            "nodev" => MountOption::NoDev,
+            "dev" => MountOption::Dev,
+            "noexec" => MountOption::NoExec,
+            "exec" => MountOption::Exec,
+            "sync" => MountOption::Sync,
+            "async" => MountOption::Async,
+            "dirsync" => MountOption::DirSync,
+            "allow_other" => {
+                c.acl = SessionACL::All;
+                continue;
+            }
+            "allow_root" => {
+                c.acl = SessionACL::RootAndOwner;
+                continue;
+            }
+            _ => continue,
+        };
+        c.mount_options.push(m);
+    }
+    c.n_threads = Some(cfg.threads);
+    c
+}
+
+/// `efuse mount`.
+pub fn mount(args: &MountArgs) -> anyhow::Result<()> {
+    let cfg = match std::env::var(CONFIG_ENV) {
+        // Re-executed by our own parent: the merged config travels whole.
+        Ok(json) if args.foreground => serde_json::from_str(&json).context("bad inherited config")?,
+        _ => args.mount_config()?,
+    };
+    let mp = absolute(&args.mountpoint)?;
+    let ready = match std::env::var(READY_FD_ENV) {
+        Ok(fd) if args.foreground => {
+            let fd: i32 = fd.parse().context("bad EFUSE_READY_FD")?;
+            // SAFETY: the parent passed this fd to us for our exclusive use.
+            Some(File::from(unsafe { OwnedFd::from_raw_fd(fd) }))
+        }
+        _ => None,
+    };
+    if args.foreground {
+        let mut ready = ready;
+        let res = preflight(&cfg, &mp).and_then(|()| serve(&cfg, &mp, args.log_file.clone(), &mut ready));
+        if let (Err(e), Some(r)) = (&res, ready.as_mut()) {
+            let _ = writeln!(r, "error: {e:#}");
+        }
+        return res;
+    }
+    preflight(&cfg, &mp)?;
+    spawn_daemon(args, &cfg, &mp)
+}
+
+fn spawn_daemon(args: &MountArgs, cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
+    ensure_state_dirs()?;
+    let log = args
+        .log_file
+        .clone()
+        .unwrap_or_else(|| Path::new(STATE_DIR).join(format!("{}.log", mount_id(mp))));
+    let log_file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(&log)
+        .with_context(|| format!("cannot open log file {}", log.display()))?;
+    let (rd, wr) = nix::unistd::pipe().context("pipe")?;
+    let wr_fd = wr.as_raw_fd();
+    let exe = std::env::current_exe().context("cannot find own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(&args.source)
+        .arg(mp)
+        .arg("--foreground")
+        .arg("--log-file")
+        .arg(&log)
+        .env(READY_FD_ENV, wr_fd.to_string())
+        .env(CONFIG_ENV, serde_json::to_string(cfg)?)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // Let the ready pipe survive exec.
+            let flags = libc::fcntl(wr_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(wr_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("cannot start the efuse daemon")?;
+    drop(wr);
+    let mut msg = String::new();
+    File::from(rd).read_to_string(&mut msg).ok();
+    let msg = msg.trim();
+    if msg == "ready" {
+        println!(
+            "efuse: mounted {} on {} (backend {}, offload {}, pid {}, log {})",
+            args.source.display(),
+            mp.display(),
+            cfg.backend_label(),
+            cfg.offload,
+            child.id(),
+            log.display()
+        );
+        return Ok(());
+    }
+    if let Some(e) = msg.strip_prefix("error: ") {
+        let _ = child.wait();
+        bail!("{e}");
+    }
+    let status = child.wait()?;
+    let tail = fs::read_to_string(&log).unwrap_or_default();
+    let tail: Vec<&str> = tail.lines().rev().take(10).collect();
+    bail!(
+        "the efuse daemon exited ({status}) before the mount was ready; last log lines:\n{}",
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    )
+}
+
+/// Mount and serve until unmounted (the foreground daemon).
+fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<File>) -> anyhow::Result<()> {
+    // Block termination signals before any thread exists, so that only the
+    // signal thread below receives them.
+    let mut sigs = nix::sys::signal::SigSet::empty();
+    for s in [
+        nix::sys::signal::Signal::SIGTERM,
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGHUP,
+    ] {
+        sigs.add(s);
+    }
+    sigs.thread_block().context("cannot block signals")?;
+    // The kernel applies the caller's umask before the request reaches us.
+    nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+
+    let backend = build_backend(cfg)?;
+    let kind = backend.kind();
+    let fs = Arc::new(EfuseFs::new(backend, cfg.offload));
+    let metrics = Arc::new(Metrics::default());
+    let adapter = FuseAdapter::new(fs.clone(), metrics.clone());
+    let started = Instant::now();
+    let session = fuser::Session::new(adapter, mp, &fuse_config(cfg))
+        .with_context(|| format!("cannot mount on {}", mp.display()))?;
+    let dev = connection_of(mp).unwrap_or(0);
+    tracing::info!(
+        mountpoint = %mp.display(),
+        backend = %kind,
+        offload = %cfg.offload,
+        connection = dev,
+        ms = started.elapsed().as_millis() as u64,
+        "mounted"
+    );
+    let record = MountRecord {
+        mountpoint: mp.to_owned(),
+        source: cfg.source.as_ref().map(|s| s.display().to_string()).unwrap_or_default(),
+        backend: kind,
+        offload: cfg.offload.to_string(),
+        pid: std::process::id(),
+        connection: dev,
+        started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        log,
+    };
+    if let Err(e) = write_record(&record) {
+        tracing::warn!("cannot write mount record: {e:#}");
+    }
+    let mp_sig = mp.to_owned();
+    std::thread::Builder::new()
+        .name("efuse-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = sigs.wait() {
+                tracing::info!(?sig, "unmounting on signal");
+                if let Err(e) = lazy_unmount(&mp_sig) {
+                    tracing::error!("{e:#}");
+                }
+            }
+        })?;
+    if let Some(mut r) = ready.take() {
+        r.write_all(b"ready\n")?;
+    }
+    let res = session.run();
+    let _ = fs::remove_file(record_path(mp));
+    tracing::info!(mountpoint = %mp.display(), "unmounted; daemon exiting");
+    res.context("FUSE session failed")
+}
+
+/// FUSE connection id of the mount at `mp` (the kernel dev_t).
+pub fn connection_of(mp: &Path) -> Option<u32> {
+    mounted_at(mp).ok().flatten().map(|m| m.dev)
+}
+
+/// `efuse umount`.
+pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
+    let mp = absolute(&args.mountpoint)?;
+    let Some(m) = mounted_at(&mp)? else {
+        bail!("{} is not mounted", mp.display());
+    };
+    if m.fstype != "fuse.efuse" {
+        bail!("{} is a {} mount, not efuse; use umount(8)", mp.display(), m.fstype);
+    }
+    let record = read_record(&mp);
+    if args.force {
+        let abort = format!("/sys/fs/fuse/connections/{}/abort", m.dev);
+        match fs::write(&abort, b"1") {
+            Ok(()) => tracing::info!(connection = m.dev, "aborted FUSE connection"),
+            Err(e) => tracing::warn!("cannot abort {abort}: {e} (is fusectl mounted?)"),
+        }
+    }
+    let flags = if args.lazy || args.force {
+        nix::mount::MntFlags::MNT_DETACH
+    } else {
+        nix::mount::MntFlags::empty()
+    };
+    if let Err(e) = nix::mount::umount2(&mp, flags) {
+        if e == nix::errno::Errno::EBUSY {
+            bail!("{} is busy (a process has a file open or its cwd there); close it or use --lazy", mp.display());
+        }
+        return Err(e).with_context(|| format!("cannot unmount {}", mp.display()));
+    }
+    if let Some(r) = record {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pid_alive(r.pid) && Instant::now() < deadline && !args.lazy {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !pid_alive(r.pid) {
+            let _ = fs::remove_file(record_path(&mp));
+        }
+    }
+    println!("efuse: unmounted {}", mp.display());
+    Ok(())
+}
+
+/// A row of `efuse status`.
+#[derive(Debug, Serialize)]
+struct StatusRow {
+    mountpoint: PathBuf,
+    source: String,
+    backend: String,
+    offload: String,
+    pid: Option<u32>,
+    connection: u32,
+    state: &'static str,
+}
+
+/// `efuse status`.
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let mut rows = Vec::new();
+    for m in mountinfo()?.into_iter().filter(|m| m.fstype == "fuse.efuse") {
+        let rec = read_record(&m.mountpoint);
+        let alive = rec.as_ref().is_some_and(|r| pid_alive(r.pid)) && !connection_dead(&m.mountpoint);
+        rows.push(StatusRow {
+            source: rec.as_ref().map(|r| r.source.clone()).unwrap_or(m.source.clone()),
+            backend: rec.as_ref().map(|r| r.backend.clone()).unwrap_or_else(|| "?".into()),
+            offload: rec.as_ref().map(|r| r.offload.clone()).unwrap_or_else(|| "?".into()),
+            pid: rec.as_ref().map(|r| r.pid),
+            connection: m.dev,
+            state: if alive { "running" } else { "dead (run efuse umount)" },
+            mountpoint: m.mountpoint,
+        });
+    }
+    // Records whose mount is gone belong to daemons that died after unmount.
+    if let Ok(dir) = fs::read_dir(records_dir()) {
+        for e in dir.flatten() {
+            if let Ok(text) = fs::read_to_string(e.path())
+                && let Ok(r) = serde_json::from_str::<MountRecord>(&text)
+                && !rows.iter().any(|row| row.mountpoint == r.mountpoint)
+                && !pid_alive(r.pid)
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if rows.is_empty() {
+        println!("no efuse mounts");
+        return Ok(());
+    }
+    println!("{:<32} {:<8} {:<8} {:>8} {:>6}  {:<24} SOURCE", "MOUNTPOINT", "BACKEND", "OFFLOAD", "PID", "CONN", "STATE");
+    for r in rows {
+        println!(
+            "{:<32} {:<8} {:<8} {:>8} {:>6}  {:<24} {}",
+            r.mountpoint.display(),
+            r.backend,
+            r.offload,
+            r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            r.connection,
+            r.state,
+            r.source
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absolute_is_lexical() {
+        assert_eq!(absolute(Path::new("/a/b/../c/./d")).unwrap(), PathBuf::from("/a/c/d"));
+        assert_eq!(absolute(Path::new("/..")).unwrap(), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape_mountinfo("/mnt/a\\040b"), PathBuf::from("/mnt/a b"));
+        assert_eq!(unescape_mountinfo("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn mountinfo_lists_root() {
+        let all = mountinfo().unwrap();
+        assert!(all.iter().any(|m| m.mountpoint == Path::new("/")));
+    }
+
+    #[test]
+    fn mount_ids_differ() {
+        assert_ne!(mount_id(Path::new("/a")), mount_id(Path::new("/b")));
+    }
+}

@@ -1,0 +1,501 @@
+//! Filesystem logic between the FUSE adapter and the backend.
+//!
+//! `EfuseFs` speaks in FUSE inode numbers and plain structs ([`Entry`],
+//! [`Opened`]); it never touches fuser reply types, so tests can drive it
+//! without a mount. It owns the lookup counts ([`InodeTable`]): every method
+//! that returns an [`Entry`] has counted it once, and callers must hand it
+//! to the kernel (or call [`EfuseFs::forget`] themselves).
+//!
+//! The offload tier decides the cache policy the kernel is told: with
+//! `off` every TTL is zero and no open keeps the page cache, so every
+//! operation reaches the daemon.
+
+use std::ffi::OsStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::backend::{Attr, BackendError, Caller, DirEntry, Fh, FileKind, SetAttr, SharedBackend, StatFs};
+use crate::config::Offload;
+use crate::inode::InodeTable;
+
+/// Errors of filesystem calls; carries the errno the kernel gets.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    /// An xattr value or list larger than the caller's buffer.
+    #[error("buffer of {size} bytes too small for {needed}")]
+    Range {
+        /// Caller's buffer.
+        size: u32,
+        /// Bytes needed.
+        needed: usize,
+    },
+}
+
+impl FsError {
+    /// The errno for the reply.
+    pub fn to_errno(&self) -> i32 {
+        match self {
+            Self::Backend(e) => e.to_errno(),
+            Self::Range { .. } => libc::ERANGE,
+        }
+    }
+
+    /// Expected failures (a missing name, a missing xattr) are not worth a warning.
+    pub fn is_expected(&self) -> bool {
+        matches!(
+            self.to_errno(),
+            libc::ENOENT | libc::ENODATA | libc::EEXIST | libc::ENOTEMPTY | libc::ENAMETOOLONG
+                | libc::ERANGE | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTDIR | libc::EISDIR
+                | libc::EACCES | libc::EPERM | libc::ENXIO
+        )
+    }
+}
+
+/// Result of filesystem calls.
+pub type FsResult<T> = Result<T, FsError>;
+
+/// An entry handed to the kernel (already counted in the inode table).
+#[derive(Clone, Copy, Debug)]
+pub struct Entry {
+    /// Attributes, with `ino` the FUSE inode number.
+    pub attr: Attr,
+    /// Generation of the inode.
+    pub generation: u64,
+    /// How long the kernel may trust the name -> inode binding.
+    pub entry_ttl: Duration,
+    /// How long the kernel may trust the attributes.
+    pub attr_ttl: Duration,
+}
+
+/// Flags of an open reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct OpenFlags {
+    /// Keep the page cache from earlier opens (FOPEN_KEEP_CACHE).
+    pub keep_cache: bool,
+}
+
+/// An open file or directory.
+#[derive(Clone, Copy, Debug)]
+pub struct Opened {
+    /// Handle the kernel passes back.
+    pub fh: Fh,
+    /// Reply flags.
+    pub flags: OpenFlags,
+}
+
+/// Receives plain directory entries; `add` returns true when full (entry not taken).
+pub trait DirReplier {
+    /// Add an entry; true if the buffer is full and the entry was not added.
+    fn add(&mut self, ino: u64, next: u64, kind: FileKind, name: &OsStr) -> bool;
+}
+
+/// Receives directory entries with attributes; `add` returns true when full.
+pub trait DirPlusReplier {
+    /// Add an entry; true if the buffer is full and the entry was not added.
+    fn add(&mut self, entry: &Entry, next: u64, name: &OsStr) -> bool;
+}
+
+/// Cache policy derived from the offload tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CachePolicy {
+    /// TTL of positive entries.
+    pub entry_ttl: Duration,
+    /// TTL of attributes.
+    pub attr_ttl: Duration,
+    /// Keep the page cache across opens.
+    pub keep_cache: bool,
+}
+
+impl CachePolicy {
+    /// Policy of a tier.
+    pub fn for_tier(tier: Offload) -> Self {
+        match tier {
+            Offload::Off | Offload::Kernel | Offload::Bpf | Offload::Auto => Self {
+                entry_ttl: Duration::ZERO,
+                attr_ttl: Duration::ZERO,
+                keep_cache: false,
+            },
+        }
+    }
+}
+
+/// Directory entries are fetched from the backend in batches of this size.
+const READDIR_BATCH: usize = 256;
+
+/// The filesystem.
+pub struct EfuseFs {
+    backend: SharedBackend,
+    inodes: InodeTable,
+    policy: parking_lot::RwLock<CachePolicy>,
+}
+
+impl EfuseFs {
+    /// A filesystem over `backend` with the cache policy of `tier`.
+    pub fn new(backend: SharedBackend, tier: Offload) -> Self {
+        let root = backend.root();
+        Self {
+            backend,
+            inodes: InodeTable::new(root),
+            policy: parking_lot::RwLock::new(CachePolicy::for_tier(tier)),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &SharedBackend {
+        &self.backend
+    }
+
+    /// The inode table (for statistics and tests).
+    pub fn inodes(&self) -> &InodeTable {
+        &self.inodes
+    }
+
+    /// Current cache policy.
+    pub fn policy(&self) -> CachePolicy {
+        *self.policy.read()
+    }
+
+    fn b(&self, ino: u64) -> u64 {
+        self.inodes.to_backend(ino)
+    }
+
+    fn fuse_attr(&self, mut a: Attr) -> Attr {
+        a.ino = self.inodes.to_fuse(a.ino);
+        a
+    }
+
+    /// Count a backend-pinned attr as a kernel entry.
+    fn entry(&self, a: Attr) -> Entry {
+        let attr = self.fuse_attr(a);
+        let generation = self.inodes.remember(attr.ino);
+        let p = self.policy();
+        Entry {
+            attr,
+            generation,
+            entry_ttl: p.entry_ttl,
+            attr_ttl: p.attr_ttl,
+        }
+    }
+
+    /// `lookup(2)` of `name` in `parent`.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        let a = self.backend.lookup(self.b(parent), name)?;
+        Ok(self.entry(a))
+    }
+
+    /// The kernel dropped `n` references to `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        let n = self.inodes.forget(ino, n);
+        if n > 0 {
+            self.backend.forget(self.b(ino), n);
+        }
+    }
+
+    /// Attributes and their TTL.
+    pub fn getattr(&self, ino: u64) -> FsResult<(Attr, Duration)> {
+        let a = self.backend.getattr(self.b(ino))?;
+        Ok((self.fuse_attr(a), self.policy().attr_ttl))
+    }
+
+    /// Change attributes.
+    pub fn setattr(&self, ino: u64, fh: Option<Fh>, set: &SetAttr) -> FsResult<(Attr, Duration)> {
+        let a = self.backend.setattr(self.b(ino), fh, set)?;
+        Ok((self.fuse_attr(a), self.policy().attr_ttl))
+    }
+
+    /// Target of a symlink.
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        Ok(self.backend.readlink(self.b(ino))?)
+    }
+
+    /// Create a node.
+    pub fn mknod(&self, who: Caller, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> FsResult<Entry> {
+        let a = self.backend.mknod(who, self.b(parent), name, mode, rdev)?;
+        Ok(self.entry(a))
+    }
+
+    /// Create a directory.
+    pub fn mkdir(&self, who: Caller, parent: u64, name: &OsStr, mode: u32) -> FsResult<Entry> {
+        let a = self.backend.mkdir(who, self.b(parent), name, mode)?;
+        Ok(self.entry(a))
+    }
+
+    /// Create a symlink.
+    pub fn symlink(&self, who: Caller, parent: u64, name: &OsStr, target: &OsStr) -> FsResult<Entry> {
+        let a = self.backend.symlink(who, self.b(parent), name, target)?;
+        Ok(self.entry(a))
+    }
+
+    /// Add a hard link.
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
+        let a = self.backend.link(self.b(ino), self.b(newparent), newname)?;
+        Ok(self.entry(a))
+    }
+
+    /// Remove a file.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        Ok(self.backend.unlink(self.b(parent), name)?)
+    }
+
+    /// Remove a directory.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        Ok(self.backend.rmdir(self.b(parent), name)?)
+    }
+
+    /// Rename.
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> FsResult<()> {
+        Ok(self
+            .backend
+            .rename(self.b(parent), name, self.b(newparent), newname, flags)?)
+    }
+
+    fn open_flags(&self) -> OpenFlags {
+        OpenFlags {
+            keep_cache: self.policy().keep_cache,
+        }
+    }
+
+    /// Open a file.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        let fh = self.backend.open(self.b(ino), flags)?;
+        Ok(Opened {
+            fh,
+            flags: self.open_flags(),
+        })
+    }
+
+    /// Create and open a file.
+    pub fn create(&self, who: Caller, parent: u64, name: &OsStr, mode: u32, flags: i32) -> FsResult<(Entry, Opened)> {
+        let (a, fh) = self.backend.create(who, self.b(parent), name, mode, flags)?;
+        Ok((
+            self.entry(a),
+            Opened {
+                fh,
+                flags: self.open_flags(),
+            },
+        ))
+    }
+
+    /// Read.
+    pub fn read(&self, fh: Fh, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        Ok(self.backend.read(fh, offset, size)?)
+    }
+
+    /// Write.
+    pub fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> FsResult<u32> {
+        Ok(self.backend.write(fh, offset, data)?)
+    }
+
+    /// close(2) of one descriptor.
+    pub fn flush(&self, fh: Fh) -> FsResult<()> {
+        Ok(self.backend.flush(fh)?)
+    }
+
+    /// fsync(2).
+    pub fn fsync(&self, fh: Fh, datasync: bool) -> FsResult<()> {
+        Ok(self.backend.fsync(fh, datasync)?)
+    }
+
+    /// Last close of a handle.
+    pub fn release(&self, fh: Fh) {
+        self.backend.release(fh)
+    }
+
+    /// Open a directory.
+    pub fn opendir(&self, ino: u64) -> FsResult<Opened> {
+        let fh = self.backend.opendir(self.b(ino))?;
+        Ok(Opened {
+            fh,
+            flags: OpenFlags::default(),
+        })
+    }
+
+    /// List a directory from cookie `offset` into `out` until it is full.
+    pub fn readdir(&self, dh: Fh, offset: u64, out: &mut dyn DirReplier) -> FsResult<()> {
+        let mut offset = offset;
+        loop {
+            let batch = self.backend.readdir(dh, offset, READDIR_BATCH)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            for DirEntry { name, ino, kind, next } in batch {
+                if out.add(self.inodes.to_fuse(ino), next, kind, &name) {
+                    return Ok(());
+                }
+                offset = next;
+            }
+        }
+    }
+
+    /// List a directory with attributes (READDIRPLUS). Every entry but `.`
+    /// and `..` that is added counts as a lookup; the ones that do not fit
+    /// are given back to the backend.
+    pub fn readdir_plus(&self, dh: Fh, offset: u64, out: &mut dyn DirPlusReplier) -> FsResult<()> {
+        let mut offset = offset;
+        loop {
+            let batch = self.backend.readdir_plus(dh, offset, READDIR_BATCH)?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let mut iter = batch.into_iter();
+            while let Some((e, a)) = iter.next() {
+                let dots = e.name == "." || e.name == "..";
+                let full = if dots {
+                    let p = self.policy();
+                    let entry = Entry {
+                        attr: self.fuse_attr(a),
+                        generation: 0,
+                        entry_ttl: p.entry_ttl,
+                        attr_ttl: p.attr_ttl,
+                    };
+                    out.add(&entry, e.next, &e.name)
+                } else {
+                    let entry = self.entry(a);
+                    let full = out.add(&entry, e.next, &e.name);
+                    if full {
+                        self.forget(entry.attr.ino, 1);
+                    }
+                    full
+                };
+                if full {
+                    for (rest, ra) in iter {
+                        if rest.name != "." && rest.name != ".." {
+                            self.backend.forget(ra.ino, 1);
+                        }
+                    }
+                    return Ok(());
+                }
+                offset = e.next;
+            }
+        }
+    }
+
+    /// Close a directory.
+    pub fn releasedir(&self, dh: Fh) {
+        self.backend.releasedir(dh)
+    }
+
+    /// statfs(2).
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        Ok(self.backend.statfs()?)
+    }
+
+    /// Get an xattr: its size if `size` is 0, else its value (ERANGE if it does not fit).
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<XattrReply> {
+        let v = self.backend.getxattr(self.b(ino), name)?;
+        sized(v, size)
+    }
+
+    /// Set an xattr.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
+        Ok(self.backend.setxattr(self.b(ino), name, value, flags)?)
+    }
+
+    /// List xattrs: the size if `size` is 0, else the list.
+    pub fn listxattr(&self, ino: u64, size: u32) -> FsResult<XattrReply> {
+        let v = self.backend.listxattr(self.b(ino))?;
+        sized(v, size)
+    }
+
+    /// Remove an xattr.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
+        Ok(self.backend.removexattr(self.b(ino), name)?)
+    }
+
+    /// fallocate(2).
+    pub fn fallocate(&self, fh: Fh, offset: u64, len: u64, mode: i32) -> FsResult<()> {
+        Ok(self.backend.fallocate(fh, offset, len, mode)?)
+    }
+
+    /// lseek(2) for SEEK_DATA / SEEK_HOLE.
+    pub fn lseek(&self, fh: Fh, offset: i64, whence: i32) -> FsResult<i64> {
+        Ok(self.backend.lseek(fh, offset, whence)?)
+    }
+
+    /// copy_file_range(2).
+    pub fn copy_file_range(&self, a: Fh, oa: u64, b: Fh, ob: u64, len: u64) -> FsResult<u64> {
+        Ok(self.backend.copy_file_range(a, oa, b, ob, len)?)
+    }
+}
+
+/// Reply to a getxattr/listxattr.
+#[derive(Debug, PartialEq, Eq)]
+pub enum XattrReply {
+    /// Only the size was asked for.
+    Size(u32),
+    /// The data.
+    Data(Vec<u8>),
+}
+
+fn sized(v: Vec<u8>, size: u32) -> FsResult<XattrReply> {
+    if size == 0 {
+        Ok(XattrReply::Size(v.len() as u32))
+    } else if v.len() > size as usize {
+        Err(FsError::Range { size, needed: v.len() })
+    } else {
+        Ok(XattrReply::Data(v))
+    }
+}
+
+/// A filesystem over a backend, shared by the FUSE threads.
+pub type SharedFs = Arc<EfuseFs>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::mem::MemBackend;
+
+    struct Collect(Vec<(u64, String)>, usize);
+    impl DirPlusReplier for Collect {
+        fn add(&mut self, e: &Entry, _next: u64, name: &OsStr) -> bool {
+            if self.0.len() >= self.1 {
+                return true;
+            }
+            self.0.push((e.attr.ino, name.to_string_lossy().into()));
+            false
+        }
+    }
+
+    #[test]
+    fn readdirplus_counts_only_what_fits() {
+        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        for i in 0..10 {
+            let e = fs.mkdir(Caller::default(), 1, OsStr::new(&format!("d{i}")), 0o755).unwrap();
+            fs.forget(e.attr.ino, 1);
+        }
+        assert_eq!(fs.inodes().totals(), (0, 0));
+        let dh = fs.opendir(1).unwrap().fh;
+        let mut c = Collect(Vec::new(), 5);
+        fs.readdir_plus(dh, 0, &mut c).unwrap();
+        // ".", ".." and three directories fit; only the three are counted.
+        assert_eq!(c.0.len(), 5);
+        assert_eq!(fs.inodes().totals(), (3, 3));
+        for (ino, name) in &c.0[2..] {
+            assert!(name.starts_with('d'));
+            fs.forget(*ino, 1);
+        }
+        assert_eq!(fs.inodes().totals(), (0, 0));
+        fs.releasedir(dh);
+    }
+
+    #[test]
+    fn root_is_inode_one() {
+        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        let (a, ttl) = fs.getattr(1).unwrap();
+        assert_eq!(a.ino, 1);
+        assert_eq!(a.kind, FileKind::Dir);
+        assert_eq!(ttl, Duration::ZERO);
+    }
+
+    #[test]
+    fn xattr_size_then_data_then_erange() {
+        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        fs.setxattr(1, OsStr::new("user.k"), b"value", 0).unwrap();
+        assert_eq!(fs.getxattr(1, OsStr::new("user.k"), 0).unwrap(), XattrReply::Size(5));
+        assert_eq!(fs.getxattr(1, OsStr::new("user.k"), 5).unwrap(), XattrReply::Data(b"value".to_vec()));
+        assert_eq!(fs.getxattr(1, OsStr::new("user.k"), 2).unwrap_err().to_errno(), libc::ERANGE);
+    }
+}

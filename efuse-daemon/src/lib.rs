@@ -1,0 +1,65 @@
+//! efuse: an eBPF-accelerated FUSE filesystem.
+//!
+//! Layers, dependencies pointing down:
+//! - [`cli`] and [`daemon`]: arguments, mount lifecycle, status.
+//! - [`fuse`]: thin fuser adapter; counts requests in [`metrics`].
+//! - [`fs`]: filesystem logic, lookup counts ([`inode`]), cache policy.
+//! - [`backend`]: the storage (`dir`, `mem`, `sim`).
+#![deny(clippy::undocumented_unsafe_blocks)]
+#![warn(missing_docs)]
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod fs;
+pub mod fuse;
+pub mod inode;
+pub mod logging;
+pub mod metrics;
+
+/// Run the command line; returns the process exit code.
+pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
+    use clap::Parser;
+    let args = match mount_helper(&args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("efuse: {e:#}");
+            return 2;
+        }
+    };
+    let cli = match cli::Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    logging::init(false);
+    let res = match &cli.command {
+        cli::Command::Mount(m) => daemon::mount(m),
+        cli::Command::Umount(u) => daemon::umount(u),
+        cli::Command::Status(s) => daemon::status(s),
+    };
+    match res {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("efuse: {e:#}");
+            1
+        }
+    }
+}
+
+/// Invoked as `mount.fuse.efuse` (mount(8), fstab): translate the arguments.
+fn mount_helper(args: &[std::ffi::OsString]) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let argv0 = args
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if argv0.starts_with("mount.") {
+        cli::mount_helper_args(args)
+    } else {
+        Ok(args.to_vec())
+    }
+}
