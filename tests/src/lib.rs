@@ -1,0 +1,348 @@
+//! Harness for efuse's real-mount tests.
+//!
+//! [`TestMount`] mounts the `efuse` binary for real over a temporary
+//! backing directory and keeps a *twin*: a plain directory with the same
+//! starting content. A mutating operation is applied once through the mount
+//! and once to the twin ([`TestMount::both`]); the results (value or errno)
+//! must match, and at the end the backing tree must equal the twin tree
+//! ([`assert_same_tree`]). Read-only checks compare the mount with the
+//! backing directory directly.
+//!
+//! Teardown never depends on the test passing: `Drop` detaches the mount
+//! (MNT_DETACH never blocks), aborts the FUSE connection so no thread stays
+//! stuck in a request, then kills and reaps the daemon.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `efuse` binary built from this workspace.
+pub fn efuse_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("EFUSE_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    for profile in ["debug", "release"] {
+        let p = target.join(profile).join("efuse");
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!(
+        "efuse binary not found under {}: run `cargo build -p efuse-daemon` first \
+         (`cargo xtask test` does it), or set EFUSE_BIN",
+        target.display()
+    );
+}
+
+/// A live efuse mount for one test.
+pub struct TestMount {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// FUSE connection id (dev_t of the mount).
+    pub connection: u32,
+    extra: Vec<String>,
+}
+
+/// Kernel dev_t of the filesystem holding `p` (major << 20 | minor).
+pub fn kernel_dev(p: &Path) -> io::Result<u32> {
+    let dev = fs::metadata(p)?.dev();
+    let (maj, min) = (libc::major(dev), libc::minor(dev));
+    Ok((maj << 20) | min)
+}
+
+fn lazy_unmount(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
+    // SAFETY: valid C string; MNT_DETACH never blocks.
+    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+}
+
+fn is_mounted(p: &Path) -> bool {
+    mount_connection(p).is_some()
+}
+
+/// FUSE connection id of the mount at `p`, from mountinfo (no syscall on
+/// the mount itself, so it works on a dead or failing mount).
+pub fn mount_connection(p: &Path) -> Option<u32> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        if f.get(4).map(Path::new) != Some(p) {
+            return None;
+        }
+        let (maj, min) = f.get(2)?.split_once(':')?;
+        Some((maj.parse::<u32>().ok()? << 20) | min.parse::<u32>().ok()?)
+    })
+}
+
+impl TestMount {
+    /// Mount a `dir` backend with `--offload off` and default options.
+    pub fn new() -> Self {
+        Self::with_args(&[])
+    }
+
+    /// Mount with extra `efuse mount` arguments.
+    pub fn with_args(extra: &[&str]) -> Self {
+        let dir = tempfile::Builder::new().prefix("efuse-test").tempdir().expect("tempdir");
+        // The mount point sits one level deeper than the backing dir, so a
+        // relative symlink resolves differently on the two sides.
+        for d in ["backing", "twin", "mounts/mnt"] {
+            fs::create_dir_all(dir.path().join(d)).expect("mkdir");
+        }
+        let mut m = Self {
+            dir,
+            child: None,
+            connection: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        m.start();
+        m
+    }
+
+    /// Start (or restart) the daemon in the foreground and wait until it is ready.
+    pub fn start(&mut self) {
+        let (rd, wr) = pipe();
+        let wr_fd = wr.as_raw_fd();
+        let mut cmd = Command::new(efuse_bin());
+        cmd.arg("mount")
+            .arg(self.backing())
+            .arg(self.mnt())
+            .arg("--foreground")
+            .args(&self.extra)
+            .env("EFUSE_READY_FD", wr_fd.to_string())
+            .env("EFUSE_LOG", std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null());
+        // SAFETY: only async-signal-safe fcntl between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let flags = libc::fcntl(wr_fd, libc::F_GETFD);
+                libc::fcntl(wr_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn efuse");
+        drop(wr);
+        self.child = Some(child);
+        let mut msg = String::new();
+        fs::File::from(rd).read_to_string(&mut msg).ok();
+        assert_eq!(msg.trim(), "ready", "efuse did not become ready: {msg:?}");
+        self.connection = mount_connection(&self.mnt()).expect("mount missing from mountinfo");
+    }
+
+    /// The mount point.
+    pub fn mnt(&self) -> PathBuf {
+        self.dir.path().join("mounts/mnt")
+    }
+    /// The backing directory.
+    pub fn backing(&self) -> PathBuf {
+        self.dir.path().join("backing")
+    }
+    /// The twin directory.
+    pub fn twin(&self) -> PathBuf {
+        self.dir.path().join("twin")
+    }
+    /// Scratch space next to the mount.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+    /// `rel` under the mount.
+    pub fn m(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.mnt().join(rel)
+    }
+    /// `rel` under the backing directory.
+    pub fn b(&self, rel: impl AsRef<Path>) -> PathBuf {
+        self.backing().join(rel)
+    }
+
+    /// Create `rel` with `data` in both the backing dir and the twin.
+    pub fn seed_file(&self, rel: &str, data: &[u8]) {
+        for root in [self.backing(), self.twin()] {
+            let p = root.join(rel);
+            if let Some(d) = p.parent() {
+                fs::create_dir_all(d).expect("mkdir");
+            }
+            fs::write(p, data).expect("seed");
+        }
+    }
+
+    /// Run `op` through the mount and on the twin; assert both give the same
+    /// value or the same errno, and return the mount's result.
+    pub fn both<T: PartialEq + std::fmt::Debug>(
+        &self,
+        what: &str,
+        op: impl Fn(&Path) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let a = op(&self.mnt());
+        let b = op(&self.twin());
+        match (&a, &b) {
+            (Ok(x), Ok(y)) => assert_eq!(x, y, "{what}: values differ"),
+            (Err(x), Err(y)) => assert_eq!(
+                x.raw_os_error(),
+                y.raw_os_error(),
+                "{what}: errno differs (mount {x}, twin {y})"
+            ),
+            _ => panic!("{what}: mount gave {a:?}, twin gave {b:?}"),
+        }
+        a
+    }
+
+    /// Kill the daemon with SIGKILL, as a crash would.
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Daemon pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Unmount cleanly and wait for the daemon to exit; returns its status.
+    pub fn unmount(mut self) -> std::process::ExitStatus {
+        let status = Command::new(efuse_bin())
+            .arg("umount")
+            .arg(self.mnt())
+            .output()
+            .expect("efuse umount");
+        assert!(status.status.success(), "efuse umount failed: {}", String::from_utf8_lossy(&status.stderr));
+        let mut c = self.child.take().expect("daemon");
+        wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit after umount")
+    }
+}
+
+impl Default for TestMount {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestMount {
+    fn drop(&mut self) {
+        let mnt = self.mnt();
+        if is_mounted(&mnt) {
+            lazy_unmount(&mnt);
+        }
+        if self.connection != 0 {
+            let _ = fs::write(format!("/sys/fs/fuse/connections/{}/abort", self.connection), b"1");
+        }
+        if let Some(mut c) = self.child.take() {
+            if wait_timeout(&mut c, Duration::from_secs(3)).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// Wait for a child with a deadline.
+pub fn wait_timeout(c: &mut Child, d: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + d;
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: valid out array of two ints.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2");
+    // SAFETY: both fds were just created and are owned here.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// What two trees are compared on, per entry.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Node {
+    /// File type and permission bits.
+    pub mode: u32,
+    /// Size (directories: not compared).
+    pub size: u64,
+    /// Link count (files only).
+    pub nlink: u64,
+    /// Content (files) or target (symlinks).
+    pub data: Vec<u8>,
+}
+
+/// Snapshot of a tree, keyed by path bytes relative to the root.
+pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let p = e.path();
+            let md = fs::symlink_metadata(&p).expect("lstat");
+            let rel = p.strip_prefix(root).expect("prefix").as_os_str().as_bytes().to_vec();
+            let ft = md.file_type();
+            let data = if ft.is_file() {
+                fs::read(&p).expect("read")
+            } else if ft.is_symlink() {
+                fs::read_link(&p).expect("readlink").as_os_str().as_bytes().to_vec()
+            } else {
+                Vec::new()
+            };
+            if ft.is_dir() {
+                stack.push(p);
+            }
+            out.insert(
+                rel,
+                Node {
+                    mode: md.mode(),
+                    size: if ft.is_dir() { 0 } else { md.size() },
+                    nlink: if ft.is_dir() { 0 } else { md.nlink() },
+                    data,
+                },
+            );
+        }
+    }
+    out
+}
+
+/// Assert two trees hold the same names, types, modes, sizes, links and data.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let (sa, sb) = (snapshot(a), snapshot(b));
+    let ka: Vec<_> = sa.keys().map(|k| OsString::from(std::ffi::OsStr::from_bytes(k))).collect();
+    let kb: Vec<_> = sb.keys().map(|k| OsString::from(std::ffi::OsStr::from_bytes(k))).collect();
+    assert_eq!(ka, kb, "trees {} and {} differ in names", a.display(), b.display());
+    for (k, va) in &sa {
+        assert_eq!(va, &sb[k], "{:?} differs", String::from_utf8_lossy(k));
+    }
+}
+
+/// Run `f` on another thread and fail (instead of hanging) if it takes longer than `d`.
+pub fn within<T: Send + 'static>(d: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(d).expect("operation hung")
+}
+
+/// Run the efuse CLI; returns (exit code, stdout, stderr).
+pub fn efuse(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
+    let out = Command::new(efuse_bin()).args(args).output().expect("run efuse");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
