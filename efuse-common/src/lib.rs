@@ -162,11 +162,7 @@ pub mod trace {
             return 0;
         }
         let slot = 63 - ns.leading_zeros() as usize;
-        if slot >= HIST_SLOTS {
-            HIST_SLOTS - 1
-        } else {
-            slot
-        }
+        if slot >= HIST_SLOTS { HIST_SLOTS - 1 } else { slot }
     }
 }
 

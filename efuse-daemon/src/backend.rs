@@ -310,25 +310,11 @@ pub trait Backend: Send + Sync + 'static {
     /// Remove an empty directory.
     fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()>;
     /// Rename; `flags` are `RENAME_NOREPLACE` / `RENAME_EXCHANGE`.
-    fn rename(
-        &self,
-        parent: Ino,
-        name: &OsStr,
-        newparent: Ino,
-        newname: &OsStr,
-        flags: u32,
-    ) -> Result<()>;
+    fn rename(&self, parent: Ino, name: &OsStr, newparent: Ino, newname: &OsStr, flags: u32) -> Result<()>;
     /// Open a file with `open(2)` flags.
     fn open(&self, ino: Ino, flags: i32) -> Result<Fh>;
     /// Create and open a file; pins it.
-    fn create(
-        &self,
-        who: Caller,
-        parent: Ino,
-        name: &OsStr,
-        mode: u32,
-        flags: i32,
-    ) -> Result<(Attr, Fh)>;
+    fn create(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, Fh)>;
     /// Read up to `size` bytes at `offset`.
     fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>>;
     /// Write `data` at `offset`; returns bytes written.

@@ -214,7 +214,12 @@ mod tests {
 
     #[test]
     fn dash_o_carries_efuse_settings() {
-        let m = parse(&["/tmp", "/mnt", "-o", "noatime,offload=off,backend=mem,_netdev,trace=off"]);
+        let m = parse(&[
+            "/tmp",
+            "/mnt",
+            "-o",
+            "noatime,offload=off,backend=mem,_netdev,trace=off",
+        ]);
         let c = m.mount_config().unwrap();
         assert_eq!(c.backend, BackendKind::Mem);
         assert_eq!(c.offload, Offload::Off);
@@ -234,7 +239,12 @@ mod tests {
         let e = m.mount_config().unwrap_err().to_string();
         assert!(e.contains("offload") && e.contains("kernel"), "{e}");
         let m = parse(&["/tmp", "/mnt", "-o", "bogus"]);
-        assert!(m.mount_config().unwrap_err().to_string().contains("unknown mount option"));
+        assert!(
+            m.mount_config()
+                .unwrap_err()
+                .to_string()
+                .contains("unknown mount option")
+        );
         assert!(Cli::try_parse_from(["efuse", "mount", "/a", "/b", "--threads", "0"]).is_err());
     }
 

@@ -145,13 +145,29 @@ impl MountConfig {
 
 /// Mount options efuse understands (beyond its own `backend=`, `offload=`...).
 const KNOWN_OPTIONS: &[&str] = &[
-    "ro", "rw", "noatime", "atime", "nosuid", "suid", "nodev", "dev",
-    "noexec", "exec", "sync", "async", "dirsync", "allow_other", "allow_root", "nonempty",
+    "ro",
+    "rw",
+    "noatime",
+    "atime",
+    "nosuid",
+    "suid",
+    "nodev",
+    "dev",
+    "noexec",
+    "exec",
+    "sync",
+    "async",
+    "dirsync",
+    "allow_other",
+    "allow_root",
+    "nonempty",
     "default_permissions",
 ];
 
 /// Options mount(8) and fstab pass that have no meaning for the filesystem.
-pub const IGNORED_OPTIONS: &[&str] = &["defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail"];
+pub const IGNORED_OPTIONS: &[&str] = &[
+    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+];
 
 /// Refuse an option efuse does not know, with the list it does.
 pub fn mount_option_known(opt: &str) -> anyhow::Result<()> {
@@ -202,7 +218,10 @@ mod tests {
 
     #[test]
     fn dir_backend_needs_existing_source() {
-        let c = MountConfig { source: Some("/nonexistent/efuse".into()), ..Default::default() };
+        let c = MountConfig {
+            source: Some("/nonexistent/efuse".into()),
+            ..Default::default()
+        };
         let e = format!("{:#}", c.validate().unwrap_err());
         assert!(e.contains("does not exist"), "{e}");
     }

@@ -149,12 +149,13 @@ fn unescape_mountinfo(s: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8) {
-                out.push(v);
-                i += 4;
-                continue;
-            }
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 4]).unwrap_or("x"), 8)
+        {
+            out.push(v);
+            i += 4;
+            continue;
         }
         out.push(b[i]);
         i += 1;
@@ -168,7 +169,9 @@ pub fn mountinfo() -> anyhow::Result<Vec<MountInfo>> {
     let mut out = Vec::new();
     for line in text.lines() {
         let f: Vec<&str> = line.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else { continue };
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            continue;
+        };
         if f.len() < sep + 3 || f.len() < 5 {
             continue;
         }
@@ -214,7 +217,9 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
         bail!("efuse must run as root: it mounts with mount(2) and loads BPF programs (try sudo)");
     }
     if !Path::new("/dev/fuse").exists() {
-        bail!("/dev/fuse is missing: load the FUSE module (modprobe fuse) or, in a container, pass --device /dev/fuse");
+        bail!(
+            "/dev/fuse is missing: load the FUSE module (modprobe fuse) or, in a container, pass --device /dev/fuse"
+        );
     }
     match cfg.offload {
         Offload::Off => {}
@@ -259,7 +264,11 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
     {
         let src = fs::canonicalize(src)?;
         if mp.starts_with(&src) {
-            bail!("mountpoint {} lies inside the backend {}; pick a mountpoint outside it", mp.display(), src.display());
+            bail!(
+                "mountpoint {} lies inside the backend {}; pick a mountpoint outside it",
+                mp.display(),
+                src.display()
+            );
         }
     }
     Ok(())
@@ -276,7 +285,10 @@ pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
         Ok(match kind {
             BackendKind::Mem => Arc::new(MemBackend::new()),
             _ => {
-                let src = cfg.source.as_ref().context("the dir backend needs a source directory")?;
+                let src = cfg
+                    .source
+                    .as_ref()
+                    .context("the dir backend needs a source directory")?;
                 Arc::new(DirBackend::new(src)?)
             }
         })
@@ -471,12 +483,19 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     );
     let record = MountRecord {
         mountpoint: mp.to_owned(),
-        source: cfg.source.as_ref().map(|s| s.display().to_string()).unwrap_or_default(),
+        source: cfg
+            .source
+            .as_ref()
+            .map(|s| s.display().to_string())
+            .unwrap_or_default(),
         backend: kind,
         offload: cfg.offload.to_string(),
         pid: std::process::id(),
         connection: dev,
-        started: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        started: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
         log,
     };
     if let Err(e) = write_record(&record) {
@@ -514,7 +533,11 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
         bail!("{} is not mounted", mp.display());
     };
     if m.fstype != "fuse.efuse" {
-        bail!("{} is a {} mount, not efuse; use umount(8)", mp.display(), m.fstype);
+        bail!(
+            "{} is a {} mount, not efuse; use umount(8)",
+            mp.display(),
+            m.fstype
+        );
     }
     let record = read_record(&mp);
     if args.force {
@@ -531,7 +554,10 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
     };
     if let Err(e) = nix::mount::umount2(&mp, flags) {
         if e == nix::errno::Errno::EBUSY {
-            bail!("{} is busy (a process has a file open or its cwd there); close it or use --lazy", mp.display());
+            bail!(
+                "{} is busy (a process has a file open or its cwd there); close it or use --lazy",
+                mp.display()
+            );
         }
         return Err(e).with_context(|| format!("cannot unmount {}", mp.display()));
     }
@@ -568,11 +594,21 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         let alive = rec.as_ref().is_some_and(|r| pid_alive(r.pid)) && !connection_dead(&m.mountpoint);
         rows.push(StatusRow {
             source: rec.as_ref().map(|r| r.source.clone()).unwrap_or(m.source.clone()),
-            backend: rec.as_ref().map(|r| r.backend.clone()).unwrap_or_else(|| "?".into()),
-            offload: rec.as_ref().map(|r| r.offload.clone()).unwrap_or_else(|| "?".into()),
+            backend: rec
+                .as_ref()
+                .map(|r| r.backend.clone())
+                .unwrap_or_else(|| "?".into()),
+            offload: rec
+                .as_ref()
+                .map(|r| r.offload.clone())
+                .unwrap_or_else(|| "?".into()),
             pid: rec.as_ref().map(|r| r.pid),
             connection: m.dev,
-            state: if alive { "running" } else { "dead (run efuse umount)" },
+            state: if alive {
+                "running"
+            } else {
+                "dead (run efuse umount)"
+            },
             mountpoint: m.mountpoint,
         });
     }
@@ -596,7 +632,10 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         println!("no efuse mounts");
         return Ok(());
     }
-    println!("{:<32} {:<8} {:<8} {:>8} {:>6}  {:<24} SOURCE", "MOUNTPOINT", "BACKEND", "OFFLOAD", "PID", "CONN", "STATE");
+    println!(
+        "{:<32} {:<8} {:<8} {:>8} {:>6}  {:<24} SOURCE",
+        "MOUNTPOINT", "BACKEND", "OFFLOAD", "PID", "CONN", "STATE"
+    );
     for r in rows {
         println!(
             "{:<32} {:<8} {:<8} {:>8} {:>6}  {:<24} {}",
@@ -618,7 +657,10 @@ mod tests {
 
     #[test]
     fn absolute_is_lexical() {
-        assert_eq!(absolute(Path::new("/a/b/../c/./d")).unwrap(), PathBuf::from("/a/c/d"));
+        assert_eq!(
+            absolute(Path::new("/a/b/../c/./d")).unwrap(),
+            PathBuf::from("/a/c/d")
+        );
         assert_eq!(absolute(Path::new("/..")).unwrap(), PathBuf::from("/"));
     }
 

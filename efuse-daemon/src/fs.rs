@@ -47,9 +47,19 @@ impl FsError {
     pub fn is_expected(&self) -> bool {
         matches!(
             self.to_errno(),
-            libc::ENOENT | libc::ENODATA | libc::EEXIST | libc::ENOTEMPTY | libc::ENAMETOOLONG
-                | libc::ERANGE | libc::EOPNOTSUPP | libc::EINVAL | libc::ENOTDIR | libc::EISDIR
-                | libc::EACCES | libc::EPERM | libc::ENXIO
+            libc::ENOENT
+                | libc::ENODATA
+                | libc::EEXIST
+                | libc::ENOTEMPTY
+                | libc::ENAMETOOLONG
+                | libc::ERANGE
+                | libc::EOPNOTSUPP
+                | libc::EINVAL
+                | libc::ENOTDIR
+                | libc::EISDIR
+                | libc::EACCES
+                | libc::EPERM
+                | libc::ENXIO
         )
     }
 }
@@ -246,7 +256,14 @@ impl EfuseFs {
     }
 
     /// Rename.
-    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> FsResult<()> {
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
         Ok(self
             .backend
             .rename(self.b(parent), name, self.b(newparent), newname, flags)?)
@@ -268,7 +285,14 @@ impl EfuseFs {
     }
 
     /// Create and open a file.
-    pub fn create(&self, who: Caller, parent: u64, name: &OsStr, mode: u32, flags: i32) -> FsResult<(Entry, Opened)> {
+    pub fn create(
+        &self,
+        who: Caller,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> FsResult<(Entry, Opened)> {
         let (a, fh) = self.backend.create(who, self.b(parent), name, mode, flags)?;
         Ok((
             self.entry(a),
@@ -321,7 +345,13 @@ impl EfuseFs {
             if batch.is_empty() {
                 return Ok(());
             }
-            for DirEntry { name, ino, kind, next } in batch {
+            for DirEntry {
+                name,
+                ino,
+                kind,
+                next,
+            } in batch
+            {
                 if out.add(self.inodes.to_fuse(ino), next, kind, &name) {
                     return Ok(());
                 }
@@ -434,7 +464,10 @@ fn sized(v: Vec<u8>, size: u32) -> FsResult<XattrReply> {
     if size == 0 {
         Ok(XattrReply::Size(v.len() as u32))
     } else if v.len() > size as usize {
-        Err(FsError::Range { size, needed: v.len() })
+        Err(FsError::Range {
+            size,
+            needed: v.len(),
+        })
     } else {
         Ok(XattrReply::Data(v))
     }
@@ -463,7 +496,9 @@ mod tests {
     fn readdirplus_counts_only_what_fits() {
         let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
         for i in 0..10 {
-            let e = fs.mkdir(Caller::default(), 1, OsStr::new(&format!("d{i}")), 0o755).unwrap();
+            let e = fs
+                .mkdir(Caller::default(), 1, OsStr::new(&format!("d{i}")), 0o755)
+                .unwrap();
             fs.forget(e.attr.ino, 1);
         }
         assert_eq!(fs.inodes().totals(), (0, 0));
@@ -494,8 +529,17 @@ mod tests {
     fn xattr_size_then_data_then_erange() {
         let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
         fs.setxattr(1, OsStr::new("user.k"), b"value", 0).unwrap();
-        assert_eq!(fs.getxattr(1, OsStr::new("user.k"), 0).unwrap(), XattrReply::Size(5));
-        assert_eq!(fs.getxattr(1, OsStr::new("user.k"), 5).unwrap(), XattrReply::Data(b"value".to_vec()));
-        assert_eq!(fs.getxattr(1, OsStr::new("user.k"), 2).unwrap_err().to_errno(), libc::ERANGE);
+        assert_eq!(
+            fs.getxattr(1, OsStr::new("user.k"), 0).unwrap(),
+            XattrReply::Size(5)
+        );
+        assert_eq!(
+            fs.getxattr(1, OsStr::new("user.k"), 5).unwrap(),
+            XattrReply::Data(b"value".to_vec())
+        );
+        assert_eq!(
+            fs.getxattr(1, OsStr::new("user.k"), 2).unwrap_err().to_errno(),
+            libc::ERANGE
+        );
     }
 }

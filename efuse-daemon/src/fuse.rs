@@ -13,9 +13,9 @@ use std::time::{Instant, SystemTime};
 
 use fuser::{
     AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
+    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::backend::{Attr, Caller, FileKind, SetAttr, SetTime};
@@ -34,7 +34,14 @@ impl FuseAdapter {
         Self { fs, metrics }
     }
 
-    fn finish<T, R: ErrReply>(&self, opcode: u32, start: Instant, res: FsResult<T>, reply: R, ok: impl FnOnce(R, T)) {
+    fn finish<T, R: ErrReply>(
+        &self,
+        opcode: u32,
+        start: Instant,
+        res: FsResult<T>,
+        reply: R,
+        ok: impl FnOnce(R, T),
+    ) {
         match res {
             Ok(v) => {
                 ok(reply, v);
@@ -73,8 +80,18 @@ macro_rules! err_reply {
     )*};
 }
 err_reply!(
-    ReplyEntry, ReplyAttr, ReplyData, ReplyEmpty, ReplyOpen, ReplyWrite, ReplyCreate, ReplyStatfs,
-    ReplyXattr, ReplyDirectory, ReplyDirectoryPlus, ReplyLseek
+    ReplyEntry,
+    ReplyAttr,
+    ReplyData,
+    ReplyEmpty,
+    ReplyOpen,
+    ReplyWrite,
+    ReplyCreate,
+    ReplyStatfs,
+    ReplyXattr,
+    ReplyDirectory,
+    ReplyDirectoryPlus,
+    ReplyLseek
 );
 
 fn file_type(k: FileKind) -> FileType {
@@ -111,7 +128,12 @@ pub fn file_attr(a: &Attr) -> FileAttr {
 }
 
 fn reply_entry(r: ReplyEntry, e: Entry) {
-    r.entry_with_ttls(&e.attr_ttl, &e.entry_ttl, &file_attr(&e.attr), Generation(e.generation));
+    r.entry_with_ttls(
+        &e.attr_ttl,
+        &e.entry_ttl,
+        &file_attr(&e.attr),
+        Generation(e.generation),
+    );
 }
 
 fn fopen_flags(o: &Opened) -> FopenFlags {
@@ -219,7 +241,9 @@ impl Filesystem for FuseAdapter {
             mtime: set_time(mtime),
         };
         let res = self.fs.setattr(ino.0, fh.map(|f| f.0), &set);
-        self.finish(op::SETATTR, t, res, reply, |r, (a, ttl)| r.attr(&ttl, &file_attr(&a)));
+        self.finish(op::SETATTR, t, res, reply, |r, (a, ttl)| {
+            r.attr(&ttl, &file_attr(&a))
+        });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -227,7 +251,16 @@ impl Filesystem for FuseAdapter {
         self.finish(op::READLINK, t, self.fs.readlink(ino.0), reply, |r, v| r.data(&v));
     }
 
-    fn mknod(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, rdev: u32, reply: ReplyEntry) {
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
         let t = Instant::now();
         let res = self.fs.mknod(caller(req), parent.0, name, mode, rdev);
         self.finish(op::MKNOD, t, res, reply, reply_entry);
@@ -241,7 +274,9 @@ impl Filesystem for FuseAdapter {
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let t = Instant::now();
-        self.finish(op::UNLINK, t, self.fs.unlink(parent.0, name), reply, |r, ()| r.ok());
+        self.finish(op::UNLINK, t, self.fs.unlink(parent.0, name), reply, |r, ()| {
+            r.ok()
+        });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -251,7 +286,9 @@ impl Filesystem for FuseAdapter {
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let t = Instant::now();
-        let res = self.fs.symlink(caller(req), parent.0, link_name, target.as_os_str());
+        let res = self
+            .fs
+            .symlink(caller(req), parent.0, link_name, target.as_os_str());
         self.finish(op::SYMLINK, t, res, reply, reply_entry);
     }
 
@@ -295,7 +332,9 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let t = Instant::now();
-        self.finish(op::READ, t, self.fs.read(fh.0, offset, size), reply, |r, v| r.data(&v));
+        self.finish(op::READ, t, self.fs.read(fh.0, offset, size), reply, |r, v| {
+            r.data(&v)
+        });
     }
 
     fn write(
@@ -311,10 +350,19 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let t = Instant::now();
-        self.finish(op::WRITE, t, self.fs.write(fh.0, offset, data), reply, |r, n| r.written(n));
+        self.finish(op::WRITE, t, self.fs.write(fh.0, offset, data), reply, |r, n| {
+            r.written(n)
+        });
     }
 
-    fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock_owner: LockOwner, reply: ReplyEmpty) {
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
         let t = Instant::now();
         self.finish(op::FLUSH, t, self.fs.flush(fh.0), reply, |r, ()| r.ok());
     }
@@ -353,13 +401,27 @@ impl Filesystem for FuseAdapter {
         self.finish(op::READDIR, t, res, reply, |r, ()| r.ok());
     }
 
-    fn readdirplus(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
         let t = Instant::now();
         let res = self.fs.readdir_plus(fh.0, offset, &mut Plus(&mut reply));
         self.finish(op::READDIRPLUS, t, res, reply, |r, ()| r.ok());
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
         let t = Instant::now();
         self.fs.releasedir(fh.0);
         reply.ok();
@@ -376,11 +438,22 @@ impl Filesystem for FuseAdapter {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let t = Instant::now();
         self.finish(op::STATFS, t, self.fs.statfs(), reply, |r, s| {
-            r.statfs(s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize)
+            r.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            )
         });
     }
 
-    fn setxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, value: &[u8], flags: i32, _position: u32, reply: ReplyEmpty) {
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
         let t = Instant::now();
         let res = self.fs.setxattr(ino.0, name, value, flags);
         self.finish(op::SETXATTR, t, res, reply, |r, ()| r.ok());
@@ -411,7 +484,16 @@ impl Filesystem for FuseAdapter {
         self.metrics.record(op::ACCESS, t, false);
     }
 
-    fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, flags: i32, reply: ReplyCreate) {
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
         let t = Instant::now();
         let res = self.fs.create(caller(req), parent.0, name, mode, flags);
         self.finish(op::CREATE, t, res, reply, |r, (e, o)| {
@@ -425,13 +507,30 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn fallocate(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, length: u64, mode: i32, reply: ReplyEmpty) {
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
         let t = Instant::now();
         let res = self.fs.fallocate(fh.0, offset, length, mode);
         self.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
     }
 
-    fn lseek(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
         let t = Instant::now();
         let res = self.fs.lseek(fh.0, offset, whence);
         self.finish(op::LSEEK, t, res, reply, |r, o| r.offset(o));
@@ -451,8 +550,12 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let t = Instant::now();
-        let res = self.fs.copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
-        self.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| r.written(n.min(u32::MAX as u64) as u32));
+        let res = self
+            .fs
+            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
+        self.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| {
+            r.written(n.min(u32::MAX as u64) as u32)
+        });
     }
 }
 
@@ -462,4 +565,3 @@ fn reply_xattr(r: ReplyXattr, x: XattrReply) {
         XattrReply::Data(v) => r.data(&v),
     }
 }
-

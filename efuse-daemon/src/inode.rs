@@ -99,7 +99,12 @@ impl InodeTable {
             return 0;
         };
         let take = if n > k.nlookup {
-            tracing::warn!(ino, n, have = k.nlookup, "forget for more lookups than given; clamped");
+            tracing::warn!(
+                ino,
+                n,
+                have = k.nlookup,
+                "forget for more lookups than given; clamped"
+            );
             k.nlookup
         } else {
             n

@@ -163,7 +163,9 @@ impl Metrics {
 
     /// Count of one opcode.
     pub fn count(&self, opcode: u32) -> u64 {
-        self.slots[(opcode as usize).min(SLOTS - 1)].count.load(Ordering::Relaxed)
+        self.slots[(opcode as usize).min(SLOTS - 1)]
+            .count
+            .load(Ordering::Relaxed)
     }
 
     /// Every opcode with a non-zero count.

@@ -21,8 +21,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use efuse_common::trace::{
-    EVENT_ERROR, EVENT_SLOW, EVENTS_BYTES, INFLIGHT_ENTRIES, MAX_OPCODE, OPSTATS_ENTRIES, OpKey,
-    OpStats, ReqKey, ReqStart, TraceConfig, TraceEvent, hist_slot, layout,
+    EVENT_ERROR, EVENT_SLOW, EVENTS_BYTES, INFLIGHT_ENTRIES, MAX_OPCODE, OPSTATS_ENTRIES, OpKey, OpStats,
+    ReqKey, ReqStart, TraceConfig, TraceEvent, hist_slot, layout,
 };
 
 #[map(name = "EFUSE_INFLIGHT")]
@@ -91,7 +91,10 @@ fn try_fuse_request_send(ctx: &TracePointContext) -> Result<(), i32> {
     if INFLIGHT.insert(&key, &start, 0).is_err() {
         warn!(ctx, "efuse: in-flight map full, request {} not timed", unique);
     }
-    let okey = OpKey { dev, opcode: opcode_slot(opcode) };
+    let okey = OpKey {
+        dev,
+        opcode: opcode_slot(opcode),
+    };
     if let Some(s) = stats_for(&okey) {
         // SAFETY: per-CPU value, only this CPU writes it, and the pointer
         // came from the map lookup just above.
@@ -128,7 +131,10 @@ fn try_fuse_request_end(ctx: &TracePointContext) -> Result<(), i32> {
     // SAFETY: bpf_ktime_get_ns has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
     let ns = now.saturating_sub(start.ts);
-    let okey = OpKey { dev, opcode: opcode_slot(start.opcode) };
+    let okey = OpKey {
+        dev,
+        opcode: opcode_slot(start.opcode),
+    };
     if let Some(s) = stats_for(&okey) {
         // SAFETY: per-CPU value written only by this CPU.
         unsafe {
@@ -154,7 +160,14 @@ fn try_fuse_request_end(ctx: &TracePointContext) -> Result<(), i32> {
     } else {
         return Ok(());
     };
-    let ev = TraceEvent { kind, dev, unique, latency_ns: ns, opcode: start.opcode, error };
+    let ev = TraceEvent {
+        kind,
+        dev,
+        unique,
+        latency_ns: ns,
+        opcode: start.opcode,
+        error,
+    };
     if EVENTS.output::<TraceEvent>(&ev, 0).is_err()
         && let Some(d) = DROPPED.get_ptr_mut(0)
     {

@@ -93,7 +93,10 @@ impl TestMount {
 
     /// Mount with extra `efuse mount` arguments.
     pub fn with_args(extra: &[&str]) -> Self {
-        let dir = tempfile::Builder::new().prefix("efuse-test").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("efuse-test")
+            .tempdir()
+            .expect("tempdir");
         // The mount point sits one level deeper than the backing dir, so a
         // relative symlink resolves differently on the two sides.
         for d in ["backing", "twin", "mounts/mnt"] {
@@ -120,7 +123,10 @@ impl TestMount {
             .arg("--foreground")
             .args(&self.extra)
             .env("EFUSE_READY_FD", wr_fd.to_string())
-            .env("EFUSE_LOG", std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "EFUSE_LOG",
+                std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null());
         // SAFETY: only async-signal-safe fcntl between fork and exec.
         unsafe {
@@ -216,7 +222,11 @@ impl TestMount {
             .arg(self.mnt())
             .output()
             .expect("efuse umount");
-        assert!(status.status.success(), "efuse umount failed: {}", String::from_utf8_lossy(&status.stderr));
+        assert!(
+            status.status.success(),
+            "efuse umount failed: {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
         let mut c = self.child.take().expect("daemon");
         wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit after umount")
     }
@@ -235,13 +245,16 @@ impl Drop for TestMount {
             lazy_unmount(&mnt);
         }
         if self.connection != 0 {
-            let _ = fs::write(format!("/sys/fs/fuse/connections/{}/abort", self.connection), b"1");
+            let _ = fs::write(
+                format!("/sys/fs/fuse/connections/{}/abort", self.connection),
+                b"1",
+            );
         }
-        if let Some(mut c) = self.child.take() {
-            if wait_timeout(&mut c, Duration::from_secs(3)).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+        if let Some(mut c) = self.child.take()
+            && wait_timeout(&mut c, Duration::from_secs(3)).is_none()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
@@ -291,12 +304,21 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
             let e = e.expect("entry");
             let p = e.path();
             let md = fs::symlink_metadata(&p).expect("lstat");
-            let rel = p.strip_prefix(root).expect("prefix").as_os_str().as_bytes().to_vec();
+            let rel = p
+                .strip_prefix(root)
+                .expect("prefix")
+                .as_os_str()
+                .as_bytes()
+                .to_vec();
             let ft = md.file_type();
             let data = if ft.is_file() {
                 fs::read(&p).expect("read")
             } else if ft.is_symlink() {
-                fs::read_link(&p).expect("readlink").as_os_str().as_bytes().to_vec()
+                fs::read_link(&p)
+                    .expect("readlink")
+                    .as_os_str()
+                    .as_bytes()
+                    .to_vec()
             } else {
                 Vec::new()
             };
@@ -320,9 +342,21 @@ pub fn snapshot(root: &Path) -> BTreeMap<Vec<u8>, Node> {
 /// Assert two trees hold the same names, types, modes, sizes, links and data.
 pub fn assert_same_tree(a: &Path, b: &Path) {
     let (sa, sb) = (snapshot(a), snapshot(b));
-    let ka: Vec<_> = sa.keys().map(|k| OsString::from(std::ffi::OsStr::from_bytes(k))).collect();
-    let kb: Vec<_> = sb.keys().map(|k| OsString::from(std::ffi::OsStr::from_bytes(k))).collect();
-    assert_eq!(ka, kb, "trees {} and {} differ in names", a.display(), b.display());
+    let ka: Vec<_> = sa
+        .keys()
+        .map(|k| OsString::from(std::ffi::OsStr::from_bytes(k)))
+        .collect();
+    let kb: Vec<_> = sb
+        .keys()
+        .map(|k| OsString::from(std::ffi::OsStr::from_bytes(k)))
+        .collect();
+    assert_eq!(
+        ka,
+        kb,
+        "trees {} and {} differ in names",
+        a.display(),
+        b.display()
+    );
     for (k, va) in &sa {
         assert_eq!(va, &sb[k], "{:?} differs", String::from_utf8_lossy(k));
     }

@@ -17,12 +17,28 @@ fn c(p: &Path) -> CString {
 }
 
 fn rc(r: libc::c_int) -> io::Result<()> {
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }
 
-fn stat_key(p: &Path) -> io::Result<(u32, u64, u64, u32, u32, i64, i64, u64)> {
+/// mode, size, nlink, uid, gid, mtime, mtime_nsec, ino
+type StatKey = (u32, u64, u64, u32, u32, i64, i64, u64);
+
+fn stat_key(p: &Path) -> io::Result<StatKey> {
     let m = fs::symlink_metadata(p)?;
-    Ok((m.mode(), m.size(), m.nlink(), m.uid(), m.gid(), m.mtime(), m.mtime_nsec(), m.ino()))
+    Ok((
+        m.mode(),
+        m.size(),
+        m.nlink(),
+        m.uid(),
+        m.gid(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ino(),
+    ))
 }
 
 #[test]
@@ -33,13 +49,23 @@ fn stat_matches_backing_for_every_kind() {
     symlink("f", m.b("l")).unwrap();
     rc(unsafe { libc::mkfifo(c(&m.b("p")).as_ptr(), 0o640) }).unwrap();
     for name in ["f", "d", "l", "p"] {
-        assert_eq!(stat_key(&m.m(name)).unwrap(), stat_key(&m.b(name)).unwrap(), "{name}");
+        assert_eq!(
+            stat_key(&m.m(name)).unwrap(),
+            stat_key(&m.b(name)).unwrap(),
+            "{name}"
+        );
     }
     // The root reports inode 1 but the backing root's attributes otherwise.
     let (r, br) = (fs::metadata(m.mnt()).unwrap(), fs::metadata(m.backing()).unwrap());
     assert_eq!(r.ino(), 1);
-    assert_eq!((r.mode(), r.nlink(), r.mtime()), (br.mode(), br.nlink(), br.mtime()));
-    assert_eq!(fs::metadata(m.m("nope")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        (r.mode(), r.nlink(), r.mtime()),
+        (br.mode(), br.nlink(), br.mtime())
+    );
+    assert_eq!(
+        fs::metadata(m.m("nope")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
 }
 
 #[test]
@@ -63,14 +89,23 @@ fn create_write_read_truncate_like_a_plain_dir() {
         f.write_all(b"tail")
     })
     .unwrap();
-    m.both("truncate", |r| OpenOptions::new().write(true).open(r.join("a"))?.set_len(5)).unwrap();
+    m.both("truncate", |r| {
+        OpenOptions::new().write(true).open(r.join("a"))?.set_len(5)
+    })
+    .unwrap();
     m.both("O_TRUNC", |r| {
         let mut f = OpenOptions::new().write(true).truncate(true).open(r.join("a"))?;
         f.write_all(b"new")
     })
     .unwrap();
-    m.both("O_EXCL on existing", |r| OpenOptions::new().write(true).create_new(true).open(r.join("a")).map(|_| ()))
-        .unwrap_err();
+    m.both("O_EXCL on existing", |r| {
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(r.join("a"))
+            .map(|_| ())
+    })
+    .unwrap_err();
     m.both("read at offsets", |r| {
         let mut f = File::open(r.join("a"))?;
         f.seek(SeekFrom::Start(1))?;
@@ -87,22 +122,43 @@ fn create_write_read_truncate_like_a_plain_dir() {
 fn setattr_chmod_chown_utimens() {
     let m = TestMount::new();
     m.seed_file("f", b"data");
-    m.both("chmod", |r| fs::set_permissions(r.join("f"), fs::Permissions::from_mode(0o4751))).unwrap();
-    m.both("chown", |r| rc(unsafe { libc::chown(c(&r.join("f")).as_ptr(), 1234, 5678) })).unwrap();
+    m.both("chmod", |r| {
+        fs::set_permissions(r.join("f"), fs::Permissions::from_mode(0o4751))
+    })
+    .unwrap();
+    m.both("chown", |r| {
+        rc(unsafe { libc::chown(c(&r.join("f")).as_ptr(), 1234, 5678) })
+    })
+    .unwrap();
     m.both("utimens", |r| {
         let t = [
-            libc::timespec { tv_sec: 1_000_000, tv_nsec: 123_456_789 },
-            libc::timespec { tv_sec: 2_000_000, tv_nsec: 987_654_321 },
+            libc::timespec {
+                tv_sec: 1_000_000,
+                tv_nsec: 123_456_789,
+            },
+            libc::timespec {
+                tv_sec: 2_000_000,
+                tv_nsec: 987_654_321,
+            },
         ];
         rc(unsafe { libc::utimensat(libc::AT_FDCWD, c(&r.join("f")).as_ptr(), t.as_ptr(), 0) })
     })
     .unwrap();
-    let (a, b) = (fs::metadata(m.m("f")).unwrap(), fs::metadata(m.twin().join("f")).unwrap());
+    let (a, b) = (
+        fs::metadata(m.m("f")).unwrap(),
+        fs::metadata(m.twin().join("f")).unwrap(),
+    );
     assert_eq!((a.mode(), a.uid(), a.gid()), (b.mode(), b.uid(), b.gid()));
-    assert_eq!((a.atime(), a.atime_nsec(), a.mtime(), a.mtime_nsec()), (1_000_000, 123_456_789, 2_000_000, 987_654_321));
+    assert_eq!(
+        (a.atime(), a.atime_nsec(), a.mtime(), a.mtime_nsec()),
+        (1_000_000, 123_456_789, 2_000_000, 987_654_321)
+    );
     // UTIME_NOW sets the time to now on the backing file.
     rc(unsafe { libc::utimensat(libc::AT_FDCWD, c(&m.m("f")).as_ptr(), std::ptr::null(), 0) }).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
     assert!((fs::metadata(m.b("f")).unwrap().mtime() - now).abs() <= 2);
     assert_eq!(stat_key(&m.m("f")).unwrap(), stat_key(&m.b("f")).unwrap());
 }
@@ -114,32 +170,73 @@ fn directories_rename_and_errnos() {
     m.seed_file("y/other", b"2");
     m.seed_file("z", b"3");
     m.both("mkdir", |r| fs::create_dir(r.join("d"))).unwrap();
-    m.both("mkdir existing", |r| fs::create_dir(r.join("d"))).unwrap_err();
-    m.both("rmdir non-empty", |r| fs::remove_dir(r.join("x"))).unwrap_err();
-    m.both("rmdir a file", |r| fs::remove_dir(r.join("z"))).unwrap_err();
-    m.both("unlink a dir", |r| fs::remove_file(r.join("d"))).unwrap_err();
-    m.both("unlink missing", |r| fs::remove_file(r.join("missing"))).unwrap_err();
-    m.both("open missing", |r| File::open(r.join("missing")).map(|_| ())).unwrap_err();
-    m.both("lookup through a file", |r| fs::metadata(r.join("z/sub")).map(|_| ())).unwrap_err();
-    m.both("rename file", |r| fs::rename(r.join("z"), r.join("d/z2"))).unwrap();
-    m.both("rename dir over non-empty dir", |r| fs::rename(r.join("d"), r.join("x"))).unwrap_err();
-    m.both("rename dir into itself", |r| fs::rename(r.join("x"), r.join("x/in"))).unwrap_err();
-    m.both("rename dir", |r| fs::rename(r.join("y"), r.join("x/y"))).unwrap();
+    m.both("mkdir existing", |r| fs::create_dir(r.join("d")))
+        .unwrap_err();
+    m.both("rmdir non-empty", |r| fs::remove_dir(r.join("x")))
+        .unwrap_err();
+    m.both("rmdir a file", |r| fs::remove_dir(r.join("z")))
+        .unwrap_err();
+    m.both("unlink a dir", |r| fs::remove_file(r.join("d")))
+        .unwrap_err();
+    m.both("unlink missing", |r| fs::remove_file(r.join("missing")))
+        .unwrap_err();
+    m.both("open missing", |r| File::open(r.join("missing")).map(|_| ()))
+        .unwrap_err();
+    m.both("lookup through a file", |r| {
+        fs::metadata(r.join("z/sub")).map(|_| ())
+    })
+    .unwrap_err();
+    m.both("rename file", |r| fs::rename(r.join("z"), r.join("d/z2")))
+        .unwrap();
+    m.both("rename dir over non-empty dir", |r| {
+        fs::rename(r.join("d"), r.join("x"))
+    })
+    .unwrap_err();
+    m.both("rename dir into itself", |r| {
+        fs::rename(r.join("x"), r.join("x/in"))
+    })
+    .unwrap_err();
+    m.both("rename dir", |r| fs::rename(r.join("y"), r.join("x/y")))
+        .unwrap();
     let renameat2 = |r: &Path, a: &str, b: &str, flags: u32| {
         rc(unsafe {
-            libc::renameat2(libc::AT_FDCWD, c(&r.join(a)).as_ptr(), libc::AT_FDCWD, c(&r.join(b)).as_ptr(), flags)
+            libc::renameat2(
+                libc::AT_FDCWD,
+                c(&r.join(a)).as_ptr(),
+                libc::AT_FDCWD,
+                c(&r.join(b)).as_ptr(),
+                flags,
+            )
         })
     };
-    m.both("RENAME_NOREPLACE onto existing", |r| renameat2(r, "x/file", "d/z2", libc::RENAME_NOREPLACE)).unwrap_err();
-    m.both("RENAME_NOREPLACE", |r| renameat2(r, "x/file", "d/file", libc::RENAME_NOREPLACE)).unwrap();
-    m.both("RENAME_EXCHANGE", |r| renameat2(r, "d/file", "x/y/other", libc::RENAME_EXCHANGE)).unwrap();
-    m.both("RENAME_EXCHANGE file and dir", |r| renameat2(r, "d", "x/y/other", libc::RENAME_EXCHANGE)).unwrap();
-    m.both("rmdir", |r| fs::remove_dir(r.join("x/y/other/z2").parent().unwrap().join("nonexistent"))).unwrap_err();
+    m.both("RENAME_NOREPLACE onto existing", |r| {
+        renameat2(r, "x/file", "d/z2", libc::RENAME_NOREPLACE)
+    })
+    .unwrap_err();
+    m.both("RENAME_NOREPLACE", |r| {
+        renameat2(r, "x/file", "d/file", libc::RENAME_NOREPLACE)
+    })
+    .unwrap();
+    m.both("RENAME_EXCHANGE", |r| {
+        renameat2(r, "d/file", "x/y/other", libc::RENAME_EXCHANGE)
+    })
+    .unwrap();
+    m.both("RENAME_EXCHANGE file and dir", |r| {
+        renameat2(r, "d", "x/y/other", libc::RENAME_EXCHANGE)
+    })
+    .unwrap();
+    m.both("rmdir", |r| {
+        fs::remove_dir(r.join("x/y/other/z2").parent().unwrap().join("nonexistent"))
+    })
+    .unwrap_err();
     assert_same_tree(&m.backing(), &m.twin());
     // A rename is visible at once under both names.
     fs::write(m.m("r1"), b"r").unwrap();
     fs::rename(m.m("r1"), m.m("r2")).unwrap();
-    assert_eq!(fs::metadata(m.m("r1")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        fs::metadata(m.m("r1")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
     assert_eq!(fs::read(m.m("r2")).unwrap(), b"r");
 }
 
@@ -148,18 +245,30 @@ fn symlinks_and_hard_links() {
     let m = TestMount::new();
     m.seed_file("target", b"t");
     m.both("symlink", |r| symlink("target", r.join("sl"))).unwrap();
-    m.both("symlink to nowhere", |r| symlink("/nonexistent/x", r.join("dangling"))).unwrap();
+    m.both("symlink to nowhere", |r| {
+        symlink("/nonexistent/x", r.join("dangling"))
+    })
+    .unwrap();
     m.both("readlink", |r| fs::read_link(r.join("sl"))).unwrap();
     m.both("read via symlink", |r| fs::read(r.join("sl"))).unwrap();
-    m.both("follow dangling", |r| fs::read(r.join("dangling"))).unwrap_err();
-    m.both("readlink of a file", |r| fs::read_link(r.join("target"))).unwrap_err();
-    m.both("link", |r| fs::hard_link(r.join("target"), r.join("hl"))).unwrap();
-    m.both("link existing", |r| fs::hard_link(r.join("target"), r.join("hl"))).unwrap_err();
-    m.both("nlink", |r| fs::metadata(r.join("hl")).map(|md| md.nlink())).unwrap();
-    m.both("write via link", |r| fs::write(r.join("hl"), b"via link")).unwrap();
+    m.both("follow dangling", |r| fs::read(r.join("dangling")))
+        .unwrap_err();
+    m.both("readlink of a file", |r| fs::read_link(r.join("target")))
+        .unwrap_err();
+    m.both("link", |r| fs::hard_link(r.join("target"), r.join("hl")))
+        .unwrap();
+    m.both("link existing", |r| fs::hard_link(r.join("target"), r.join("hl")))
+        .unwrap_err();
+    m.both("nlink", |r| fs::metadata(r.join("hl")).map(|md| md.nlink()))
+        .unwrap();
+    m.both("write via link", |r| fs::write(r.join("hl"), b"via link"))
+        .unwrap();
     m.both("read other name", |r| fs::read(r.join("target"))).unwrap();
     assert_same_tree(&m.backing(), &m.twin());
-    assert_eq!(fs::metadata(m.m("hl")).unwrap().ino(), fs::metadata(m.m("target")).unwrap().ino());
+    assert_eq!(
+        fs::metadata(m.m("hl")).unwrap().ino(),
+        fs::metadata(m.m("target")).unwrap().ino()
+    );
 }
 
 #[test]
@@ -173,22 +282,42 @@ fn symlink_escape_is_resolved_by_the_kernel_not_the_daemon() {
     symlink("../../outside", m.b("sub/esc")).unwrap();
     assert_eq!(fs::read(m.b("sub/esc/secret")).unwrap(), b"secret");
     // Through the mount the link is a link, with the same text...
-    assert!(fs::symlink_metadata(m.m("sub/esc")).unwrap().file_type().is_symlink());
+    assert!(
+        fs::symlink_metadata(m.m("sub/esc"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     assert_eq!(fs::read_link(m.m("sub/esc")).unwrap(), Path::new("../../outside"));
     // ...resolved by the kernel relative to the mount, where it leads
     // nowhere: the daemon never follows a link out of its root.
     let expected = m.mnt().join("sub").join("../../outside/secret");
-    assert!(!expected.exists(), "test layout: {} must not exist", expected.display());
-    assert_eq!(fs::read(m.m("sub/esc/secret")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert!(
+        !expected.exists(),
+        "test layout: {} must not exist",
+        expected.display()
+    );
+    assert_eq!(
+        fs::read(m.m("sub/esc/secret")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
     // An absolute link to / through the mount is served as a link, and
     // readdir of the mount never lists the host root.
     symlink("/", m.b("root")).unwrap();
-    assert!(fs::symlink_metadata(m.m("root")).unwrap().file_type().is_symlink());
+    assert!(
+        fs::symlink_metadata(m.m("root"))
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
     // A link replaced by a directory behind our back is served as what it is now.
     fs::remove_file(m.b("sub/esc")).unwrap();
     fs::create_dir(m.b("sub/esc")).unwrap();
     assert!(fs::symlink_metadata(m.m("sub/esc")).unwrap().is_dir());
-    assert_eq!(fs::read(m.m("sub/esc/secret")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        fs::read(m.m("sub/esc/secret")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
 }
 
 #[test]
@@ -197,21 +326,33 @@ fn names_are_bytes_and_limited_to_255() {
     let latin1 = OsString::from_vec(vec![b'c', b'a', b'f', 0xe9]);
     let invalid = OsString::from_vec(vec![0xff, 0xfe, b'x']);
     for name in [&latin1, &invalid] {
-        m.both("create non-utf8", |r| fs::write(r.join(name), b"n")).unwrap();
+        m.both("create non-utf8", |r| fs::write(r.join(name), b"n"))
+            .unwrap();
         m.both("read non-utf8", |r| fs::read(r.join(name))).unwrap();
     }
-    let mut listed: Vec<OsString> = fs::read_dir(m.mnt()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut listed: Vec<OsString> = fs::read_dir(m.mnt())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     listed.sort();
     let mut expected = vec![latin1.clone(), invalid.clone()];
     expected.sort();
     assert_eq!(listed, expected);
     let n255 = "n".repeat(255);
     let n256 = "n".repeat(256);
-    m.both("255-byte name", |r| fs::write(r.join(&n255), b"ok")).unwrap();
-    m.both("255-byte mkdir", |r| fs::create_dir(r.join(format!("d{}", &n255[1..])))).unwrap();
-    let e = m.both("256-byte name", |r| fs::write(r.join(&n256), b"no")).unwrap_err();
+    m.both("255-byte name", |r| fs::write(r.join(&n255), b"ok"))
+        .unwrap();
+    m.both("255-byte mkdir", |r| {
+        fs::create_dir(r.join(format!("d{}", &n255[1..])))
+    })
+    .unwrap();
+    let e = m
+        .both("256-byte name", |r| fs::write(r.join(&n256), b"no"))
+        .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
-    let e = m.both("256-byte lookup", |r| fs::metadata(r.join(&n256)).map(|_| ())).unwrap_err();
+    let e = m
+        .both("256-byte lookup", |r| fs::metadata(r.join(&n256)).map(|_| ()))
+        .unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
     assert_same_tree(&m.backing(), &m.twin());
 }
@@ -223,8 +364,14 @@ fn ten_thousand_entry_directory() {
     for i in 0..10_000 {
         File::create(m.b(format!("big/entry-{i:05}"))).unwrap();
     }
-    let mut via_mount: Vec<OsString> = fs::read_dir(m.m("big")).unwrap().map(|e| e.unwrap().file_name()).collect();
-    let mut backing: Vec<OsString> = fs::read_dir(m.b("big")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    let mut via_mount: Vec<OsString> = fs::read_dir(m.m("big"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    let mut backing: Vec<OsString> = fs::read_dir(m.b("big"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     via_mount.sort();
     backing.sort();
     assert_eq!(via_mount.len(), 10_000);
@@ -264,24 +411,41 @@ fn xattrs() {
         buf.truncate(n as usize);
         Ok(buf)
     };
-    m.both("setxattr", |r| set(&r.join("f"), "user.a", b"1", 0)).unwrap();
-    m.both("setxattr create existing", |r| set(&r.join("f"), "user.a", b"2", libc::XATTR_CREATE)).unwrap_err();
-    m.both("setxattr replace missing", |r| set(&r.join("f"), "user.b", b"2", libc::XATTR_REPLACE)).unwrap_err();
-    m.both("setxattr b", |r| set(&r.join("f"), "user.b", b"bee", 0)).unwrap();
+    m.both("setxattr", |r| set(&r.join("f"), "user.a", b"1", 0))
+        .unwrap();
+    m.both("setxattr create existing", |r| {
+        set(&r.join("f"), "user.a", b"2", libc::XATTR_CREATE)
+    })
+    .unwrap_err();
+    m.both("setxattr replace missing", |r| {
+        set(&r.join("f"), "user.b", b"2", libc::XATTR_REPLACE)
+    })
+    .unwrap_err();
+    m.both("setxattr b", |r| set(&r.join("f"), "user.b", b"bee", 0))
+        .unwrap();
     m.both("getxattr", |r| get(&r.join("f"), "user.b")).unwrap();
-    m.both("getxattr missing", |r| get(&r.join("f"), "user.none")).unwrap_err();
+    m.both("getxattr missing", |r| get(&r.join("f"), "user.none"))
+        .unwrap_err();
     m.both("listxattr", |r| list(&r.join("f"))).unwrap();
     m.both("getxattr size query", |r| {
         let k = CString::new("user.b").unwrap();
         let n = unsafe { libc::getxattr(c(&r.join("f")).as_ptr(), k.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n)
+        }
     })
     .unwrap();
     m.both("getxattr small buffer", |r| {
         let k = CString::new("user.b").unwrap();
         let mut b = [0u8; 1];
         let n = unsafe { libc::getxattr(c(&r.join("f")).as_ptr(), k.as_ptr(), b.as_mut_ptr().cast(), 1) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n)
+        }
     })
     .unwrap_err();
     m.both("removexattr", |r| {
@@ -304,10 +468,17 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
         Ok(())
     })
     .unwrap();
-    let (a, b) = (fs::metadata(m.m("sparse")).unwrap(), fs::metadata(m.b("sparse")).unwrap());
+    let (a, b) = (
+        fs::metadata(m.m("sparse")).unwrap(),
+        fs::metadata(m.b("sparse")).unwrap(),
+    );
     assert_eq!(a.len(), GIB);
     assert_eq!((a.len(), a.blocks()), (b.len(), b.blocks()));
-    assert!(a.blocks() * 512 < 16 << 20, "the file stays sparse: {} blocks", a.blocks());
+    assert!(
+        a.blocks() * 512 < 16 << 20,
+        "the file stays sparse: {} blocks",
+        a.blocks()
+    );
     m.both("read middle", |r| {
         let mut buf = [0u8; 6];
         File::open(r.join("sparse"))?.read_exact_at(&mut buf, GIB / 2)?;
@@ -323,15 +494,34 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
     let seek = |r: &Path, off: i64, whence: i32| -> io::Result<i64> {
         let f = File::open(r.join("sparse"))?;
         let n = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
-        if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n) }
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n)
+        }
     };
-    let (a, b) = (seek(&m.mnt(), 0, libc::SEEK_DATA), seek(&m.backing(), 0, libc::SEEK_DATA));
+    let (a, b) = (
+        seek(&m.mnt(), 0, libc::SEEK_DATA),
+        seek(&m.backing(), 0, libc::SEEK_DATA),
+    );
     assert_eq!(a.unwrap(), b.unwrap());
-    let (a, b) = (seek(&m.mnt(), (GIB / 2) as i64, libc::SEEK_HOLE), seek(&m.backing(), (GIB / 2) as i64, libc::SEEK_HOLE));
+    let (a, b) = (
+        seek(&m.mnt(), (GIB / 2) as i64, libc::SEEK_HOLE),
+        seek(&m.backing(), (GIB / 2) as i64, libc::SEEK_HOLE),
+    );
     assert_eq!(a.unwrap(), b.unwrap());
-    assert_eq!(seek(&m.mnt(), GIB as i64 + 10, libc::SEEK_DATA).unwrap_err().raw_os_error(), Some(libc::ENXIO));
+    assert_eq!(
+        seek(&m.mnt(), GIB as i64 + 10, libc::SEEK_DATA)
+            .unwrap_err()
+            .raw_os_error(),
+        Some(libc::ENXIO)
+    );
     m.both("fallocate", |r| {
-        let f = OpenOptions::new().write(true).create(true).truncate(true).open(r.join("alloc"))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(r.join("alloc"))?;
         rc(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 20) })?;
         rc(unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20) })?;
         Ok(f.metadata()?.len())
@@ -341,10 +531,16 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
         let f = OpenOptions::new().write(true).open(r.join("alloc"))?;
         f.write_all_at(&[7u8; 8192], 0)?;
         rc(unsafe {
-            libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, 0, 4096)
+            libc::fallocate(
+                f.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                0,
+                4096,
+            )
         })?;
         let mut buf = [0u8; 8192];
-        f.read_exact_at(&mut buf, 0).or_else(|_| File::open(r.join("alloc"))?.read_exact_at(&mut buf, 0))?;
+        f.read_exact_at(&mut buf, 0)
+            .or_else(|_| File::open(r.join("alloc"))?.read_exact_at(&mut buf, 0))?;
         Ok((buf[0], buf[4096]))
     })
     .unwrap();
@@ -355,7 +551,14 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
         let mut copied = 0;
         while copied < 100_000 {
             let n = unsafe {
-                libc::copy_file_range(a.as_raw_fd(), std::ptr::null_mut(), b.as_raw_fd(), std::ptr::null_mut(), 100_000 - copied, 0)
+                libc::copy_file_range(
+                    a.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    b.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    100_000 - copied,
+                    0,
+                )
             };
             if n < 0 {
                 return Err(io::Error::last_os_error());
@@ -380,7 +583,10 @@ fn statfs_matches_backing() {
         s
     };
     let (a, b) = (sv(&m.mnt()), sv(&m.backing()));
-    assert_eq!((a.f_bsize, a.f_frsize, a.f_blocks, a.f_files, a.f_namemax), (b.f_bsize, b.f_frsize, b.f_blocks, b.f_files, b.f_namemax));
+    assert_eq!(
+        (a.f_bsize, a.f_frsize, a.f_blocks, a.f_files, a.f_namemax),
+        (b.f_bsize, b.f_frsize, b.f_blocks, b.f_files, b.f_namemax)
+    );
 }
 
 #[test]
@@ -407,7 +613,10 @@ fn changes_behind_the_mount_are_seen_at_once_with_offload_off() {
     assert_eq!(fs::read(m.m("f")).unwrap(), b"version 2");
     assert_eq!(fs::metadata(m.m("f")).unwrap().len(), 9);
     fs::remove_file(m.b("f")).unwrap();
-    assert_eq!(fs::metadata(m.m("f")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        fs::metadata(m.m("f")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
     fs::create_dir(m.b("newdir")).unwrap();
     assert!(fs::metadata(m.m("newdir")).unwrap().is_dir());
 }
@@ -429,7 +638,8 @@ fn concurrent_writers_and_readers() {
                 }
                 let f = OpenOptions::new().write(true).open(mnt.join("shared")).unwrap();
                 for chunk in 0..16 {
-                    f.write_all_at(&data[..4096], i as u64 * 65536 + chunk * 4096).unwrap();
+                    f.write_all_at(&data[..4096], i as u64 * 65536 + chunk * 4096)
+                        .unwrap();
                 }
             })
         })
@@ -469,9 +679,13 @@ fn killed_daemon_gives_enotconn_and_remount_works() {
     f.write_all(b"first").unwrap();
     m.kill_daemon();
     let mnt = m.mnt();
-    let err = within(Duration::from_secs(10), move || fs::metadata(mnt.join("kept")).unwrap_err());
+    let err = within(Duration::from_secs(10), move || {
+        fs::metadata(mnt.join("kept")).unwrap_err()
+    });
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN));
-    let werr = within(Duration::from_secs(10), move || f.write_all(b"second").and_then(|_| f.sync_all()));
+    let werr = within(Duration::from_secs(10), move || {
+        f.write_all(b"second").and_then(|_| f.sync_all())
+    });
     assert!(werr.is_err(), "writes after the daemon died must fail");
     // Data written before the crash is on the backing dir, nothing lost.
     assert_eq!(fs::read(m.b("kept")).unwrap(), b"safe");
@@ -527,7 +741,10 @@ fn nlookup_counts_balance_after_unmount() {
     }
     fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
     let st = m.unmount();
-    assert!(st.success(), "daemon exited with {st} (a debug assertion on lookup counts fires as a panic)");
+    assert!(
+        st.success(),
+        "daemon exited with {st} (a debug assertion on lookup counts fires as a panic)"
+    );
 }
 
 #[test]

@@ -1,1 +1,216 @@
-fn main() {}
+//! Project chores: `cargo xtask setup | build | test | demo`.
+//!
+//! Every command installs what it needs first and is safe to run again:
+//! `setup` checks each prerequisite and installs only what is missing.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "efuse project chores")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install prerequisites (apt packages, nightly rust-src, bpf-linker) and mount tracefs/bpffs/fusectl.
+    Setup,
+    /// Build the efuse binary (release).
+    Build,
+    /// Run setup, then every test (unit, property, real-mount integration).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Mount a demo directory with efuse and show it working.
+    Demo,
+}
+
+/// Debian packages: the eBPF toolchain (bpf-linker builds against LLVM 22),
+/// bpftool, fuse3 (fusermount, mount.fuse3), and the peers the bench compares with.
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+    "zlib1g-dev",
+    "bpftool",
+    "fuse3",
+    "pkg-config",
+    "fio",
+    "bindfs",
+    "libfuse3-dev",
+];
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: $ {cmd:?}");
+    let st = cmd.status().with_context(|| format!("cannot run {cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed with {st}");
+    }
+    Ok(())
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn is_mounted(path: &str, fstype: &str) -> bool {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.get(1) == Some(&path) && f.get(2) == Some(&fstype)
+        })
+}
+
+fn setup() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc_geteuid() } != 0 {
+        bail!("setup needs root (apt-get, mounting tracefs/bpffs); run it with sudo");
+    }
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: apt packages present");
+    } else {
+        run(Command::new("apt-get").arg("update").arg("-q"))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    }
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+    }
+    let installed = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .context("rustup")?;
+    if !String::from_utf8_lossy(&installed.stdout).contains("rust-src") {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    if !succeeds(Command::new("bpf-linker").arg("--version")) {
+        run(Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    for (path, fstype) in [
+        ("/sys/kernel/tracing", "tracefs"),
+        ("/sys/fs/bpf", "bpf"),
+        ("/sys/fs/fuse/connections", "fusectl"),
+    ] {
+        if !is_mounted(path, fstype) {
+            std::fs::create_dir_all(path).ok();
+            if let Err(e) = run(Command::new("mount").args(["-t", fstype, "none", path])) {
+                eprintln!("xtask: warning: cannot mount {fstype} on {path}: {e:#}");
+            }
+        }
+    }
+    if !Path::new("/dev/fuse").exists() {
+        let _ = run(Command::new("modprobe").arg("fuse"));
+        if !Path::new("/dev/fuse").exists() {
+            bail!("/dev/fuse is missing and `modprobe fuse` did not create it");
+        }
+    }
+    eprintln!("xtask: setup complete");
+    Ok(())
+}
+
+unsafe extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    c
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    setup()?;
+    // The real-mount tests run the efuse binary: build it first.
+    run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+    if args.is_empty() {
+        // The standards every change is held to.
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    run(cargo().arg("test").args(args))?;
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    setup()?;
+    run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"]))?;
+    let efuse = root().join("target/release/efuse");
+    let base = std::env::temp_dir().join("efuse-demo");
+    let (src, mnt) = (base.join("data"), base.join("mnt"));
+    let _ = Command::new(&efuse)
+        .arg("umount")
+        .arg("--force")
+        .arg(&mnt)
+        .output();
+    std::fs::create_dir_all(src.join("docs"))?;
+    std::fs::create_dir_all(&mnt)?;
+    std::fs::write(src.join("docs/hello.txt"), "hello from the backing directory\n")?;
+    run(Command::new(&efuse)
+        .arg("mount")
+        .arg(&src)
+        .arg(&mnt)
+        .args(["--offload", "off"]))?;
+    let res = (|| -> anyhow::Result<()> {
+        run(Command::new("ls").arg("-la").arg(mnt.join("docs")))?;
+        run(Command::new("cat").arg(mnt.join("docs/hello.txt")))?;
+        std::fs::write(mnt.join("docs/written.txt"), "written through efuse\n")?;
+        eprintln!(
+            "xtask: backing file now holds: {}",
+            std::fs::read_to_string(src.join("docs/written.txt"))?.trim()
+        );
+        run(Command::new(&efuse).arg("status"))?;
+        Ok(())
+    })();
+    run(Command::new(&efuse).arg("umount").arg(&mnt))?;
+    res
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Setup => setup(),
+        Cmd::Build => run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"])),
+        Cmd::Test { args } => test(&args),
+        Cmd::Demo => demo(),
+    }
+}

@@ -28,8 +28,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::{Mutex, RwLock};
 
 use super::{
-    Attr, Backend, BackendError, Caller, DirEntry, Fh, FileKind, Ino, Result, SetAttr, SetTime,
-    StatFs, check_name,
+    Attr, Backend, BackendError, Caller, DirEntry, Fh, FileKind, Ino, Result, SetAttr, SetTime, StatFs,
+    check_name,
 };
 
 /// One pinned inode.
@@ -154,12 +154,7 @@ impl DirBackend {
         use anyhow::Context;
         let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
         // SAFETY: valid C string; the returned fd is owned below.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error())
                 .with_context(|| format!("cannot open backend directory {}", root.display()));
@@ -203,11 +198,7 @@ impl DirBackend {
     }
 
     fn file(&self, fh: Fh) -> Result<Arc<File>> {
-        self.files
-            .read()
-            .get(&fh)
-            .cloned()
-            .ok_or(BackendError::Stale(fh))
+        self.files.read().get(&fh).cloned().ok_or(BackendError::Stale(fh))
     }
 
     fn new_fh(&self) -> Fh {
@@ -306,7 +297,10 @@ fn parse_dirents(buf: &[u8], out: &mut Vec<(OsString, u64, u8, u64)>) {
             break;
         }
         let name_bytes = &buf[pos + 19..pos + reclen];
-        let len = name_bytes.iter().position(|&b| b == 0).unwrap_or(name_bytes.len());
+        let len = name_bytes
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(name_bytes.len());
         out.push((OsString::from_vec(name_bytes[..len].to_vec()), ino, dtype, off));
         pos += reclen;
     }
@@ -383,11 +377,9 @@ impl Backend for DirBackend {
         if let Some(size) = set.size {
             let open = fh.and_then(|fh| self.file(fh).ok());
             match open {
-                Some(f) => f
-                    .set_len(size)
-                    .map_err(|e| BackendError::io("ftruncate", e))?,
-                // SAFETY: valid C string.
+                Some(f) => f.set_len(size).map_err(|e| BackendError::io("ftruncate", e))?,
                 None => {
+                    // SAFETY: valid C string.
                     check("truncate", unsafe {
                         libc::truncate(path.as_ptr(), size as libc::off_t)
                     })?;
@@ -407,9 +399,7 @@ impl Backend for DirBackend {
         let fd = self.fd(ino)?;
         let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
         // SAFETY: valid fd, empty C string, buffer of the given length.
-        let n = unsafe {
-            libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let n = unsafe { libc::readlinkat(fd.as_raw_fd(), c"".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(BackendError::last_os("readlinkat"));
         }
@@ -433,7 +423,9 @@ impl Backend for DirBackend {
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
         // SAFETY: valid dirfd and C string.
-        check("mkdirat", unsafe { libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), mode) })?;
+        check("mkdirat", unsafe {
+            libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), mode)
+        })?;
         self.chown_new(who, pfd.as_raw_fd(), &c)?;
         self.pin_child(pfd.as_raw_fd(), name)
     }
@@ -477,7 +469,9 @@ impl Backend for DirBackend {
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
         // SAFETY: valid dirfd and C string.
-        check("unlinkat", unsafe { libc::unlinkat(pfd.as_raw_fd(), c.as_ptr(), 0) })?;
+        check("unlinkat", unsafe {
+            libc::unlinkat(pfd.as_raw_fd(), c.as_ptr(), 0)
+        })?;
         Ok(())
     }
 
@@ -500,9 +494,7 @@ impl Backend for DirBackend {
         let a = cstr(name)?;
         let b = cstr(newname)?;
         // SAFETY: valid dirfds and C strings.
-        let rc = unsafe {
-            libc::renameat2(pfd.as_raw_fd(), a.as_ptr(), npfd.as_raw_fd(), b.as_ptr(), flags)
-        };
+        let rc = unsafe { libc::renameat2(pfd.as_raw_fd(), a.as_ptr(), npfd.as_raw_fd(), b.as_ptr(), flags) };
         check("renameat2", rc)?;
         Ok(())
     }
@@ -510,8 +502,8 @@ impl Backend for DirBackend {
     fn open(&self, ino: Ino, flags: i32) -> Result<Fh> {
         let fd = self.fd(ino)?;
         let path = proc_path(fd.as_raw_fd());
-        let flags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT))
-            | libc::O_CLOEXEC;
+        let flags =
+            (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_CLOEXEC;
         // SAFETY: valid C string; the fd is owned below.
         let f = unsafe { libc::open(path.as_ptr(), flags) };
         let f = check("open", f)?;
@@ -526,10 +518,8 @@ impl Backend for DirBackend {
         check_name(name)?;
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
-        let flags = (flags & !(libc::O_NOCTTY | libc::O_DIRECT))
-            | libc::O_CREAT
-            | libc::O_NOFOLLOW
-            | libc::O_CLOEXEC;
+        let flags =
+            (flags & !(libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
         // SAFETY: valid dirfd and C string; the fd is owned below.
         let f = unsafe { libc::openat(pfd.as_raw_fd(), c.as_ptr(), flags, mode) };
         let f = check("openat(O_CREAT)", f)?;
@@ -578,12 +568,7 @@ impl Backend for DirBackend {
 
     fn fsync(&self, fh: Fh, datasync: bool) -> Result<()> {
         let f = self.file(fh)?;
-        if datasync {
-            f.sync_data()
-        } else {
-            f.sync_all()
-        }
-        .map_err(|e| BackendError::io("fsync", e))
+        if datasync { f.sync_data() } else { f.sync_all() }.map_err(|e| BackendError::io("fsync", e))
     }
 
     fn release(&self, fh: Fh) {
@@ -655,7 +640,12 @@ impl Backend for DirBackend {
                         let mut st = MaybeUninit::<libc::stat>::uninit();
                         // SAFETY: valid dirfd, C string and out pointer.
                         let rc = unsafe {
-                            libc::fstatat(h.fd.as_raw_fd(), c.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                            libc::fstatat(
+                                h.fd.as_raw_fd(),
+                                c.as_ptr(),
+                                st.as_mut_ptr(),
+                                libc::AT_SYMLINK_NOFOLLOW,
+                            )
                         };
                         if rc < 0 {
                             continue;
@@ -664,7 +654,12 @@ impl Backend for DirBackend {
                         FileKind::from_mode(unsafe { st.assume_init() }.st_mode).unwrap_or(FileKind::File)
                     }
                 };
-                out.push(DirEntry { name, ino, kind, next });
+                out.push(DirEntry {
+                    name,
+                    ino,
+                    kind,
+                    next,
+                });
             }
         }
         let _ = h.ino;
@@ -696,7 +691,14 @@ impl Backend for DirBackend {
                 continue;
             }
             match self.pin_child(pfd.as_raw_fd(), &e.name) {
-                Ok(attr) => out.push((DirEntry { ino: attr.ino, kind: attr.kind, ..e }, attr)),
+                Ok(attr) => out.push((
+                    DirEntry {
+                        ino: attr.ino,
+                        kind: attr.kind,
+                        ..e
+                    },
+                    attr,
+                )),
                 // Removed since the listing, or a hidden mount point: skip.
                 Err(BackendError::NotFound | BackendError::CrossDevice) => {}
                 Err(err) => return Err(err),
@@ -713,7 +715,9 @@ impl Backend for DirBackend {
         let fd = self.fd(self.root_ino)?;
         let mut st = MaybeUninit::<libc::statvfs>::uninit();
         // SAFETY: valid fd and out pointer.
-        check("fstatvfs", unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
+        check("fstatvfs", unsafe {
+            libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr())
+        })?;
         // SAFETY: fstatvfs succeeded.
         let st = unsafe { st.assume_init() };
         Ok(StatFs {
@@ -742,7 +746,13 @@ impl Backend for DirBackend {
         let n = cstr(name)?;
         // SAFETY: valid C strings and value slice.
         let rc = unsafe {
-            libc::setxattr(path.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags)
+            libc::setxattr(
+                path.as_ptr(),
+                n.as_ptr(),
+                value.as_ptr().cast(),
+                value.len(),
+                flags,
+            )
         };
         check("setxattr", rc)?;
         Ok(())
@@ -760,16 +770,16 @@ impl Backend for DirBackend {
         let (_fd, path) = self.xattr_target(ino)?;
         let n = cstr(name)?;
         // SAFETY: valid C strings.
-        check("removexattr", unsafe { libc::removexattr(path.as_ptr(), n.as_ptr()) })?;
+        check("removexattr", unsafe {
+            libc::removexattr(path.as_ptr(), n.as_ptr())
+        })?;
         Ok(())
     }
 
     fn fallocate(&self, fh: Fh, offset: u64, len: u64, mode: i32) -> Result<()> {
         let f = self.file(fh)?;
         // SAFETY: valid fd.
-        let rc = unsafe {
-            libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t)
-        };
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), mode, offset as libc::off_t, len as libc::off_t) };
         check("fallocate", rc)?;
         Ok(())
     }
@@ -790,9 +800,8 @@ impl Backend for DirBackend {
         let mut oi = off_in as libc::loff_t;
         let mut oo = off_out as libc::loff_t;
         // SAFETY: valid fds and offset pointers.
-        let n = unsafe {
-            libc::copy_file_range(a.as_raw_fd(), &mut oi, b.as_raw_fd(), &mut oo, len as usize, 0)
-        };
+        let n =
+            unsafe { libc::copy_file_range(a.as_raw_fd(), &mut oi, b.as_raw_fd(), &mut oo, len as usize, 0) };
         if n < 0 {
             return Err(BackendError::last_os("copy_file_range"));
         }
@@ -838,7 +847,10 @@ mod tests {
             assert_eq!(e.to_errno(), libc::EINVAL, "{bad}");
         }
         let long = "x".repeat(256);
-        assert_eq!(b.lookup(b.root(), OsStr::new(&long)).unwrap_err().to_errno(), libc::ENAMETOOLONG);
+        assert_eq!(
+            b.lookup(b.root(), OsStr::new(&long)).unwrap_err().to_errno(),
+            libc::ENAMETOOLONG
+        );
     }
 
     #[test]
@@ -883,7 +895,13 @@ mod tests {
     fn create_write_read_roundtrip() {
         let (t, b) = backend();
         let (attr, fh) = b
-            .create(Caller::default(), b.root(), OsStr::new("new"), 0o100644, libc::O_RDWR)
+            .create(
+                Caller::default(),
+                b.root(),
+                OsStr::new("new"),
+                0o100644,
+                libc::O_RDWR,
+            )
             .unwrap();
         assert_eq!(attr.kind, FileKind::File);
         assert_eq!(b.write(fh, 3, b"abc").unwrap(), 3);

@@ -13,8 +13,8 @@ use std::time::SystemTime;
 use parking_lot::Mutex;
 
 use super::{
-    Attr, Backend, BackendError, Caller, DirEntry, Fh, FileKind, Ino, Result, SetAttr, SetTime,
-    StatFs, check_name,
+    Attr, Backend, BackendError, Caller, DirEntry, Fh, FileKind, Ino, Result, SetAttr, SetTime, StatFs,
+    check_name,
 };
 
 const ROOT: Ino = 1;
@@ -23,7 +23,10 @@ const BLKSIZE: u32 = 4096;
 #[derive(Debug)]
 enum Content {
     File(Vec<u8>),
-    Dir { children: BTreeMap<OsString, Ino>, parent: Ino },
+    Dir {
+        children: BTreeMap<OsString, Ino>,
+        parent: Ino,
+    },
     Symlink(Vec<u8>),
     Special,
 }
@@ -400,7 +403,11 @@ impl Backend for MemBackend {
                 let _ = is_dir;
             }
             if src_dir != dst_dir && parent != newparent {
-                let (from, to) = if src_dir { (parent, newparent) } else { (newparent, parent) };
+                let (from, to) = if src_dir {
+                    (parent, newparent)
+                } else {
+                    (newparent, parent)
+                };
                 st.node_mut(from)?.attr.nlink -= 1;
                 st.node_mut(to)?.attr.nlink += 1;
             }
@@ -454,12 +461,12 @@ impl Backend for MemBackend {
         let mut st = self.state.lock();
         let n = st.node_mut(ino)?;
         match n.content {
-            Content::File(ref mut d) => {
-                if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY {
-                    d.clear();
-                    n.attr.size = 0;
-                    update_blocks(&mut n.attr);
-                }
+            Content::File(ref mut d)
+                if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY =>
+            {
+                d.clear();
+                n.attr.size = 0;
+                update_blocks(&mut n.attr);
             }
             Content::Dir { .. } if flags & libc::O_ACCMODE != libc::O_RDONLY => {
                 return Err(BackendError::errno("open", libc::EISDIR));
@@ -481,7 +488,9 @@ impl Backend for MemBackend {
             Some(_) => self.lookup(parent, name)?,
             None => {
                 let attr = new_attr(0, FileKind::File, mode, who);
-                self.state.lock().insert(parent, name, attr, Content::File(Vec::new()))?
+                self.state
+                    .lock()
+                    .insert(parent, name, attr, Content::File(Vec::new()))?
             }
         };
         let fh = self.open(attr.ino, flags)?;
@@ -547,13 +556,22 @@ impl Backend for MemBackend {
             (OsString::from(".."), parent, FileKind::Dir),
         ];
         for (name, &child) in children {
-            let kind = st.nodes.get(&child).map(|n| n.attr.kind).unwrap_or(FileKind::File);
+            let kind = st
+                .nodes
+                .get(&child)
+                .map(|n| n.attr.kind)
+                .unwrap_or(FileKind::File);
             entries.push((name.clone(), child, kind));
         }
         let entries = entries
             .into_iter()
             .enumerate()
-            .map(|(i, (name, ino, kind))| DirEntry { name, ino, kind, next: i as u64 + 1 })
+            .map(|(i, (name, ino, kind))| DirEntry {
+                name,
+                ino,
+                kind,
+                next: i as u64 + 1,
+            })
             .collect();
         let fh = st.next_fh;
         st.next_fh += 1;
@@ -564,7 +582,12 @@ impl Backend for MemBackend {
     fn readdir(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<DirEntry>> {
         let st = self.state.lock();
         let d = st.dirs.get(&dh).ok_or(BackendError::Stale(dh))?;
-        Ok(d.entries.iter().skip(offset as usize).take(max).cloned().collect())
+        Ok(d.entries
+            .iter()
+            .skip(offset as usize)
+            .take(max)
+            .cloned()
+            .collect())
     }
 
     fn readdir_plus(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<(DirEntry, Attr)>> {
@@ -578,7 +601,9 @@ impl Backend for MemBackend {
             if !dots && st.children(dir).ok().and_then(|c| c.get(&e.name)) != Some(&e.ino) {
                 continue;
             }
-            let Some(n) = st.nodes.get_mut(&e.ino) else { continue };
+            let Some(n) = st.nodes.get_mut(&e.ino) else {
+                continue;
+            };
             if !dots {
                 n.pins += 1;
             }
@@ -708,7 +733,9 @@ mod tests {
         let b = MemBackend::new();
         let d = b.mkdir(Caller::default(), ROOT, OsStr::new("d"), 0o755).unwrap();
         b.mkdir(Caller::default(), d.ino, OsStr::new("e"), 0o755).unwrap();
-        let e = b.rename(ROOT, OsStr::new("d"), d.ino, OsStr::new("x"), 0).unwrap_err();
+        let e = b
+            .rename(ROOT, OsStr::new("d"), d.ino, OsStr::new("x"), 0)
+            .unwrap_err();
         assert_eq!(e.to_errno(), libc::EINVAL);
     }
 

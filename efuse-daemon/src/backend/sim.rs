@@ -20,9 +20,7 @@ use std::time::Duration;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Attr, Backend, BackendError, Caller, DirEntry, Fh, Ino, Result, SetAttr, SharedBackend, StatFs,
-};
+use super::{Attr, Backend, BackendError, Caller, DirEntry, Fh, Ino, Result, SetAttr, SharedBackend, StatFs};
 
 /// Latency and fault settings of the `sim` backend.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -74,8 +72,14 @@ impl SimConfig {
     /// Check the values are usable.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!((0.0..=1.0).contains(&self.jitter), "sim.jitter must be in 0..=1");
-        anyhow::ensure!((0.0..=1.0).contains(&self.error_rate), "sim.error_rate must be in 0..=1");
-        anyhow::ensure!((0.0..=1.0).contains(&self.stall_rate), "sim.stall_rate must be in 0..=1");
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.error_rate),
+            "sim.error_rate must be in 0..=1"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.stall_rate),
+            "sim.stall_rate must be in 0..=1"
+        );
         anyhow::ensure!(self.fault_errno > 0, "sim.fault_errno must be a positive errno");
         Ok(())
     }
@@ -291,7 +295,11 @@ mod tests {
 
     #[test]
     fn metadata_calls_pay_the_configured_latency() {
-        let b = sim(SimConfig { meta_us: 2000, jitter: 0.0, ..Default::default() });
+        let b = sim(SimConfig {
+            meta_us: 2000,
+            jitter: 0.0,
+            ..Default::default()
+        });
         let t = Instant::now();
         for _ in 0..5 {
             b.getattr(b.root()).unwrap();
@@ -301,8 +309,15 @@ mod tests {
 
     #[test]
     fn injected_errors_change_nothing() {
-        let b = sim(SimConfig { meta_us: 0, error_rate: 1.0, fault_errno: libc::EIO, ..Default::default() });
-        let e = b.mkdir(Caller::default(), b.root(), OsStr::new("d"), 0o755).unwrap_err();
+        let b = sim(SimConfig {
+            meta_us: 0,
+            error_rate: 1.0,
+            fault_errno: libc::EIO,
+            ..Default::default()
+        });
+        let e = b
+            .mkdir(Caller::default(), b.root(), OsStr::new("d"), 0o755)
+            .unwrap_err();
         assert_eq!(e.to_errno(), libc::EIO);
         // The inner tree is untouched.
         assert!(b.inner.lookup(b.root(), OsStr::new("d")).is_err());
@@ -310,7 +325,14 @@ mod tests {
 
     #[test]
     fn bad_config_is_refused() {
-        assert!(SimConfig { jitter: 2.0, ..Default::default() }.validate().is_err());
+        assert!(
+            SimConfig {
+                jitter: 2.0,
+                ..Default::default()
+            }
+            .validate()
+            .is_err()
+        );
         assert!(SimConfig::default().validate().is_ok());
     }
 }

@@ -1,0 +1,223 @@
+//! The `efuse` command line: daemonized mounts, status, umount, the mount
+//! helper, and a clear error for each kind of bad input.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use efuse_tests::{efuse, efuse_bin, mount_connection};
+
+/// Tears down a daemonized mount whatever happens to the test.
+struct Daemonized {
+    mnt: PathBuf,
+}
+
+impl Drop for Daemonized {
+    fn drop(&mut self) {
+        if let Some(conn) = mount_connection(&self.mnt) {
+            let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
+            let c = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap();
+            // SAFETY: valid C string; MNT_DETACH never blocks.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let (src, mnt) = (t.path().join("src"), t.path().join("mnt"));
+    fs::create_dir(&src).unwrap();
+    fs::create_dir(&mnt).unwrap();
+    (t, src, mnt)
+}
+
+fn os<'a>(v: &'a [&'a str]) -> Vec<&'a OsStr> {
+    v.iter().map(OsStr::new).collect()
+}
+
+#[test]
+fn daemonized_mount_status_umount() {
+    let (_t, src, mnt) = dirs();
+    fs::write(src.join("hello"), b"world").unwrap();
+    let _guard = Daemonized { mnt: mnt.clone() };
+    let (code, out, err) = efuse(&[OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("mounted"), "{out}");
+    // Usable as soon as the command returned.
+    assert_eq!(fs::read(mnt.join("hello")).unwrap(), b"world");
+
+    let (code, out, _) = efuse(&os(&["status", "--json"]));
+    assert_eq!(code, 0);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let row = rows
+        .iter()
+        .find(|r| r["mountpoint"] == mnt.to_str().unwrap())
+        .unwrap_or_else(|| panic!("mount missing from status: {out}"));
+    assert_eq!(row["backend"], "dir");
+    assert_eq!(row["offload"], "off");
+    assert_eq!(row["state"], "running");
+    let pid = row["pid"].as_u64().unwrap() as i32;
+    // SAFETY: signal 0 only probes.
+    assert_eq!(unsafe { libc::kill(pid, 0) }, 0);
+
+    let (code, _, err) = efuse(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(mount_connection(&mnt).is_none());
+    // The daemon has exited (umount waits for it).
+    let gone = fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z"));
+    assert!(gone, "daemon {pid} still running after umount");
+    let (_, out, _) = efuse(&os(&["status", "--json"]));
+    assert!(!out.contains(mnt.to_str().unwrap()), "{out}");
+}
+
+#[test]
+fn bad_input_gets_clear_errors() {
+    let (t, src, mnt) = dirs();
+    let missing = t.path().join("missing");
+    let inner_missing = src.join("inner");
+    let cases: Vec<(Vec<&OsStr>, &str)> = vec![
+        (
+            vec![OsStr::new("mount"), src.as_os_str(), missing.as_os_str()],
+            "does not exist",
+        ),
+        (
+            vec![OsStr::new("mount"), missing.as_os_str(), mnt.as_os_str()],
+            "backend directory",
+        ),
+        (
+            vec![
+                OsStr::new("mount"),
+                src.as_os_str(),
+                mnt.as_os_str(),
+                OsStr::new("-o"),
+                OsStr::new("frob"),
+            ],
+            "unknown mount option",
+        ),
+        (
+            vec![
+                OsStr::new("mount"),
+                src.as_os_str(),
+                mnt.as_os_str(),
+                OsStr::new("--offload"),
+                OsStr::new("kernel"),
+            ],
+            "not available",
+        ),
+        (
+            vec![
+                OsStr::new("mount"),
+                src.as_os_str(),
+                mnt.as_os_str(),
+                OsStr::new("--offload"),
+                OsStr::new("bpf"),
+            ],
+            "not available",
+        ),
+        (
+            vec![OsStr::new("mount"), src.as_os_str(), inner_missing.as_os_str()],
+            "does not exist",
+        ),
+        (vec![OsStr::new("umount"), mnt.as_os_str()], "not mounted"),
+    ];
+    for (args, want) in cases {
+        let (code, _, err) = efuse(&args);
+        assert_ne!(code, 0, "{args:?} should fail");
+        assert!(err.contains(want), "{args:?}: expected {want:?} in {err:?}");
+    }
+    // Not empty.
+    fs::write(mnt.join("existing"), b"x").unwrap();
+    let (code, _, err) = efuse(&[OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not empty"), "{err}");
+    // Nothing was mounted by any of these.
+    assert!(mount_connection(&mnt).is_none());
+    // Mounting a dir inside its own backend is refused.
+    fs::create_dir(src.join("inner")).unwrap();
+    let inner = src.join("inner");
+    let (code, _, err) = efuse(&[OsStr::new("mount"), src.as_os_str(), inner.as_os_str()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("inside the backend"), "{err}");
+}
+
+#[test]
+fn second_mount_on_a_live_mount_is_refused() {
+    let (_t, src, mnt) = dirs();
+    let _guard = Daemonized { mnt: mnt.clone() };
+    let (code, _, err) = efuse(&[OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = efuse(&[OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("already a mount point"), "{err}");
+    assert_eq!(efuse(&[OsStr::new("umount"), mnt.as_os_str()]).0, 0);
+}
+
+#[test]
+fn mount_helper_as_mount_8_calls_it() {
+    let (t, src, mnt) = dirs();
+    fs::write(src.join("f"), b"helper").unwrap();
+    // mount(8) runs /sbin/mount.fuse.efuse SRC DST -o OPTS for -t fuse.efuse.
+    let helper = t.path().join("mount.fuse.efuse");
+    std::os::unix::fs::symlink(efuse_bin(), &helper).unwrap();
+    let _guard = Daemonized { mnt: mnt.clone() };
+    let out = std::process::Command::new(&helper)
+        .arg(&src)
+        .arg(&mnt)
+        .args(["-o", "rw,noatime,offload=off,_netdev", "-n"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"helper");
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.contains(mnt.to_str().unwrap())).unwrap();
+    assert!(line.contains("fuse.efuse"), "{line}");
+    assert!(line.contains("noatime"), "{line}");
+    assert_eq!(efuse(&[OsStr::new("umount"), mnt.as_os_str()]).0, 0);
+}
+
+#[test]
+fn umount_force_recovers_a_stalled_backend() {
+    let (t, src, mnt) = dirs();
+    let cfg = t.path().join("stall.toml");
+    fs::write(
+        &cfg,
+        "backend = \"sim\"\n[sim]\nmeta_us = 0\nstall_rate = 1.0\nstall_ms = 4000\n",
+    )
+    .unwrap();
+    let _guard = Daemonized { mnt: mnt.clone() };
+    let (code, _, err) = efuse(&[
+        OsStr::new("mount"),
+        src.as_os_str(),
+        mnt.as_os_str(),
+        OsStr::new("--config"),
+        cfg.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    // A request that stalls in the backend...
+    let m2 = mnt.clone();
+    let stuck = std::thread::spawn(move || fs::metadata(m2.join("x")).map(|_| ()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!stuck.is_finished());
+    // ...is released by a forced unmount, which aborts the connection.
+    let (code, _, err) = efuse(&[OsStr::new("umount"), OsStr::new("--force"), mnt.as_os_str()]);
+    assert_eq!(code, 0, "{err}");
+    let res = stuck.join().unwrap();
+    assert!(res.is_err());
+    assert!(mount_connection(&mnt).is_none());
+}
+
+#[test]
+fn help_lists_every_command() {
+    let (code, out, _) = efuse(&os(&["--help"]));
+    assert_eq!(code, 0);
+    for cmd in ["mount", "umount", "status"] {
+        assert!(out.contains(cmd), "{out}");
+    }
+    let (code, out, _) = efuse(&os(&["mount", "--help"]));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("--offload") && out.contains("--backend") && out.contains("--foreground"),
+        "{out}"
+    );
+}
