@@ -125,7 +125,7 @@ impl TestMount {
             .env("EFUSE_READY_FD", wr_fd.to_string())
             .env(
                 "EFUSE_LOG",
-                std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn,fuser::session=error".into()),
             )
             .stdin(Stdio::null());
         // SAFETY: only async-signal-safe fcntl between fork and exec.
