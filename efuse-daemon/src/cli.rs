@@ -38,6 +38,30 @@ pub enum Command {
     Umount(UmountArgs),
     /// List efuse mounts: backend, offload tier, daemon pid.
     Status(StatusArgs),
+    /// Per-opcode FUSE statistics of a mount: kernel-side upcalls and latency, daemon counters.
+    Stats(StatsArgs),
+}
+
+/// `efuse stats`.
+#[derive(Debug, Args, Clone)]
+pub struct StatsArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// Refresh every --interval seconds, showing rates over the interval.
+    #[arg(short, long)]
+    pub watch: bool,
+    /// Seconds between refreshes with --watch.
+    #[arg(short, long, default_value_t = 1.0)]
+    pub interval: f64,
+    /// Number of refreshes with --watch (0 = until interrupted).
+    #[arg(short, long, default_value_t = 0)]
+    pub count: u64,
+    /// Print the log2 latency histogram of every opcode.
+    #[arg(long)]
+    pub hist: bool,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// On/off switch.

@@ -77,6 +77,8 @@ pub struct MountConfig {
     /// eBPF tracing of this mount (on by default where the kernel has the
     /// fuse tracepoints).
     pub trace: bool,
+    /// Requests slower than this (microseconds) are reported one by one.
+    pub trace_slow_us: u64,
     /// Latency and faults of the `sim` backend.
     pub sim: SimConfig,
 }
@@ -91,6 +93,7 @@ impl Default for MountConfig {
             options: Vec::new(),
             threads: 8,
             trace: true,
+            trace_slow_us: 10_000,
             sim: SimConfig::default(),
         }
     }

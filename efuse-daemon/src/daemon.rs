@@ -84,7 +84,8 @@ pub fn absolute(p: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-fn mount_id(mp: &Path) -> String {
+/// Stable short id of a mount point, used to name its record, log and socket.
+pub fn mount_id(mp: &Path) -> String {
     // FNV-1a: a stable, dependency-free name for the record.
     let mut h: u64 = 0xcbf29ce484222325;
     for b in mp.as_os_str().as_bytes() {
@@ -466,6 +467,19 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
 
     let backend = build_backend(cfg)?;
     let kind = backend.kind();
+    // Tracing starts before the mount so that FUSE_INIT is counted.
+    let slow_ns = cfg.trace_slow_us * 1000;
+    let (tracer, trace_off_reason) = if cfg.trace {
+        match crate::trace::Tracer::start(slow_ns) {
+            Ok(t) => (Some(t), None),
+            Err(e) => {
+                tracing::warn!("eBPF tracing unavailable, mounting without it: {e:#}");
+                (None, Some(format!("{e:#}")))
+            }
+        }
+    } else {
+        (None, Some("disabled (--trace off)".to_string()))
+    };
     let fs = Arc::new(EfuseFs::new(backend, cfg.offload));
     let metrics = Arc::new(Metrics::default());
     let adapter = FuseAdapter::new(fs.clone(), metrics.clone());
@@ -473,6 +487,16 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let session = fuser::Session::new(adapter, mp, &fuse_config(cfg))
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
     let dev = connection_of(mp).unwrap_or(0);
+    let tracer = match tracer {
+        Some(mut t) => match t.set_connection(dev) {
+            Ok(()) => Some(parking_lot::Mutex::new(t)),
+            Err(e) => {
+                tracing::warn!("cannot set the trace filter, tracing off: {e:#}");
+                None
+            }
+        },
+        None => None,
+    };
     tracing::info!(
         mountpoint = %mp.display(),
         backend = %kind,
@@ -501,6 +525,23 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     if let Err(e) = write_record(&record) {
         tracing::warn!("cannot write mount record: {e:#}");
     }
+    let control = Arc::new(crate::control::ControlState {
+        fs: fs.clone(),
+        metrics: metrics.clone(),
+        trace_off_reason: if tracer.is_none() {
+            trace_off_reason.or_else(|| Some("trace filter failed".into()))
+        } else {
+            None
+        },
+        tracer,
+        slow_ns,
+        mountpoint: mp.to_owned(),
+        backend: record.backend.clone(),
+        offload: record.offload.clone(),
+        connection: dev,
+        started,
+    });
+    let socket = crate::control::serve(control).context("control socket")?;
     let mp_sig = mp.to_owned();
     std::thread::Builder::new()
         .name("efuse-signals".into())
@@ -517,6 +558,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     }
     let res = session.run();
     let _ = fs::remove_file(record_path(mp));
+    let _ = fs::remove_file(socket);
     tracing::info!(mountpoint = %mp.display(), "unmounted; daemon exiting");
     res.context("FUSE session failed")
 }

@@ -11,12 +11,15 @@
 pub mod backend;
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod inode;
 pub mod logging;
 pub mod metrics;
+pub mod stats;
+pub mod trace;
 
 /// Run the command line; returns the process exit code.
 pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
@@ -36,10 +39,17 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
         }
     };
     logging::init(false);
+    if !matches!(cli.command, cli::Command::Mount(_)) {
+        // Reporting commands end quietly when their reader goes away
+        // (`efuse stats | head`); the daemon keeps ignoring SIGPIPE.
+        // SAFETY: setting a signal disposition has no memory-safety preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     let res = match &cli.command {
         cli::Command::Mount(m) => daemon::mount(m),
         cli::Command::Umount(u) => daemon::umount(u),
         cli::Command::Status(s) => daemon::status(s),
+        cli::Command::Stats(s) => stats::run(s),
     };
     match res {
         Ok(()) => 0,

@@ -1,0 +1,226 @@
+//! The per-mount control socket: `/run/efuse/<id>.sock`, root only (0600
+//! in a 0700 directory).
+//!
+//! One JSON request per line, one JSON response per line. Requests:
+//! `{"cmd":"stats"}` returns [`MountStats`]. A bad request gets
+//! `{"ok":false,"error":...}` and the connection stays usable.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::fs::SharedFs;
+use crate::metrics::{Metrics, OpCount};
+use crate::trace::{KernelOpStats, Tracer};
+
+/// State of tracing for a mount.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct TraceStatus {
+    /// Programs attached and counting.
+    pub enabled: bool,
+    /// Why not, when disabled.
+    pub reason: Option<String>,
+    /// Ring-buffer events lost to overflow.
+    pub dropped: u64,
+    /// Ring-buffer events received (slow requests).
+    pub events: u64,
+    /// Threshold of a "slow" request, ns.
+    pub slow_ns: u64,
+}
+
+/// Everything `efuse stats` shows.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct MountStats {
+    /// Mount point.
+    pub mountpoint: PathBuf,
+    /// Backend label.
+    pub backend: String,
+    /// Offload tier.
+    pub offload: String,
+    /// FUSE connection id.
+    pub connection: u32,
+    /// Seconds since the mount was made.
+    pub uptime_s: f64,
+    /// Tracing state.
+    pub trace: TraceStatus,
+    /// Kernel-side per-opcode statistics (from the tracepoints).
+    pub kernel: Vec<KernelOpStats>,
+    /// The daemon's own per-opcode counters.
+    pub daemon: Vec<OpCount>,
+    /// Inodes the kernel holds and the sum of their lookup counts.
+    pub inodes: (usize, u64),
+}
+
+/// What the control server needs from the daemon.
+pub struct ControlState {
+    /// The filesystem.
+    pub fs: SharedFs,
+    /// Daemon counters.
+    pub metrics: Arc<Metrics>,
+    /// Tracer, when tracing is on.
+    pub tracer: Option<Mutex<Tracer>>,
+    /// Why tracing is off, when it is.
+    pub trace_off_reason: Option<String>,
+    /// Slow-request threshold.
+    pub slow_ns: u64,
+    /// Mount point.
+    pub mountpoint: PathBuf,
+    /// Backend label.
+    pub backend: String,
+    /// Tier.
+    pub offload: String,
+    /// Connection id.
+    pub connection: u32,
+    /// When the mount became ready.
+    pub started: Instant,
+}
+
+impl ControlState {
+    /// Current statistics.
+    pub fn stats(&self) -> MountStats {
+        let mut trace = TraceStatus {
+            enabled: self.tracer.is_some(),
+            reason: self.trace_off_reason.clone(),
+            slow_ns: self.slow_ns,
+            ..Default::default()
+        };
+        let mut kernel = Vec::new();
+        if let Some(t) = &self.tracer {
+            let mut t = t.lock();
+            let _ = t.drain_events();
+            match t.op_stats() {
+                Ok(k) => kernel = k,
+                Err(e) => tracing::warn!("reading trace maps: {e:#}"),
+            }
+            trace.dropped = t.dropped().unwrap_or(0);
+            trace.events = t.events().0;
+        }
+        MountStats {
+            mountpoint: self.mountpoint.clone(),
+            backend: self.backend.clone(),
+            offload: self.offload.clone(),
+            connection: self.connection,
+            uptime_s: self.started.elapsed().as_secs_f64(),
+            trace,
+            kernel,
+            daemon: self.metrics.snapshot(),
+            inodes: self.fs.inodes().totals(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+enum Request {
+    Stats,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Response {
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stats: Option<MountStats>,
+}
+
+/// Socket path of a mount.
+pub fn socket_path(mp: &Path) -> PathBuf {
+    Path::new(crate::daemon::STATE_DIR).join(format!("{}.sock", crate::daemon::mount_id(mp)))
+}
+
+/// Serve the control socket on a background thread; also drains the trace
+/// ring buffer periodically so it does not overflow between `stats` calls.
+pub fn serve(state: Arc<ControlState>) -> anyhow::Result<PathBuf> {
+    let path = socket_path(&state.mountpoint);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).with_context(|| format!("cannot bind {}", path.display()))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let st = state.clone();
+    std::thread::Builder::new()
+        .name("efuse-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(c) => {
+                        let st = st.clone();
+                        let _ = std::thread::Builder::new()
+                            .name("efuse-control-conn".into())
+                            .spawn(move || handle(&st, c));
+                    }
+                    Err(e) => tracing::warn!("control socket: {e}"),
+                }
+            }
+        })?;
+    if state.tracer.is_some() {
+        let st = state.clone();
+        std::thread::Builder::new()
+            .name("efuse-trace".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(Duration::from_millis(200));
+                    if let Some(t) = &st.tracer
+                        && let Err(e) = t.lock().drain_events()
+                    {
+                        tracing::warn!("draining trace events: {e:#}");
+                    }
+                }
+            })?;
+    }
+    Ok(path)
+}
+
+fn handle(state: &ControlState, conn: UnixStream) {
+    let mut out = match conn.try_clone() {
+        Ok(o) => o,
+        Err(_) => return,
+    };
+    for line in BufReader::new(conn).lines() {
+        let Ok(line) = line else { return };
+        let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Stats) => Response {
+                ok: true,
+                error: None,
+                stats: Some(state.stats()),
+            },
+            Err(e) => Response {
+                ok: false,
+                error: Some(format!("bad request: {e}")),
+                stats: None,
+            },
+        };
+        let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
+        text.push('\n');
+        if out.write_all(text.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Ask the daemon of mount `mp` for its statistics.
+pub fn query_stats(mp: &Path) -> anyhow::Result<MountStats> {
+    let path = socket_path(mp);
+    let mut s = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "cannot reach the efuse daemon of {} at {} (is it an efuse mount? are you root?)",
+            mp.display(),
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    s.write_all(b"{\"cmd\":\"stats\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    let r: Response = serde_json::from_str(&line).context("bad answer from the daemon")?;
+    if !r.ok {
+        bail!("daemon error: {}", r.error.unwrap_or_default());
+    }
+    r.stats.context("daemon sent no stats")
+}
