@@ -40,6 +40,22 @@ pub enum Command {
     Status(StatusArgs),
     /// Per-opcode FUSE statistics of a mount: kernel-side upcalls and latency, daemon counters.
     Stats(StatsArgs),
+    /// Run the latency comparison: raw directory, plain FUSE, efuse tiers, peer FUSE filesystems.
+    Bench(BenchArgs),
+}
+
+/// `efuse bench`.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Small dataset and few repetitions (under 2 minutes).
+    #[arg(long)]
+    pub quick: bool,
+    /// Where results.md, results.json and the plots go.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Scratch directory for the dataset and mount points [default: $TMPDIR/efuse-bench].
+    #[arg(long)]
+    pub work_dir: Option<PathBuf>,
 }
 
 /// `efuse stats`.

@@ -315,8 +315,6 @@ fn fuse_config(cfg: &MountConfig) -> fuser::Config {
         // fuser gives Subtype only to fusermount; the kernel takes it directly
         // and then lists the mount as `fuse.efuse`.
         MountOption::CUSTOM("subtype=efuse".into()),
-        // The daemon runs as root: let the kernel check permissions.
-        MountOption::DefaultPermissions,
     ];
     c.acl = SessionACL::Owner;
     for o in &cfg.options {
@@ -345,6 +343,14 @@ fn fuse_config(cfg: &MountConfig) -> fuser::Config {
             _ => continue,
         };
         c.mount_options.push(m);
+    }
+    // The daemon runs as root. When other users may use the mount, the
+    // kernel checks modes itself (default_permissions). When only the
+    // mounting user can (the default), the kernel's check would add a
+    // GETATTR per directory crossed whenever attributes are not cached;
+    // the daemon answers ACCESS instead.
+    if c.acl != SessionACL::Owner {
+        c.mount_options.push(MountOption::DefaultPermissions);
     }
     c.n_threads = Some(cfg.threads);
     c

@@ -216,6 +216,35 @@ impl EfuseFs {
         Ok((self.fuse_attr(a), self.policy().attr_ttl))
     }
 
+    /// access(2): check `mask` (R_OK/W_OK/X_OK bits) for a caller against
+    /// the mode bits, as the kernel's generic_permission does.
+    pub fn access(&self, ino: u64, mask: i32, uid: u32, gid: u32) -> FsResult<()> {
+        let a = self.backend.getattr(self.b(ino))?;
+        if mask == libc::F_OK {
+            return Ok(());
+        }
+        let perm = a.perm as i32;
+        if uid == 0 {
+            // Root passes read/write; execute needs some x bit (or a directory).
+            if mask & libc::X_OK != 0 && a.kind != FileKind::Dir && perm & 0o111 == 0 {
+                return Err(BackendError::errno("access", libc::EACCES).into());
+            }
+            return Ok(());
+        }
+        let bits = if uid == a.uid {
+            (perm >> 6) & 7
+        } else if gid == a.gid {
+            (perm >> 3) & 7
+        } else {
+            perm & 7
+        };
+        if bits & mask == mask {
+            Ok(())
+        } else {
+            Err(BackendError::errno("access", libc::EACCES).into())
+        }
+    }
+
     /// Target of a symlink.
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         Ok(self.backend.readlink(self.b(ino))?)
@@ -514,6 +543,30 @@ mod tests {
         }
         assert_eq!(fs.inodes().totals(), (0, 0));
         fs.releasedir(dh);
+    }
+
+    #[test]
+    fn access_follows_mode_bits() {
+        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        let who = Caller {
+            uid: 1000,
+            gid: 1000,
+            pid: 1,
+        };
+        let (e, o) = fs.create(who, 1, OsStr::new("f"), 0o640, libc::O_RDWR).unwrap();
+        fs.release(o.fh);
+        let ino = e.attr.ino;
+        assert!(fs.access(ino, libc::R_OK | libc::W_OK, 1000, 1000).is_ok());
+        assert!(fs.access(ino, libc::X_OK, 1000, 1000).is_err());
+        assert!(fs.access(ino, libc::R_OK, 2000, 1000).is_ok());
+        assert!(fs.access(ino, libc::W_OK, 2000, 1000).is_err());
+        assert!(fs.access(ino, libc::R_OK, 2000, 2000).is_err());
+        assert!(fs.access(ino, libc::R_OK | libc::W_OK, 0, 0).is_ok());
+        assert_eq!(
+            fs.access(ino, libc::X_OK, 0, 0).unwrap_err().to_errno(),
+            libc::EACCES
+        );
+        assert!(fs.access(ino, libc::F_OK, 2000, 2000).is_ok());
     }
 
     #[test]

@@ -477,11 +477,10 @@ impl Filesystem for FuseAdapter {
         self.finish(op::REMOVEXATTR, t, res, reply, |r, ()| r.ok());
     }
 
-    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Mounted with default_permissions: the kernel checks modes itself.
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
         let t = Instant::now();
-        reply.ok();
-        self.metrics.record(op::ACCESS, t, false);
+        let res = self.fs.access(ino.0, mask.bits(), req.uid(), req.gid());
+        self.finish(op::ACCESS, t, res, reply, |r, ()| r.ok());
     }
 
     fn create(

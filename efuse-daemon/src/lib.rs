@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod backend;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -18,6 +19,7 @@ pub mod fuse;
 pub mod inode;
 pub mod logging;
 pub mod metrics;
+pub mod plot;
 pub mod stats;
 pub mod trace;
 
@@ -50,6 +52,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
         cli::Command::Umount(u) => daemon::umount(u),
         cli::Command::Status(s) => daemon::status(s),
         cli::Command::Stats(s) => stats::run(s),
+        cli::Command::Bench(b) => bench::run(b),
     };
     match res {
         Ok(()) => 0,

@@ -28,8 +28,17 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Mount a demo directory with efuse and show it working.
+    /// Mount a demo directory with efuse, show it working, then run the quick latency comparison.
     Demo,
+    /// Run the latency comparison (efuse bench) with a release build.
+    Bench {
+        /// Small dataset, under 2 minutes.
+        #[arg(long)]
+        quick: bool,
+        /// Output directory for results.md, results.json and plots.
+        #[arg(long, default_value = "bench-out")]
+        out: PathBuf,
+    },
 }
 
 /// Debian packages: the eBPF toolchain (bpf-linker builds against LLVM 22),
@@ -45,6 +54,7 @@ const APT_PACKAGES: &[&str] = &[
     "fio",
     "bindfs",
     "libfuse3-dev",
+    "fonts-dejavu-core",
 ];
 
 fn root() -> PathBuf {
@@ -203,7 +213,20 @@ fn demo() -> anyhow::Result<()> {
         Ok(())
     })();
     run(Command::new(&efuse).arg("umount").arg(&mnt))?;
-    res
+    res?;
+    eprintln!("xtask: now the latency comparison: raw directory vs plain FUSE vs efuse tiers vs peers");
+    bench(true, &root().join("bench-out"))
+}
+
+fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
+    setup()?;
+    run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"]))?;
+    let mut cmd = Command::new(root().join("target/release/efuse"));
+    cmd.arg("bench").arg("--out").arg(out);
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -212,5 +235,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Build => run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"])),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::Bench { quick, out } => bench(quick, &out),
     }
 }

@@ -1,0 +1,821 @@
+//! `efuse bench`: the same workloads on the raw backing directory, efuse
+//! at every tier this kernel offers, and peer FUSE filesystems, with the
+//! `dir` backend and with simulated 3FS latency (`sim`).
+//!
+//! Every target is mounted before the first measurement and the runs are
+//! interleaved: each repetition runs every target once, in a rotating order,
+//! so drift (page cache, CPU frequency, other load) spreads evenly. Each op
+//! is timed on its own; rows give the median and p99 per op, ops/s over the
+//! timed passes, and ratios of medians against the raw directory and
+//! against plain FUSE (`efuse-off`) from the same run. For efuse targets the
+//! kernel-side upcalls per op come from the fuse tracepoints.
+//!
+//! Benchmarks are never tests: nothing here asserts a speed.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::{self, File};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::cli::BenchArgs;
+use crate::control::query_stats;
+
+/// Sizes of the dataset and the passes.
+#[derive(Clone, Debug, Serialize)]
+struct Scale {
+    stat_files: usize,
+    stat_rounds: usize,
+    deep_paths: usize,
+    tree_dirs: usize,
+    tree_files: usize,
+    tree_dirs_sim: usize,
+    small_files: usize,
+    big_mib: usize,
+    rand_ops: usize,
+    churn_ops: usize,
+    loader_files: usize,
+    reps: usize,
+    sim_reps: usize,
+}
+
+impl Scale {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                stat_files: 100,
+                stat_rounds: 5,
+                deep_paths: 50,
+                tree_dirs: 100,
+                tree_files: 100,
+                tree_dirs_sim: 10,
+                small_files: 200,
+                big_mib: 32,
+                rand_ops: 2000,
+                churn_ops: 200,
+                loader_files: 150,
+                reps: 3,
+                sim_reps: 1,
+            }
+        } else {
+            Self {
+                stat_files: 1000,
+                stat_rounds: 10,
+                deep_paths: 300,
+                tree_dirs: 100,
+                tree_files: 120,
+                tree_dirs_sim: 100,
+                small_files: 1000,
+                big_mib: 256,
+                rand_ops: 20000,
+                churn_ops: 1000,
+                loader_files: 1000,
+                reps: 5,
+                sim_reps: 2,
+            }
+        }
+    }
+}
+
+/// The workloads, in report order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Workload {
+    StatWarm,
+    DeepLookupCold,
+    TreeWalkFirst,
+    TreeWalkSecond,
+    SmallOpenReadClose,
+    SeqRead1M,
+    RandRead4K,
+    CreateUnlink,
+    DataLoader,
+}
+
+impl Workload {
+    const ALL: [Workload; 9] = [
+        Self::StatWarm,
+        Self::DeepLookupCold,
+        Self::TreeWalkFirst,
+        Self::TreeWalkSecond,
+        Self::SmallOpenReadClose,
+        Self::SeqRead1M,
+        Self::RandRead4K,
+        Self::CreateUnlink,
+        Self::DataLoader,
+    ];
+
+    fn short(self) -> &'static str {
+        match self {
+            Self::StatWarm => "stat",
+            Self::DeepLookupCold => "cold lookup",
+            Self::TreeWalkFirst => "walk 1st",
+            Self::TreeWalkSecond => "walk 2nd",
+            Self::SmallOpenReadClose => "open+read 4K",
+            Self::SeqRead1M => "seq read 1M",
+            Self::RandRead4K => "rand read 4K",
+            Self::CreateUnlink => "create+unlink",
+            Self::DataLoader => "data loader",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::StatWarm => "stat, warm file",
+            Self::DeepLookupCold => "cold lookup, depth-8 path",
+            Self::TreeWalkFirst => "tree walk, 1st pass (per entry)",
+            Self::TreeWalkSecond => "tree walk, 2nd pass (per entry)",
+            Self::SmallOpenReadClose => "open+read+close 4 KiB",
+            Self::SeqRead1M => "sequential read, 1 MiB",
+            Self::RandRead4K => "random read 4 KiB",
+            Self::CreateUnlink => "create+unlink",
+            Self::DataLoader => "data loader, 16-128 KiB files x4 threads",
+        }
+    }
+}
+
+/// One result row.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Row {
+    workload: Workload,
+    label: String,
+    backend: String,
+    target: String,
+    ops: usize,
+    median_ns: u64,
+    p99_ns: u64,
+    ops_per_s: f64,
+    /// median / median of the raw directory (1.0 = raw speed).
+    vs_raw: Option<f64>,
+    /// median / median of plain FUSE (efuse-off) on the same backend.
+    vs_fuse: Option<f64>,
+    /// Kernel-side upcalls per op (efuse targets, from the tracepoints).
+    upcalls_per_op: Option<f64>,
+}
+
+/// Whole report.
+#[derive(Debug, Serialize, Deserialize)]
+struct Report {
+    date: String,
+    kernel: String,
+    cpus: usize,
+    quick: bool,
+    notes: Vec<String>,
+    rows: Vec<Row>,
+}
+
+/// How a target is mounted; `Drop` unmounts it.
+struct Target {
+    name: String,
+    backend: &'static str,
+    root: PathBuf,
+    efuse: bool,
+    child: Option<Child>,
+    mounted: bool,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if self.mounted {
+            if self.efuse {
+                let _ = Command::new(std::env::current_exe().unwrap_or_else(|_| "efuse".into()))
+                    .arg("umount")
+                    .arg("--force")
+                    .arg(&self.root)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            } else {
+                let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn drop_caches() {
+    // 2 = dentries and inodes; 3 would also drop the page cache.
+    let _ = fs::write("/proc/sys/vm/drop_caches", b"2");
+}
+
+fn wait_mounted(p: &Path, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if crate::daemon::connection_of(p).is_some() && fs::read_dir(p).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+struct Bench {
+    scale: Scale,
+    data: PathBuf,
+    work: PathBuf,
+    out: PathBuf,
+    notes: Vec<String>,
+}
+
+impl Bench {
+    fn mkdata(&self) -> anyhow::Result<()> {
+        let s = &self.scale;
+        let d = &self.data;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        fs::create_dir_all(d.join("stat"))?;
+        for i in 0..s.stat_files {
+            fs::write(d.join(format!("stat/f{i}")), b"x")?;
+        }
+        for i in 0..s.deep_paths {
+            let p = d.join(format!("deep/p{i}/a/b/c/d/e/f/g"));
+            fs::create_dir_all(&p)?;
+            fs::write(p.join("leaf"), b"x")?;
+        }
+        for j in 0..s.tree_dirs {
+            let p = d.join(format!("tree/d{j}"));
+            fs::create_dir_all(&p)?;
+            for k in 0..s.tree_files {
+                fs::write(p.join(format!("f{k}")), b"")?;
+            }
+        }
+        fs::create_dir_all(d.join("small"))?;
+        for i in 0..s.small_files {
+            fs::write(d.join(format!("small/s{i}")), vec![7u8; 4096])?;
+        }
+        let big = d.join("big.bin");
+        let chunk: Vec<u8> = (0..1 << 20).map(|_| rng.r#gen()).collect();
+        let f = File::create(&big)?;
+        for i in 0..s.big_mib {
+            f.write_all_at(&chunk, (i << 20) as u64)?;
+        }
+        fs::create_dir_all(d.join("loader"))?;
+        for i in 0..s.loader_files {
+            let n = rng.gen_range(16..=128) * 1024;
+            fs::write(d.join(format!("loader/l{i}")), &chunk[..n])?;
+        }
+        fs::create_dir_all(d.join("churn"))?;
+        Ok(())
+    }
+
+    fn mount_efuse(&self, name: &str, backend: &'static str, tier: &str) -> anyhow::Result<Target> {
+        let mnt = self.work.join("mnt").join(name);
+        fs::create_dir_all(&mnt)?;
+        let log = self.out.join("logs").join(format!("{name}.log"));
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.arg("mount")
+            .arg(&self.data)
+            .arg(&mnt)
+            .args(["--offload", tier])
+            .arg("--log-file")
+            .arg(&log);
+        if backend == "sim" {
+            cmd.args(["--backend", "sim"]);
+        }
+        let out = cmd.output().context("starting efuse")?;
+        if !out.status.success() {
+            bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(Target {
+            name: name.into(),
+            backend,
+            root: mnt,
+            efuse: true,
+            child: None,
+            mounted: true,
+        })
+    }
+
+    fn mount_peer(&self, name: &str, mut cmd: Command, mnt: PathBuf) -> anyhow::Result<Target> {
+        let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let mut t = Target {
+            name: name.into(),
+            backend: "dir",
+            root: mnt.clone(),
+            efuse: false,
+            child: Some(child),
+            mounted: false,
+        };
+        if !wait_mounted(&mnt, 10) {
+            bail!("{name} did not mount");
+        }
+        t.mounted = true;
+        Ok(t)
+    }
+
+    fn passthrough_ll(&self) -> anyhow::Result<PathBuf> {
+        let src = Path::new("/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c");
+        if !src.exists() {
+            bail!("libfuse3-dev examples not installed ({})", src.display());
+        }
+        let bin = self.work.join("passthrough_ll");
+        if !bin.exists() {
+            let flags = Command::new("pkg-config")
+                .args(["--cflags", "--libs", "fuse3"])
+                .output()?;
+            let flags = String::from_utf8_lossy(&flags.stdout).to_string();
+            let st = Command::new("gcc")
+                .args(["-O2", "-I/usr/share/doc/libfuse3-dev/examples"])
+                .arg(src)
+                .args(flags.split_whitespace())
+                .arg("-o")
+                .arg(&bin)
+                .status()?;
+            if !st.success() {
+                bail!("building passthrough_ll failed");
+            }
+        }
+        Ok(bin)
+    }
+
+    fn targets(&mut self) -> Vec<Target> {
+        let mut ts = vec![Target {
+            name: "raw".into(),
+            backend: "dir",
+            root: self.data.clone(),
+            efuse: false,
+            child: None,
+            mounted: false,
+        }];
+        for (name, backend, tier) in [("efuse-off", "dir", "off"), ("efuse-off-sim", "sim", "off")] {
+            match self.mount_efuse(name, backend, tier) {
+                Ok(t) => ts.push(t),
+                Err(e) => self.notes.push(format!("{name}: not run: {e:#}")),
+            }
+        }
+        for tier in ["kernel", "bpf"] {
+            for backend in ["dir", "sim"] {
+                let name = if backend == "dir" {
+                    format!("efuse-{tier}")
+                } else {
+                    format!("efuse-{tier}-sim")
+                };
+                match self.mount_efuse(&name, backend, tier) {
+                    Ok(t) => ts.push(t),
+                    Err(e) => {
+                        if backend == "dir" {
+                            self.notes
+                                .push(format!("efuse --offload {tier}: not available: {e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+        match self.passthrough_ll() {
+            Ok(bin) => {
+                let mnt = self.work.join("mnt/passthrough_ll");
+                let _ = fs::create_dir_all(&mnt);
+                let mut cmd = Command::new(bin);
+                cmd.arg("-f")
+                    .arg("-o")
+                    .arg(format!("source={}", self.data.display()))
+                    .arg(&mnt);
+                match self.mount_peer("passthrough_ll", cmd, mnt) {
+                    Ok(t) => ts.push(t),
+                    Err(e) => self.notes.push(format!("passthrough_ll: not run: {e:#}")),
+                }
+            }
+            Err(e) => self.notes.push(format!("passthrough_ll: not run: {e:#}")),
+        }
+        if which("bindfs") {
+            let mnt = self.work.join("mnt/bindfs");
+            let _ = fs::create_dir_all(&mnt);
+            let mut cmd = Command::new("bindfs");
+            cmd.arg("-f").arg(&self.data).arg(&mnt);
+            match self.mount_peer("bindfs", cmd, mnt) {
+                Ok(t) => ts.push(t),
+                Err(e) => self.notes.push(format!("bindfs: not run: {e:#}")),
+            }
+        } else {
+            self.notes.push("bindfs: not installed".into());
+        }
+        ts
+    }
+
+    /// One timed pass; returns per-op ns samples, the wall time, and the
+    /// kernel-side upcalls during the timed part (efuse targets).
+    fn pass(&self, w: Workload, t: &Target) -> anyhow::Result<(Vec<u64>, Duration, Option<u64>)> {
+        let mut before = None;
+        let mut begin = || {
+            before = upcalls(t);
+            Instant::now()
+        };
+        let s = &self.scale;
+        let r = &t.root;
+        let mut samples = Vec::new();
+        let timed =
+            |samples: &mut Vec<u64>, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+                let t0 = Instant::now();
+                f()?;
+                samples.push(t0.elapsed().as_nanos() as u64);
+                Ok(())
+            };
+        let start;
+        match w {
+            Workload::StatWarm => {
+                for i in 0..s.stat_files {
+                    fs::metadata(r.join(format!("stat/f{i}")))?;
+                }
+                start = begin();
+                for _ in 0..s.stat_rounds {
+                    for i in 0..s.stat_files {
+                        let p = r.join(format!("stat/f{i}"));
+                        timed(&mut samples, &mut || Ok(fs::metadata(&p).map(|_| ())?))?;
+                    }
+                }
+            }
+            Workload::DeepLookupCold => {
+                drop_caches();
+                start = begin();
+                for i in 0..s.deep_paths {
+                    let p = r.join(format!("deep/p{i}/a/b/c/d/e/f/g/leaf"));
+                    timed(&mut samples, &mut || Ok(fs::metadata(&p).map(|_| ())?))?;
+                }
+            }
+            Workload::TreeWalkFirst | Workload::TreeWalkSecond => {
+                let dirs = if t.backend == "sim" {
+                    s.tree_dirs_sim
+                } else {
+                    s.tree_dirs
+                };
+                if w == Workload::TreeWalkFirst {
+                    drop_caches();
+                } else {
+                    walk_tree(&r.join("tree"), dirs, &mut Vec::new())?;
+                }
+                start = begin();
+                walk_tree(&r.join("tree"), dirs, &mut samples)?;
+            }
+            Workload::SmallOpenReadClose => {
+                let mut buf = vec![0u8; 8192];
+                for i in 0..s.small_files {
+                    File::open(r.join(format!("small/s{i}")))?.read_exact(&mut buf[..4096])?;
+                }
+                start = begin();
+                for i in 0..s.small_files {
+                    let p = r.join(format!("small/s{i}"));
+                    timed(&mut samples, &mut || {
+                        let n = File::open(&p)?.read(&mut buf)?;
+                        anyhow::ensure!(n == 4096, "short read {n}");
+                        Ok(())
+                    })?;
+                }
+            }
+            Workload::SeqRead1M => {
+                let p = r.join("big.bin");
+                let mut buf = vec![0u8; 1 << 20];
+                let mut f = File::open(&p)?;
+                while f.read(&mut buf)? > 0 {}
+                let mut f = File::open(&p)?;
+                start = begin();
+                for _ in 0..s.big_mib {
+                    timed(&mut samples, &mut || {
+                        f.read_exact(&mut buf)?;
+                        Ok(())
+                    })?;
+                }
+            }
+            Workload::RandRead4K => {
+                let f = File::open(r.join("big.bin"))?;
+                let blocks = (s.big_mib << 20) / 4096;
+                let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+                let mut buf = [0u8; 4096];
+                start = begin();
+                for _ in 0..s.rand_ops {
+                    let off = rng.gen_range(0..blocks) as u64 * 4096;
+                    timed(&mut samples, &mut || {
+                        f.read_exact_at(&mut buf, off)?;
+                        Ok(())
+                    })?;
+                }
+            }
+            Workload::CreateUnlink => {
+                let d = self.data.join("churn").join(&t.name);
+                let _ = fs::create_dir_all(&d);
+                let d = r.join("churn").join(&t.name);
+                start = begin();
+                for i in 0..s.churn_ops {
+                    let p = d.join(format!("c{i}"));
+                    timed(&mut samples, &mut || {
+                        fs::write(&p, b"churn")?;
+                        fs::remove_file(&p)?;
+                        Ok(())
+                    })?;
+                }
+            }
+            Workload::DataLoader => {
+                let mut order: Vec<usize> = (0..s.loader_files).collect();
+                order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
+                let chunks: Vec<Vec<usize>> = order
+                    .chunks(order.len().div_ceil(4))
+                    .map(|c| c.to_vec())
+                    .collect();
+                start = begin();
+                let results: Vec<anyhow::Result<Vec<u64>>> = std::thread::scope(|sc| {
+                    let hs: Vec<_> = chunks
+                        .into_iter()
+                        .map(|c| {
+                            sc.spawn(move || -> anyhow::Result<Vec<u64>> {
+                                let mut out = Vec::new();
+                                let mut buf = Vec::with_capacity(128 << 10);
+                                for i in c {
+                                    let t0 = Instant::now();
+                                    buf.clear();
+                                    File::open(r.join(format!("loader/l{i}")))?.read_to_end(&mut buf)?;
+                                    out.push(t0.elapsed().as_nanos() as u64);
+                                }
+                                Ok(out)
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().expect("loader thread")).collect()
+                });
+                for r in results {
+                    samples.extend(r?);
+                }
+            }
+        }
+        let wall = start.elapsed();
+        let calls = match (before, upcalls(t)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
+        Ok((samples, wall, calls))
+    }
+}
+
+/// `ls -lR`: list each directory and lstat every entry. One sample per
+/// entry: its lstat plus its share of the directory listing.
+fn walk(dir: &Path, samples: &mut Vec<u64>) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    let entries: Vec<PathBuf> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    let share = t0.elapsed().as_nanos() as u64 / entries.len().max(1) as u64;
+    let mut subdirs = Vec::new();
+    for p in entries {
+        let t = Instant::now();
+        let md = fs::symlink_metadata(&p)?;
+        samples.push(share + t.elapsed().as_nanos() as u64);
+        if md.is_dir() {
+            subdirs.push(p);
+        }
+    }
+    for d in subdirs {
+        walk(&d, samples)?;
+    }
+    Ok(())
+}
+
+/// Walk the first `dirs` directories of the tree (all of them for `dir`
+/// targets; a subset behind simulated latency in quick runs).
+fn walk_tree(tree: &Path, dirs: usize, samples: &mut Vec<u64>) -> anyhow::Result<()> {
+    for j in 0..dirs {
+        walk(&tree.join(format!("d{j}")), samples)?;
+    }
+    Ok(())
+}
+
+fn which(prog: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(prog).exists()))
+        .unwrap_or(false)
+}
+
+fn pct(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let i = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn upcalls(t: &Target) -> Option<u64> {
+    if !t.efuse {
+        return None;
+    }
+    let s = query_stats(&t.root).ok()?;
+    s.trace.enabled.then(|| s.kernel.iter().map(|k| k.sent).sum())
+}
+
+/// `efuse bench`.
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("efuse bench mounts filesystems and must run as root");
+    }
+    let started = Instant::now();
+    let out = crate::daemon::absolute(&args.out)?;
+    fs::create_dir_all(out.join("logs"))?;
+    let work = match &args.work_dir {
+        Some(w) => crate::daemon::absolute(w)?,
+        None => std::env::temp_dir().join("efuse-bench"),
+    };
+    // A previous run's mounts are stale: clear them before reusing the tree.
+    if let Ok(entries) = fs::read_dir(work.join("mnt")) {
+        for e in entries.flatten() {
+            let _ = nix::mount::umount2(&e.path(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let _ = fs::remove_dir_all(work.join("data"));
+    let _ = fs::remove_dir_all(work.join("mnt"));
+    fs::create_dir_all(work.join("data"))?;
+    let mut bench = Bench {
+        scale: Scale::new(args.quick),
+        data: work.join("data"),
+        work: work.clone(),
+        out: out.clone(),
+        notes: Vec::new(),
+    };
+    eprintln!("efuse bench: building the dataset in {}", bench.data.display());
+    bench.mkdata()?;
+    let targets = bench.targets();
+    eprintln!(
+        "efuse bench: targets: {}",
+        targets
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    // samples[(workload, target index)]
+    let mut samples: BTreeMap<(Workload, usize), (Vec<u64>, Duration, u64)> = BTreeMap::new();
+    for w in Workload::ALL {
+        let reps = bench.scale.reps;
+        for rep in 0..reps {
+            let n = targets.len();
+            for k in 0..n {
+                let i = (k + rep) % n;
+                let t = &targets[i];
+                if t.backend == "sim" && rep >= bench.scale.sim_reps {
+                    continue;
+                }
+                let (s, wall, calls) = bench
+                    .pass(w, t)
+                    .with_context(|| format!("{} on {}", w.label(), t.name))?;
+                let calls = calls.unwrap_or(0);
+                let e = samples.entry((w, i)).or_default();
+                e.0.extend(s);
+                e.1 += wall;
+                e.2 += calls;
+            }
+        }
+        eprintln!(
+            "efuse bench: {} done ({:.0}s)",
+            w.label(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    let mut rows = Vec::new();
+    for ((w, i), (mut s, wall, calls)) in samples {
+        s.sort_unstable();
+        let t = &targets[i];
+        rows.push(Row {
+            workload: w,
+            label: w.label().into(),
+            backend: t.backend.into(),
+            target: t.name.clone(),
+            ops: s.len(),
+            median_ns: pct(&s, 50.0),
+            p99_ns: pct(&s, 99.0),
+            ops_per_s: s.len() as f64 / wall.as_secs_f64().max(1e-9),
+            vs_raw: None,
+            vs_fuse: None,
+            upcalls_per_op: t
+                .efuse
+                .then(|| calls as f64 / s.len().max(1) as f64)
+                .filter(|_| calls > 0),
+        });
+    }
+    let median_of = |rows: &[Row], w: Workload, target: &str| {
+        rows.iter()
+            .find(|r| r.workload == w && r.target == target)
+            .map(|r| r.median_ns as f64)
+    };
+    let snapshot = rows.clone();
+    for r in &mut rows {
+        if r.backend == "dir" {
+            r.vs_raw = median_of(&snapshot, r.workload, "raw").map(|raw| r.median_ns as f64 / raw.max(1.0));
+        }
+        let fuse = if r.backend == "sim" {
+            "efuse-off-sim"
+        } else {
+            "efuse-off"
+        };
+        r.vs_fuse = median_of(&snapshot, r.workload, fuse).map(|f| r.median_ns as f64 / f.max(1.0));
+    }
+    drop(targets);
+    let report = Report {
+        date: chrono_like_now(),
+        kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+            .into(),
+        cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        quick: args.quick,
+        notes: bench.notes.clone(),
+        rows,
+    };
+    fs::write(out.join("results.json"), serde_json::to_string_pretty(&report)?)?;
+    let md = markdown(&report);
+    fs::write(out.join("results.md"), &md)?;
+    print!("{md}");
+    match crate::plot::plots(&report_points(&report), &out) {
+        Ok(files) => eprintln!("efuse bench: plots: {}", files.join(", ")),
+        Err(e) => eprintln!("efuse bench: no plots: {e:#}"),
+    }
+    eprintln!(
+        "efuse bench: wrote {}/results.{{md,json}} in {:.0}s",
+        out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn chrono_like_now() -> String {
+    let out = Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn ratio(x: Option<f64>) -> String {
+    x.map_or("-".into(), |x| format!("{x:.2}x"))
+}
+
+fn markdown(r: &Report) -> String {
+    use crate::stats::fmt_ns;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "## efuse bench ({}), {}, Linux {}, {} CPUs\n",
+        if r.quick { "quick" } else { "full" },
+        r.date,
+        r.kernel,
+        r.cpus
+    );
+    let _ = writeln!(
+        s,
+        "Ratios are of medians from one interleaved run: `vs raw` = target / raw directory, \
+         `vs FUSE` = target / plain FUSE (`efuse-off`) on the same backend; lower is faster.\n"
+    );
+    for backend in ["dir", "sim"] {
+        let rows: Vec<&Row> = r.rows.iter().filter(|x| x.backend == backend).collect();
+        if rows.is_empty() {
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            "### backend `{backend}`{}\n",
+            if backend == "sim" {
+                " (simulated 3FS latency)"
+            } else {
+                ""
+            }
+        );
+        let _ = writeln!(
+            s,
+            "| workload | target | median | p99 | ops/s | vs raw | vs FUSE | upcalls/op |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for x in rows {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                x.label,
+                x.target,
+                fmt_ns(x.median_ns),
+                fmt_ns(x.p99_ns),
+                x.ops_per_s,
+                ratio(x.vs_raw),
+                ratio(x.vs_fuse),
+                x.upcalls_per_op.map_or("-".into(), |u| format!("{u:.2}"))
+            );
+        }
+        let _ = writeln!(s);
+    }
+    for n in &r.notes {
+        let _ = writeln!(s, "- {n}");
+    }
+    s
+}
+
+fn report_points(r: &Report) -> Vec<crate::plot::Point> {
+    r.rows
+        .iter()
+        .map(|x| crate::plot::Point {
+            group: x.backend.clone(),
+            category: x.workload.short().to_string(),
+            series: x.target.clone(),
+            value_us: x.median_ns as f64 / 1000.0,
+        })
+        .collect()
+}

@@ -1,0 +1,68 @@
+//! Smoke test of `efuse bench --quick`: it must mount every target it can,
+//! run every workload and write the table, the JSON and the plots. No
+//! timing is asserted (speed belongs in the bench's own report).
+
+use std::ffi::OsStr;
+use std::fs;
+
+use efuse_tests::efuse;
+
+#[test]
+fn quick_bench_writes_table_json_and_plots() {
+    let out = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (code, stdout, stderr) = efuse(&[
+        OsStr::new("bench"),
+        OsStr::new("--quick"),
+        OsStr::new("--out"),
+        out.path().as_os_str(),
+        OsStr::new("--work-dir"),
+        work.path().as_os_str(),
+    ]);
+    assert_eq!(code, 0, "bench failed:\n{stderr}");
+    assert!(stdout.contains("| workload | target |"), "{stdout}");
+    let json: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(out.path().join("results.json")).unwrap()).unwrap();
+    let rows = json["rows"].as_array().unwrap();
+    let workloads: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r["workload"].as_str().unwrap()).collect();
+    assert_eq!(workloads.len(), 9, "{workloads:?}");
+    for w in &workloads {
+        for target in ["raw", "efuse-off", "efuse-off-sim"] {
+            let row = rows.iter().find(|r| r["workload"] == *w && r["target"] == target);
+            let row = row.unwrap_or_else(|| panic!("no {target} row for {w}"));
+            assert!(row["ops"].as_u64().unwrap() > 0);
+            assert!(row["median_ns"].as_u64().unwrap() > 0);
+        }
+        // Ratios against raw come from the same run; raw against itself is 1.
+        let raw = rows
+            .iter()
+            .find(|r| r["workload"] == *w && r["target"] == "raw")
+            .unwrap();
+        assert_eq!(raw["vs_raw"].as_f64().unwrap(), 1.0);
+        // efuse rows carry kernel-side upcall counts from the tracepoints.
+        let off = rows
+            .iter()
+            .find(|r| r["workload"] == *w && r["target"] == "efuse-off")
+            .unwrap();
+        if *w == "stat_warm" {
+            assert!(off["upcalls_per_op"].as_f64().unwrap() >= 1.0, "{off}");
+        }
+    }
+    for f in [
+        "results.md",
+        "latency-dir.svg",
+        "latency-dir.png",
+        "latency-sim.svg",
+        "latency-sim.png",
+    ] {
+        let md = fs::metadata(out.path().join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert!(md.len() > 100, "{f} is nearly empty");
+    }
+    // Every mount the bench made is gone.
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !info.contains(work.path().to_str().unwrap()),
+        "bench left a mount behind"
+    );
+}
