@@ -632,9 +632,14 @@ fn concurrent_writers_and_readers() {
             let mnt = mnt.clone();
             std::thread::spawn(move || {
                 let data = vec![i; 65536];
+                // Files only grow, so a reader's view is always a prefix of
+                // the writer's bytes. (A concurrent truncate would let a
+                // plain-FUSE reader see zeros up to a stale i_size, which is
+                // FUSE's page-cache semantics, not a daemon fault.)
                 let own = mnt.join(format!("w{i}"));
+                let f = File::create(&own).unwrap();
                 for round in 0..20 {
-                    fs::write(&own, &data[..(round + 1) * 1000]).unwrap();
+                    f.write_all_at(&data[round * 1000..(round + 1) * 1000], (round * 1000) as u64).unwrap();
                 }
                 let f = OpenOptions::new().write(true).open(mnt.join("shared")).unwrap();
                 for chunk in 0..16 {
