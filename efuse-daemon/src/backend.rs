@@ -361,12 +361,38 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<u64> {
         Err(BackendError::Unsupported)
     }
+    /// Start reporting changes to `sink`. Returns false when the backend
+    /// cannot watch (kernel caches are then bounded by their TTLs).
+    fn watch(&self, _sink: ChangeSink) -> anyhow::Result<bool> {
+        Ok(false)
+    }
     /// A local file holding the data of an open handle, for kernel
     /// passthrough; `None` when the backend is not local.
     fn backing_file(&self, _fh: Fh) -> Option<Arc<File>> {
         None
     }
 }
+
+/// A change the backend learned of (made by anyone, through the mount or not).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ChangeEvent {
+    /// `name` in directory `dir` was created, removed, renamed or modified
+    /// (`child`: the object now under that name, when known); with no
+    /// name, `dir` itself changed.
+    Changed {
+        /// Directory (backend inode).
+        dir: Ino,
+        /// Entry name.
+        name: Option<OsString>,
+        /// Object under the name.
+        child: Option<Ino>,
+    },
+    /// Events were lost: assume anything changed.
+    Overflow,
+}
+
+/// Where a backend reports changes.
+pub type ChangeSink = Arc<dyn Fn(ChangeEvent) + Send + Sync>;
 
 /// A shared backend, as the filesystem and wrappers hold it.
 pub type SharedBackend = Arc<dyn Backend>;

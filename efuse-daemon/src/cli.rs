@@ -40,8 +40,20 @@ pub enum Command {
     Status(StatusArgs),
     /// Per-opcode FUSE statistics of a mount: kernel-side upcalls and latency, daemon counters.
     Stats(StatsArgs),
+    /// Switch a mount's offload tier at run time (no remount).
+    Offload(OffloadArgs),
     /// Run the latency comparison: raw directory, plain FUSE, efuse tiers, peer FUSE filesystems.
     Bench(BenchArgs),
+}
+
+/// `efuse offload`.
+#[derive(Debug, Args, Clone)]
+pub struct OffloadArgs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    /// The tier to switch to.
+    #[arg(value_enum)]
+    pub tier: Offload,
 }
 
 /// `efuse bench`.
@@ -107,7 +119,9 @@ pub struct MountArgs {
     /// Offload tier: off = plain FUSE, kernel = stock kernel caching, bpf = BPF hook, auto = best available [default: off].
     #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
     pub offload: Option<Offload>,
-    /// Mount options, comma-separated (ro, noatime, nosuid, nodev, noexec, allow_other, nonempty, backend=, offload=, config=, trace=).
+    /// Mount options, comma-separated (ro, noatime, nosuid, nodev, noexec, allow_other, nonempty, backend=, offload=,
+    /// config=, trace=, and for the kernel tier entry_timeout=, attr_timeout=, negative_timeout= (seconds),
+    /// nopassthrough, zero_open, writeback_cache, nowatch).
     #[arg(short = 'o', value_delimiter = ',', help_heading = MOUNT_HEADING)]
     pub options: Vec<String>,
     /// Stay in the foreground (for systemd); logs go to stderr.
@@ -156,6 +170,7 @@ impl MountArgs {
         let mut kv_backend = None;
         let mut kv_offload = None;
         let mut kv_trace = None;
+        let mut kernel_kv: Vec<(&'static str, u64)> = Vec::new();
         for o in &self.options {
             let o = o.trim();
             if o.is_empty() || IGNORED_OPTIONS.contains(&o) {
@@ -166,6 +181,12 @@ impl MountArgs {
                 Some(("offload", v)) => kv_offload = Some(parse_enum::<Offload>("offload", v)?),
                 Some(("trace", v)) => kv_trace = Some(parse_enum::<OnOff>("trace", v)? == OnOff::On),
                 Some(("config", v)) => file = Some(PathBuf::from(v)),
+                Some(("entry_timeout", v)) => kernel_kv.push(("entry", secs_to_ms(v)?)),
+                Some(("attr_timeout", v)) => kernel_kv.push(("attr", secs_to_ms(v)?)),
+                Some(("negative_timeout", v)) => kernel_kv.push(("negative", secs_to_ms(v)?)),
+                None if ["nopassthrough", "zero_open", "writeback_cache", "nowatch"].contains(&o) => {
+                    kernel_kv.push((o_static(o), 1))
+                }
                 _ => generic.push(o.to_string()),
             }
         }
@@ -189,6 +210,25 @@ impl MountArgs {
         if let Some(t) = self.trace.map(|t| t == OnOff::On).or(kv_trace) {
             cfg.trace = t;
         }
+        for (k, v) in kernel_kv {
+            let kc = &mut cfg.kernel;
+            match k {
+                "entry" => kc.entry_ttl_ms = v,
+                "attr" => kc.attr_ttl_ms = v,
+                "negative" => kc.negative_ttl_ms = v,
+                "nopassthrough" => kc.passthrough = false,
+                "zero_open" => {
+                    kc.zero_open = true;
+                    kc.passthrough = false;
+                }
+                "writeback_cache" => {
+                    kc.writeback_cache = true;
+                    kc.passthrough = false;
+                }
+                "nowatch" => kc.watch = false,
+                _ => unreachable!("kernel option {k}"),
+            }
+        }
         for o in generic {
             if !cfg.options.contains(&o) {
                 cfg.options.push(o);
@@ -196,6 +236,25 @@ impl MountArgs {
         }
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+fn secs_to_ms(v: &str) -> anyhow::Result<u64> {
+    let secs: f64 = v
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid timeout {v:?}: expected seconds"))?;
+    if !(0.0..=86_400.0).contains(&secs) {
+        bail!("timeout {v} out of range (0..=86400 seconds)");
+    }
+    Ok((secs * 1000.0) as u64)
+}
+
+fn o_static(o: &str) -> &'static str {
+    match o {
+        "nopassthrough" => "nopassthrough",
+        "zero_open" => "zero_open",
+        "writeback_cache" => "writeback_cache",
+        _ => "nowatch",
     }
 }
 

@@ -16,6 +16,7 @@ use anyhow::{Context, bail};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::config::Offload;
 use crate::fs::SharedFs;
 use crate::metrics::{Metrics, OpCount};
 use crate::trace::{KernelOpStats, Tracer};
@@ -74,8 +75,6 @@ pub struct ControlState {
     pub mountpoint: PathBuf,
     /// Backend label.
     pub backend: String,
-    /// Tier.
-    pub offload: String,
     /// Connection id.
     pub connection: u32,
     /// When the mount became ready.
@@ -105,7 +104,7 @@ impl ControlState {
         MountStats {
             mountpoint: self.mountpoint.clone(),
             backend: self.backend.clone(),
-            offload: self.offload.clone(),
+            offload: self.fs.tier().to_string(),
             connection: self.connection,
             uptime_s: self.started.elapsed().as_secs_f64(),
             trace,
@@ -120,15 +119,58 @@ impl ControlState {
 #[serde(tag = "cmd", rename_all = "lowercase")]
 enum Request {
     Stats,
+    Offload { tier: Offload },
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Response {
     ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     stats: Option<MountStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    switched: Option<Switched>,
+}
+
+/// Result of a tier switch.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Switched {
+    /// Tier before.
+    pub previous: Offload,
+    /// Tier now.
+    pub current: Offload,
+    /// Kernel cache entries invalidated.
+    pub invalidated: usize,
+}
+
+impl ControlState {
+    /// Switch the mount's tier without remounting. Going to `off`
+    /// invalidates every name and inode the kernel caches, so nothing stale
+    /// is served; new opens stop using passthrough (an inode with a
+    /// passthrough open keeps it until its last close).
+    pub fn switch(&self, tier: Offload) -> anyhow::Result<Switched> {
+        let tier = match tier {
+            Offload::Bpf => bail!("{}", crate::daemon::bpf_tier_refusal()),
+            Offload::Auto => crate::daemon::resolve_tier(Offload::Auto),
+            t => t,
+        };
+        if tier == Offload::Bpf {
+            bail!("the bpf tier is detected but this efuse build does not drive it yet");
+        }
+        let previous = self.fs.set_tier(tier);
+        let invalidated = if tier == Offload::Off && previous != Offload::Off {
+            self.fs.invalidate_all()
+        } else {
+            0
+        };
+        tracing::info!(%previous, current = %tier, invalidated, "offload tier switched");
+        Ok(Switched {
+            previous,
+            current: tier,
+            invalidated,
+        })
+    }
 }
 
 /// Socket path of a mount.
@@ -187,13 +229,23 @@ fn handle(state: &ControlState, conn: UnixStream) {
         let resp = match serde_json::from_str::<Request>(&line) {
             Ok(Request::Stats) => Response {
                 ok: true,
-                error: None,
                 stats: Some(state.stats()),
+                ..Default::default()
+            },
+            Ok(Request::Offload { tier }) => match state.switch(tier) {
+                Ok(s) => Response {
+                    ok: true,
+                    switched: Some(s),
+                    ..Default::default()
+                },
+                Err(e) => Response {
+                    error: Some(format!("{e:#}")),
+                    ..Default::default()
+                },
             },
             Err(e) => Response {
-                ok: false,
                 error: Some(format!("bad request: {e}")),
-                stats: None,
+                ..Default::default()
             },
         };
         let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
@@ -206,6 +258,17 @@ fn handle(state: &ControlState, conn: UnixStream) {
 
 /// Ask the daemon of mount `mp` for its statistics.
 pub fn query_stats(mp: &Path) -> anyhow::Result<MountStats> {
+    let r = request(mp, "{\"cmd\":\"stats\"}")?;
+    r.stats.context("daemon sent no stats")
+}
+
+/// Ask the daemon of mount `mp` to switch tier.
+pub fn switch_tier(mp: &Path, tier: Offload) -> anyhow::Result<Switched> {
+    let r = request(mp, &format!("{{\"cmd\":\"offload\",\"tier\":\"{tier}\"}}"))?;
+    r.switched.context("daemon sent no answer")
+}
+
+fn request(mp: &Path, req: &str) -> anyhow::Result<Response> {
     let path = socket_path(mp);
     let mut s = UnixStream::connect(&path).with_context(|| {
         format!(
@@ -214,13 +277,13 @@ pub fn query_stats(mp: &Path) -> anyhow::Result<MountStats> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    s.write_all(b"{\"cmd\":\"stats\"}\n")?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(format!("{req}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     let r: Response = serde_json::from_str(&line).context("bad answer from the daemon")?;
     if !r.ok {
-        bail!("daemon error: {}", r.error.unwrap_or_default());
+        bail!("{}", r.error.unwrap_or_default());
     }
-    r.stats.context("daemon sent no stats")
+    Ok(r)
 }

@@ -223,12 +223,8 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
         );
     }
     match cfg.offload {
-        Offload::Off => {}
-        t => bail!(
-            "--offload {t} is not available in this version of efuse yet; use --offload off \
-             (plain FUSE). The kernel tier needs Linux 6.9+ for passthrough; the bpf tier needs the \
-             efuse kernel patch (see README)"
-        ),
+        Offload::Off | Offload::Kernel | Offload::Auto => {}
+        Offload::Bpf => bail!("{}", bpf_missing_message()),
     }
     if let Some(m) = mounted_at(mp)? {
         let dead = m.fstype == "fuse.efuse" && connection_dead(mp);
@@ -280,6 +276,42 @@ fn lazy_unmount(mp: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot detach {}", mp.display()))
 }
 
+/// True if the running kernel has efuse's BPF hook for FUSE (the
+/// `fuse_bpf_ops` struct_ops type in its BTF).
+pub fn bpf_hook_available() -> bool {
+    fs::read("/sys/kernel/btf/vmlinux")
+        .map(|btf| {
+            btf.windows(b"fuse_bpf_ops\0".len())
+                .any(|w| w == b"fuse_bpf_ops\0")
+        })
+        .unwrap_or(false)
+}
+
+/// Why `bpf` cannot be used here.
+pub fn bpf_tier_refusal() -> String {
+    bpf_missing_message()
+}
+
+fn bpf_missing_message() -> String {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "--offload bpf needs the efuse BPF hook for FUSE (struct_ops `fuse_bpf_ops`), which Linux {} does not \
+         have: mainline has no hook that lets BPF answer a FUSE request. It comes as a kernel patch \
+         (kernel/ in the efuse repository, for Linux 6.12). On a stock kernel use --offload kernel \
+         (or auto, which picks it)",
+        release.trim()
+    )
+}
+
+/// Resolve `auto` to the best tier this kernel has.
+pub fn resolve_tier(t: Offload) -> Offload {
+    match t {
+        Offload::Auto if bpf_hook_available() => Offload::Bpf,
+        Offload::Auto => Offload::Kernel,
+        t => t,
+    }
+}
+
 /// Build the backend a config asks for.
 pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
     let plain = |kind: BackendKind| -> anyhow::Result<SharedBackend> {
@@ -290,7 +322,7 @@ pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
                     .source
                     .as_ref()
                     .context("the dir backend needs a source directory")?;
-                Arc::new(DirBackend::new(src)?)
+                DirBackend::new_shared(src)?
             }
         })
     };
@@ -471,6 +503,15 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     // The kernel applies the caller's umask before the request reaches us.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
 
+    let mut cfg = cfg.clone();
+    if cfg.offload == Offload::Auto {
+        cfg.offload = resolve_tier(Offload::Auto);
+        tracing::info!(tier = %cfg.offload, "offload auto: picked the best tier this kernel has");
+        if cfg.offload == Offload::Bpf {
+            bail!("the bpf tier is detected but this efuse build does not drive it yet");
+        }
+    }
+    let cfg = &cfg;
     let backend = build_backend(cfg)?;
     let kind = backend.kind();
     // Tracing starts before the mount so that FUSE_INIT is counted.
@@ -486,13 +527,36 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     } else {
         (None, Some("disabled (--trace off)".to_string()))
     };
-    let fs = Arc::new(EfuseFs::new(backend, cfg.offload));
+    let fs = Arc::new(EfuseFs::new(backend, cfg.offload, cfg.kernel.clone()));
     let metrics = Arc::new(Metrics::default());
     let adapter = FuseAdapter::new(fs.clone(), metrics.clone());
     let started = Instant::now();
     let session = fuser::Session::new(adapter, mp, &fuse_config(cfg))
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
     let dev = connection_of(mp).unwrap_or(0);
+    fs.set_notifier(Box::new(session.notifier()));
+    if cfg.kernel.watch {
+        let f = fs.clone();
+        let sink: crate::backend::ChangeSink = Arc::new(move |ev| match ev {
+            crate::backend::ChangeEvent::Changed { dir, name, child } => {
+                f.backend_changed(dir, name.as_deref(), child)
+            }
+            crate::backend::ChangeEvent::Overflow => {
+                tracing::warn!("change events overflowed; invalidating every cached entry");
+                f.invalidate_all();
+            }
+        });
+        match fs.backend().watch(sink) {
+            Ok(true) => tracing::debug!("watching the backend for changes"),
+            Ok(false) => tracing::info!(
+                "backend {kind} reports no changes: kernel caches of changes made behind the mount \
+                 last up to the entry/attr TTL"
+            ),
+            Err(e) => tracing::warn!(
+                "cannot watch the backend ({e:#}); changes behind the mount are seen after the TTL"
+            ),
+        }
+    }
     let tracer = match tracer {
         Some(mut t) => match t.set_connection(dev) {
             Ok(()) => Some(parking_lot::Mutex::new(t)),
@@ -543,7 +607,6 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         slow_ns,
         mountpoint: mp.to_owned(),
         backend: record.backend.clone(),
-        offload: record.offload.clone(),
         connection: dev,
         started,
     });
@@ -572,6 +635,27 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
 /// FUSE connection id of the mount at `mp` (the kernel dev_t).
 pub fn connection_of(mp: &Path) -> Option<u32> {
     mounted_at(mp).ok().flatten().map(|m| m.dev)
+}
+
+/// `efuse offload`.
+pub fn offload(args: &crate::cli::OffloadArgs) -> anyhow::Result<()> {
+    let mp = absolute(&args.mountpoint)?;
+    if mounted_at(&mp)?.is_none_or(|m| m.fstype != "fuse.efuse") {
+        bail!("{} is not an efuse mount", mp.display());
+    }
+    let s = crate::control::switch_tier(&mp, args.tier)?;
+    if let Some(mut r) = read_record(&mp) {
+        r.offload = s.current.to_string();
+        let _ = write_record(&r);
+    }
+    println!(
+        "efuse: {} offload {} -> {} ({} cached entries invalidated)",
+        mp.display(),
+        s.previous,
+        s.current,
+        s.invalidated
+    );
+    Ok(())
 }
 
 /// `efuse umount`.

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backend::{Attr, BackendError, Caller, DirEntry, Fh, FileKind, SetAttr, SharedBackend, StatFs};
-use crate::config::Offload;
+use crate::config::{KernelTierConfig, Offload};
 use crate::inode::InodeTable;
 
 /// Errors of filesystem calls; carries the errno the kernel gets.
@@ -85,15 +85,24 @@ pub struct Entry {
 pub struct OpenFlags {
     /// Keep the page cache from earlier opens (FOPEN_KEEP_CACHE).
     pub keep_cache: bool,
+    /// Cache directory contents in the kernel (FOPEN_CACHE_DIR).
+    pub cache_dir: bool,
+    /// Do not send FLUSH on close (FOPEN_NOFLUSH): read-only opens.
+    pub noflush: bool,
+    /// Serve this open from its backing file (FOPEN_PASSTHROUGH) if the
+    /// kernel and backend allow it.
+    pub passthrough: bool,
 }
 
 /// An open file or directory.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Opened {
     /// Handle the kernel passes back.
     pub fh: Fh,
     /// Reply flags.
     pub flags: OpenFlags,
+    /// The local file behind the handle, for passthrough.
+    pub backing: Option<Arc<std::fs::File>>,
 }
 
 /// Receives plain directory entries; `add` returns true when full (entry not taken).
@@ -108,6 +117,15 @@ pub trait DirPlusReplier {
     fn add(&mut self, entry: &Entry, next: u64, name: &OsStr) -> bool;
 }
 
+/// Tells the kernel to drop what it cached (FUSE notify). Implemented by
+/// the FUSE adapter; the filesystem only names what changed.
+pub trait KernelNotifier: Send + Sync {
+    /// Forget the name `name` in directory `parent`.
+    fn inval_entry(&self, parent: u64, name: &OsStr);
+    /// Forget the attributes and cached data of `ino`.
+    fn inval_inode(&self, ino: u64);
+}
+
 /// Cache policy derived from the offload tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CachePolicy {
@@ -115,18 +133,31 @@ pub struct CachePolicy {
     pub entry_ttl: Duration,
     /// TTL of attributes.
     pub attr_ttl: Duration,
-    /// Keep the page cache across opens.
+    /// TTL of negative entries (zero: reply ENOENT, nothing cached).
+    pub negative_ttl: Duration,
+    /// Keep the page cache across opens, cache directory listings.
     pub keep_cache: bool,
+    /// Use passthrough for opens where possible.
+    pub passthrough: bool,
 }
 
 impl CachePolicy {
     /// Policy of a tier.
-    pub fn for_tier(tier: Offload) -> Self {
+    pub fn for_tier(tier: Offload, k: &KernelTierConfig) -> Self {
         match tier {
-            Offload::Off | Offload::Kernel | Offload::Bpf | Offload::Auto => Self {
+            Offload::Off | Offload::Bpf => Self {
                 entry_ttl: Duration::ZERO,
                 attr_ttl: Duration::ZERO,
+                negative_ttl: Duration::ZERO,
                 keep_cache: false,
+                passthrough: false,
+            },
+            Offload::Kernel | Offload::Auto => Self {
+                entry_ttl: Duration::from_millis(k.entry_ttl_ms),
+                attr_ttl: Duration::from_millis(k.attr_ttl_ms),
+                negative_ttl: Duration::from_millis(k.negative_ttl_ms),
+                keep_cache: true,
+                passthrough: k.passthrough,
             },
         }
     }
@@ -139,18 +170,90 @@ const READDIR_BATCH: usize = 256;
 pub struct EfuseFs {
     backend: SharedBackend,
     inodes: InodeTable,
-    policy: parking_lot::RwLock<CachePolicy>,
+    kernel_cfg: KernelTierConfig,
+    tier: parking_lot::RwLock<(Offload, CachePolicy)>,
+    /// Zero-message opens: one backend handle per inode, opened on first
+    /// use and closed when the kernel forgets the inode.
+    inode_handles: parking_lot::Mutex<std::collections::HashMap<u64, Fh>>,
+    notifier: std::sync::OnceLock<Box<dyn KernelNotifier>>,
 }
 
 impl EfuseFs {
-    /// A filesystem over `backend` with the cache policy of `tier`.
-    pub fn new(backend: SharedBackend, tier: Offload) -> Self {
+    /// A filesystem over `backend` starting in `tier`.
+    pub fn new(backend: SharedBackend, tier: Offload, kernel_cfg: KernelTierConfig) -> Self {
         let root = backend.root();
+        let policy = CachePolicy::for_tier(tier, &kernel_cfg);
         Self {
             backend,
             inodes: InodeTable::new(root),
-            policy: parking_lot::RwLock::new(CachePolicy::for_tier(tier)),
+            kernel_cfg,
+            tier: parking_lot::RwLock::new((tier, policy)),
+            inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            notifier: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Install the kernel notifier (once the session exists).
+    pub fn set_notifier(&self, n: Box<dyn KernelNotifier>) {
+        let _ = self.notifier.set(n);
+    }
+
+    /// The backend changed `name` in backend directory `parent_b` (and the
+    /// object now or formerly under it, if known): drop what the kernel caches.
+    pub fn backend_changed(&self, parent_b: u64, name: Option<&OsStr>, child_b: Option<u64>) {
+        let Some(n) = self.notifier.get() else { return };
+        if self.policy().entry_ttl.is_zero() && !self.policy().keep_cache {
+            // Nothing is cached under the off tier.
+            return;
+        }
+        let parent = self.inodes.to_fuse(parent_b);
+        tracing::debug!(parent, ?name, ?child_b, "backend changed");
+        if let Some(name) = name {
+            n.inval_entry(parent, name);
+        }
+        if let Some(c) = child_b {
+            let c = self.inodes.to_fuse(c);
+            if self.inodes.nlookup(c) > 0 {
+                n.inval_inode(c);
+            }
+        } else if name.is_none() {
+            n.inval_inode(parent);
+        }
+    }
+
+    /// Drop everything the kernel caches from us: every name handed out and
+    /// every inode's attributes and data.
+    pub fn invalidate_all(&self) -> usize {
+        let Some(n) = self.notifier.get() else { return 0 };
+        let mut count = 0;
+        for (ino, names) in self.inodes.snapshot() {
+            for (parent, name) in names {
+                n.inval_entry(parent, &name);
+                count += 1;
+            }
+            n.inval_inode(ino);
+        }
+        n.inval_inode(crate::inode::FUSE_ROOT);
+        count
+    }
+
+    /// Settings of the kernel tier.
+    pub fn kernel_cfg(&self) -> &KernelTierConfig {
+        &self.kernel_cfg
+    }
+
+    /// Current tier.
+    pub fn tier(&self) -> Offload {
+        self.tier.read().0
+    }
+
+    /// Switch tier; returns the previous one. The caller invalidates what
+    /// the kernel cached under the old policy.
+    pub fn set_tier(&self, tier: Offload) -> Offload {
+        let mut t = self.tier.write();
+        let old = t.0;
+        *t = (tier, CachePolicy::for_tier(tier, &self.kernel_cfg));
+        old
     }
 
     /// The backend.
@@ -165,7 +268,7 @@ impl EfuseFs {
 
     /// Current cache policy.
     pub fn policy(&self) -> CachePolicy {
-        *self.policy.read()
+        self.tier.read().1
     }
 
     fn b(&self, ino: u64) -> u64 {
@@ -177,10 +280,10 @@ impl EfuseFs {
         a
     }
 
-    /// Count a backend-pinned attr as a kernel entry.
-    fn entry(&self, a: Attr) -> Entry {
+    /// Count a backend-pinned attr as a kernel entry named `name` in `parent`.
+    fn entry(&self, parent: u64, name: &OsStr, a: Attr) -> Entry {
         let attr = self.fuse_attr(a);
-        let generation = self.inodes.remember(attr.ino);
+        let generation = self.inodes.remember(attr.ino, parent, name);
         let p = self.policy();
         Entry {
             attr,
@@ -193,13 +296,18 @@ impl EfuseFs {
     /// `lookup(2)` of `name` in `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
         let a = self.backend.lookup(self.b(parent), name)?;
-        Ok(self.entry(a))
+        Ok(self.entry(parent, name, a))
     }
 
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
         let n = self.inodes.forget(ino, n);
         if n > 0 {
+            if self.inodes.nlookup(ino) == 0
+                && let Some(h) = self.inode_handles.lock().remove(&ino)
+            {
+                self.backend.release(h);
+            }
             self.backend.forget(self.b(ino), n);
         }
     }
@@ -253,25 +361,25 @@ impl EfuseFs {
     /// Create a node.
     pub fn mknod(&self, who: Caller, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> FsResult<Entry> {
         let a = self.backend.mknod(who, self.b(parent), name, mode, rdev)?;
-        Ok(self.entry(a))
+        Ok(self.entry(parent, name, a))
     }
 
     /// Create a directory.
     pub fn mkdir(&self, who: Caller, parent: u64, name: &OsStr, mode: u32) -> FsResult<Entry> {
         let a = self.backend.mkdir(who, self.b(parent), name, mode)?;
-        Ok(self.entry(a))
+        Ok(self.entry(parent, name, a))
     }
 
     /// Create a symlink.
     pub fn symlink(&self, who: Caller, parent: u64, name: &OsStr, target: &OsStr) -> FsResult<Entry> {
         let a = self.backend.symlink(who, self.b(parent), name, target)?;
-        Ok(self.entry(a))
+        Ok(self.entry(parent, name, a))
     }
 
     /// Add a hard link.
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         let a = self.backend.link(self.b(ino), self.b(newparent), newname)?;
-        Ok(self.entry(a))
+        Ok(self.entry(newparent, newname, a))
     }
 
     /// Remove a file.
@@ -298,19 +406,46 @@ impl EfuseFs {
             .rename(self.b(parent), name, self.b(newparent), newname, flags)?)
     }
 
-    fn open_flags(&self) -> OpenFlags {
-        OpenFlags {
-            keep_cache: self.policy().keep_cache,
-        }
-    }
-
     /// Open a file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         let fh = self.backend.open(self.b(ino), flags)?;
+        let p = self.policy();
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
         Ok(Opened {
             fh,
-            flags: self.open_flags(),
+            flags: OpenFlags {
+                keep_cache: p.keep_cache,
+                cache_dir: false,
+                // Nothing to flush from a read-only open in the kernel tier.
+                noflush: p.keep_cache && read_only,
+                passthrough: p.passthrough,
+            },
+            backing: if p.passthrough {
+                self.backend.backing_file(fh)
+            } else {
+                None
+            },
         })
+    }
+
+    /// The handle for I/O: the open's own, or with zero-message opens
+    /// (`fh == 0`) the inode's shared handle, opened on first use.
+    pub fn io_handle(&self, ino: u64, fh: Fh) -> FsResult<Fh> {
+        if fh != 0 {
+            return Ok(fh);
+        }
+        let mut handles = self.inode_handles.lock();
+        if let Some(&h) = handles.get(&ino) {
+            return Ok(h);
+        }
+        let b = self.b(ino);
+        let h = match self.backend.open(b, libc::O_RDWR) {
+            Ok(h) => h,
+            // Read-only file or backend: reads still work.
+            Err(_) => self.backend.open(b, libc::O_RDONLY)?,
+        };
+        handles.insert(ino, h);
+        Ok(h)
     }
 
     /// Create and open a file.
@@ -323,11 +458,18 @@ impl EfuseFs {
         flags: i32,
     ) -> FsResult<(Entry, Opened)> {
         let (a, fh) = self.backend.create(who, self.b(parent), name, mode, flags)?;
+        let p = self.policy();
         Ok((
-            self.entry(a),
+            self.entry(parent, name, a),
             Opened {
                 fh,
-                flags: self.open_flags(),
+                // A new file has nothing cached worth keeping; no passthrough
+                // so the open does not pin the inode to uncached I/O.
+                flags: OpenFlags {
+                    keep_cache: p.keep_cache,
+                    ..Default::default()
+                },
+                backing: None,
             },
         ))
     }
@@ -360,9 +502,15 @@ impl EfuseFs {
     /// Open a directory.
     pub fn opendir(&self, ino: u64) -> FsResult<Opened> {
         let fh = self.backend.opendir(self.b(ino))?;
+        let p = self.policy();
         Ok(Opened {
             fh,
-            flags: OpenFlags::default(),
+            flags: OpenFlags {
+                keep_cache: p.keep_cache,
+                cache_dir: p.keep_cache,
+                ..Default::default()
+            },
+            backing: None,
         })
     }
 
@@ -392,7 +540,7 @@ impl EfuseFs {
     /// List a directory with attributes (READDIRPLUS). Every entry but `.`
     /// and `..` that is added counts as a lookup; the ones that do not fit
     /// are given back to the backend.
-    pub fn readdir_plus(&self, dh: Fh, offset: u64, out: &mut dyn DirPlusReplier) -> FsResult<()> {
+    pub fn readdir_plus(&self, dir: u64, dh: Fh, offset: u64, out: &mut dyn DirPlusReplier) -> FsResult<()> {
         let mut offset = offset;
         loop {
             let batch = self.backend.readdir_plus(dh, offset, READDIR_BATCH)?;
@@ -412,7 +560,7 @@ impl EfuseFs {
                     };
                     out.add(&entry, e.next, &e.name)
                 } else {
-                    let entry = self.entry(a);
+                    let entry = self.entry(dir, &e.name, a);
                     let full = out.add(&entry, e.next, &e.name);
                     if full {
                         self.forget(entry.attr.ino, 1);
@@ -523,7 +671,11 @@ mod tests {
 
     #[test]
     fn readdirplus_counts_only_what_fits() {
-        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        let fs = EfuseFs::new(
+            Arc::new(MemBackend::new()),
+            Offload::Off,
+            KernelTierConfig::default(),
+        );
         for i in 0..10 {
             let e = fs
                 .mkdir(Caller::default(), 1, OsStr::new(&format!("d{i}")), 0o755)
@@ -533,7 +685,7 @@ mod tests {
         assert_eq!(fs.inodes().totals(), (0, 0));
         let dh = fs.opendir(1).unwrap().fh;
         let mut c = Collect(Vec::new(), 5);
-        fs.readdir_plus(dh, 0, &mut c).unwrap();
+        fs.readdir_plus(1, dh, 0, &mut c).unwrap();
         // ".", ".." and three directories fit; only the three are counted.
         assert_eq!(c.0.len(), 5);
         assert_eq!(fs.inodes().totals(), (3, 3));
@@ -547,7 +699,11 @@ mod tests {
 
     #[test]
     fn access_follows_mode_bits() {
-        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        let fs = EfuseFs::new(
+            Arc::new(MemBackend::new()),
+            Offload::Off,
+            KernelTierConfig::default(),
+        );
         let who = Caller {
             uid: 1000,
             gid: 1000,
@@ -571,7 +727,11 @@ mod tests {
 
     #[test]
     fn root_is_inode_one() {
-        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        let fs = EfuseFs::new(
+            Arc::new(MemBackend::new()),
+            Offload::Off,
+            KernelTierConfig::default(),
+        );
         let (a, ttl) = fs.getattr(1).unwrap();
         assert_eq!(a.ino, 1);
         assert_eq!(a.kind, FileKind::Dir);
@@ -580,7 +740,11 @@ mod tests {
 
     #[test]
     fn xattr_size_then_data_then_erange() {
-        let fs = EfuseFs::new(Arc::new(MemBackend::new()), Offload::Off);
+        let fs = EfuseFs::new(
+            Arc::new(MemBackend::new()),
+            Offload::Off,
+            KernelTierConfig::default(),
+        );
         fs.setxattr(1, OsStr::new("user.k"), b"value", 0).unwrap();
         assert_eq!(
             fs.getxattr(1, OsStr::new("user.k"), 0).unwrap(),

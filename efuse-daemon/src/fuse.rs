@@ -5,33 +5,129 @@
 //! error logs it (quietly for expected errnos) and replies with the errno.
 //! No filesystem logic lives here.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
 
 use fuser::{
-    AccessFlags, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
-    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::backend::{Attr, Caller, FileKind, SetAttr, SetTime};
 use crate::fs::{DirPlusReplier, DirReplier, Entry, FsError, FsResult, Opened, SharedFs, XattrReply};
 use crate::metrics::{Metrics, op};
 
+/// Passthrough state: one backing id per inode, shared by its open
+/// handles (the kernel requires it), held strongly by each handle and
+/// closed with the last one; and the count of cached (non-passthrough)
+/// opens per inode, because the kernel refuses to mix the two modes on one
+/// inode.
+#[derive(Default)]
+struct Backing {
+    by_ino: HashMap<u64, Weak<BackingId>>,
+    by_fh: HashMap<u64, (u64, Arc<BackingId>)>,
+    cached: HashMap<u64, (u64, u32)>,
+}
+
+/// What INIT negotiated.
+#[derive(Debug, Default)]
+pub struct Negotiated {
+    /// FUSE_PASSTHROUGH granted.
+    pub passthrough: AtomicBool,
+    /// Passthrough was refused at run time; page cache used instead.
+    pub passthrough_refused: AtomicBool,
+    /// READDIRPLUS granted.
+    pub readdirplus: AtomicBool,
+}
+
 /// fuser's `Filesystem` over an [`EfuseFs`](crate::fs::EfuseFs).
 pub struct FuseAdapter {
     fs: SharedFs,
     metrics: Arc<Metrics>,
+    backing: Mutex<Backing>,
+    negotiated: Arc<Negotiated>,
 }
 
 impl FuseAdapter {
     /// An adapter counting into `metrics`.
     pub fn new(fs: SharedFs, metrics: Arc<Metrics>) -> Self {
-        Self { fs, metrics }
+        Self {
+            fs,
+            metrics,
+            backing: Mutex::new(Backing::default()),
+            negotiated: Arc::new(Negotiated::default()),
+        }
+    }
+
+    /// What INIT negotiated (filled in by `init`).
+    pub fn negotiated(&self) -> Arc<Negotiated> {
+        self.negotiated.clone()
+    }
+
+    /// Reply to an open: passthrough when wanted, granted and consistent
+    /// with the inode's other opens; else a cached open.
+    fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
+        let mut b = self.backing.lock();
+        let live = b.by_ino.get(&ino).and_then(Weak::upgrade);
+        let has_cached = b.cached.values().any(|(i, _)| *i == ino);
+        let want = live.is_some()
+            || (o.flags.passthrough
+                && !has_cached
+                && self.negotiated.passthrough.load(Ordering::Relaxed)
+                && !self.negotiated.passthrough_refused.load(Ordering::Relaxed));
+        if want && let Some(file) = o.backing.as_ref() {
+            let id = match live {
+                Some(id) => Ok(id),
+                None => reply.open_backing(&**file).map(Arc::new),
+            };
+            match id {
+                Ok(id) => {
+                    b.by_ino.insert(ino, Arc::downgrade(&id));
+                    b.by_fh.insert(o.fh, (ino, id.clone()));
+                    reply.opened_passthrough(
+                        FileHandle(o.fh),
+                        fopen_flags(&o) & !FopenFlags::FOPEN_KEEP_CACHE,
+                        &id,
+                    );
+                    return;
+                }
+                Err(e) => {
+                    if !self.negotiated.passthrough_refused.swap(true, Ordering::Relaxed) {
+                        tracing::warn!(
+                            "FUSE passthrough refused by the kernel ({e}); reads use the page cache \
+                             (FOPEN_KEEP_CACHE) from now on"
+                        );
+                    }
+                }
+            }
+        }
+        let e = b.cached.entry(o.fh).or_insert((ino, 0));
+        e.1 += 1;
+        reply.opened(FileHandle(o.fh), fopen_flags(&o));
+    }
+
+    fn released(&self, fh: u64) {
+        let mut b = self.backing.lock();
+        if let Some((ino, id)) = b.by_fh.remove(&fh) {
+            drop(id);
+            if b.by_ino.get(&ino).is_some_and(|w| w.strong_count() == 0) {
+                b.by_ino.remove(&ino);
+            }
+        }
+        b.cached.remove(&fh);
+    }
+
+    fn zero_open(&self) -> bool {
+        self.fs.kernel_cfg().zero_open && self.fs.tier() != crate::config::Offload::Off
     }
 
     fn finish<T, R: ErrReply>(
@@ -141,7 +237,47 @@ fn fopen_flags(o: &Opened) -> FopenFlags {
     if o.flags.keep_cache {
         f |= FopenFlags::FOPEN_KEEP_CACHE;
     }
+    if o.flags.cache_dir {
+        f |= FopenFlags::FOPEN_CACHE_DIR;
+    }
+    if o.flags.noflush {
+        f |= FopenFlags::FOPEN_NOFLUSH;
+    }
     f
+}
+
+/// A negative entry: nodeid 0, cached by the kernel for `ttl`.
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
+}
+
+impl crate::fs::KernelNotifier for fuser::Notifier {
+    fn inval_entry(&self, parent: u64, name: &OsStr) {
+        if let Err(e) = fuser::Notifier::inval_entry(self, INodeNo(parent), name) {
+            tracing::debug!(parent, ?name, "inval_entry: {e}");
+        }
+    }
+    fn inval_inode(&self, ino: u64) {
+        if let Err(e) = fuser::Notifier::inval_inode(self, INodeNo(ino), 0, 0) {
+            tracing::debug!(ino, "inval_inode: {e}");
+        }
+    }
 }
 
 fn caller(req: &Request) -> Caller {
@@ -183,11 +319,53 @@ impl DirPlusReplier for Plus<'_> {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let start = Instant::now();
+        let k = self.fs.kernel_cfg().clone();
+        let kernel_start = self.fs.tier() != crate::config::Offload::Off;
         // Same defaults libfuse3 asks for: parallel lookups in one directory,
-        // and O_TRUNC handled in open.
-        for cap in [InitFlags::FUSE_PARALLEL_DIROPS, InitFlags::FUSE_ATOMIC_O_TRUNC] {
-            if let Err(missing) = config.add_capabilities(cap) {
-                tracing::info!(?missing, "kernel lacks FUSE capability");
+        // O_TRUNC handled in open. READDIRPLUS and AUTO_INVAL_DATA are asked
+        // for in every tier so the tier can change at run time; with zero
+        // TTLs (off) the kernel trusts none of it.
+        let mut want = vec![
+            ("parallel dirops", InitFlags::FUSE_PARALLEL_DIROPS),
+            ("atomic O_TRUNC", InitFlags::FUSE_ATOMIC_O_TRUNC),
+            ("READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
+            ("auto page-cache invalidation", InitFlags::FUSE_AUTO_INVAL_DATA),
+        ];
+        if kernel_start {
+            want.push(("symlink caching", InitFlags::FUSE_CACHE_SYMLINKS));
+        }
+        if k.writeback_cache {
+            want.push(("writeback cache", InitFlags::FUSE_WRITEBACK_CACHE));
+        }
+        for (what, cap) in want {
+            match config.add_capabilities(cap) {
+                Ok(()) if cap == InitFlags::FUSE_DO_READDIRPLUS => {
+                    self.negotiated.readdirplus.store(true, Ordering::Relaxed)
+                }
+                Ok(()) => {}
+                Err(_) => tracing::info!("the kernel does not offer {what}; continuing without it"),
+            }
+        }
+        // EFUSE_DISABLE_PASSTHROUGH=1 behaves as a kernel without
+        // passthrough (to check the fallback on kernels that have it).
+        let disabled = std::env::var_os("EFUSE_DISABLE_PASSTHROUGH").is_some_and(|v| v == "1");
+        if disabled && k.passthrough {
+            tracing::warn!(
+                "FUSE passthrough disabled by EFUSE_DISABLE_PASSTHROUGH; reads use the page cache"
+            );
+        }
+        if k.passthrough && !k.writeback_cache && !disabled {
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) => {
+                    // Backing files are on a plain filesystem; the mount may
+                    // itself sit under overlayfs.
+                    let _ = config.set_max_stack_depth(1);
+                    self.negotiated.passthrough.store(true, Ordering::Relaxed);
+                }
+                Err(_) => tracing::warn!(
+                    "FUSE passthrough needs Linux 6.9+ (FUSE_PASSTHROUGH); this kernel does not offer it, \
+                     so the kernel tier serves reads from the page cache (FOPEN_KEEP_CACHE)"
+                ),
             }
         }
         tracing::debug!(abi = ?config.kernel_abi(), caps = ?config.capabilities(), "FUSE_INIT");
@@ -197,7 +375,16 @@ impl Filesystem for FuseAdapter {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let t = Instant::now();
-        self.finish(op::LOOKUP, t, self.fs.lookup(parent.0, name), reply, reply_entry);
+        let res = self.fs.lookup(parent.0, name);
+        let neg = self.fs.policy().negative_ttl;
+        match res {
+            // The kernel caches the absence of the name for `neg`.
+            Err(e) if e.to_errno() == libc::ENOENT && !neg.is_zero() => {
+                reply.entry_with_ttls(&Duration::ZERO, &neg, &negative_attr(), Generation(0));
+                self.metrics.record(op::LOOKUP, t, false);
+            }
+            res => self.finish(op::LOOKUP, t, res, reply, reply_entry),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -315,15 +502,22 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let t = Instant::now();
+        if self.zero_open() {
+            // ENOSYS makes the kernel stop sending OPEN (and RELEASE) for
+            // files on this connection: opens cost no message at all.
+            reply.error(Errno::ENOSYS);
+            self.metrics.record(op::OPEN, t, false);
+            return;
+        }
         self.finish(op::OPEN, t, self.fs.open(ino.0, flags.0), reply, |r, o| {
-            r.opened(FileHandle(o.fh), fopen_flags(&o))
+            self.reply_open(ino.0, o, r)
         });
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -332,15 +526,17 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         let t = Instant::now();
-        self.finish(op::READ, t, self.fs.read(fh.0, offset, size), reply, |r, v| {
-            r.data(&v)
-        });
+        let res = self
+            .fs
+            .io_handle(ino.0, fh.0)
+            .and_then(|h| self.fs.read(h, offset, size));
+        self.finish(op::READ, t, res, reply, |r, v| r.data(&v));
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -350,9 +546,11 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let t = Instant::now();
-        self.finish(op::WRITE, t, self.fs.write(fh.0, offset, data), reply, |r, n| {
-            r.written(n)
-        });
+        let res = self
+            .fs
+            .io_handle(ino.0, fh.0)
+            .and_then(|h| self.fs.write(h, offset, data));
+        self.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
     }
 
     fn flush(
@@ -364,6 +562,13 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let t = Instant::now();
+        if fh.0 == 0 {
+            // A zero-message open: writes already reached the backend
+            // synchronously; ENOSYS stops further FLUSH messages.
+            reply.error(Errno::ENOSYS);
+            self.metrics.record(op::FLUSH, t, false);
+            return;
+        }
         self.finish(op::FLUSH, t, self.fs.flush(fh.0), reply, |r, ()| r.ok());
     }
 
@@ -378,14 +583,21 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let t = Instant::now();
-        self.fs.release(fh.0);
+        if fh.0 != 0 {
+            self.released(fh.0);
+            self.fs.release(fh.0);
+        }
         reply.ok();
         self.metrics.record(op::RELEASE, t, false);
     }
 
-    fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         let t = Instant::now();
-        self.finish(op::FSYNC, t, self.fs.fsync(fh.0, datasync), reply, |r, ()| r.ok());
+        let res = self
+            .fs
+            .io_handle(ino.0, fh.0)
+            .and_then(|h| self.fs.fsync(h, datasync));
+        self.finish(op::FSYNC, t, res, reply, |r, ()| r.ok());
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -404,13 +616,13 @@ impl Filesystem for FuseAdapter {
     fn readdirplus(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         let t = Instant::now();
-        let res = self.fs.readdir_plus(fh.0, offset, &mut Plus(&mut reply));
+        let res = self.fs.readdir_plus(ino.0, fh.0, offset, &mut Plus(&mut reply));
         self.finish(op::READDIRPLUS, t, res, reply, |r, ()| r.ok());
     }
 
@@ -496,6 +708,7 @@ impl Filesystem for FuseAdapter {
         let t = Instant::now();
         let res = self.fs.create(caller(req), parent.0, name, mode, flags);
         self.finish(op::CREATE, t, res, reply, |r, (e, o)| {
+            *self.backing.lock().cached.entry(o.fh).or_insert((e.attr.ino, 0)) = (e.attr.ino, 1);
             r.created(
                 &e.entry_ttl,
                 &file_attr(&e.attr),
@@ -538,10 +751,10 @@ impl Filesystem for FuseAdapter {
     fn copy_file_range(
         &self,
         _req: &Request,
-        _ino_in: INodeNo,
+        ino_in: INodeNo,
         fh_in: FileHandle,
         offset_in: u64,
-        _ino_out: INodeNo,
+        ino_out: INodeNo,
         fh_out: FileHandle,
         offset_out: u64,
         len: u64,
@@ -549,9 +762,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let t = Instant::now();
-        let res = self
-            .fs
-            .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len);
+        let res = self.fs.io_handle(ino_in.0, fh_in.0).and_then(|a| {
+            let b = self.fs.io_handle(ino_out.0, fh_out.0)?;
+            self.fs.copy_file_range(a, offset_in, b, offset_out, len)
+        });
         self.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| {
             r.written(n.min(u32::MAX as u64) as u32)
         });

@@ -18,6 +18,7 @@
 //! new generation.
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
@@ -27,10 +28,15 @@ use crate::backend::Ino;
 /// The kernel's root inode number.
 pub const FUSE_ROOT: u64 = 1;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Names under which an inode was handed out, kept to invalidate them.
+/// A few suffice: more than that are hard links, invalidated by inode.
+const MAX_NAMES: usize = 4;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Known {
     nlookup: u64,
     generation: u64,
+    names: Vec<(u64, OsString)>,
 }
 
 /// Lookup counts and generations of the inodes the kernel knows.
@@ -73,8 +79,9 @@ impl InodeTable {
         }
     }
 
-    /// Count one more kernel reference to FUSE inode `ino`; returns its generation.
-    pub fn remember(&self, ino: u64) -> u64 {
+    /// Count one more kernel reference to FUSE inode `ino`, handed out as
+    /// `name` in `parent`; returns its generation.
+    pub fn remember(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
         if ino == FUSE_ROOT {
             return 0;
         }
@@ -82,9 +89,22 @@ impl InodeTable {
         let k = known.entry(ino).or_insert_with(|| Known {
             nlookup: 0,
             generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
+            names: Vec::new(),
         });
         k.nlookup += 1;
+        if k.names.len() < MAX_NAMES && !k.names.iter().any(|(p, n)| *p == parent && n == name) {
+            k.names.push((parent, name.to_owned()));
+        }
         k.generation
+    }
+
+    /// Every inode the kernel holds with the names it was given under.
+    pub fn snapshot(&self) -> Vec<(u64, Vec<(u64, OsString)>)> {
+        self.known
+            .lock()
+            .iter()
+            .map(|(i, k)| (*i, k.names.clone()))
+            .collect()
     }
 
     /// Drop `n` kernel references; returns how many to forward to the backend.
@@ -146,21 +166,21 @@ mod tests {
     #[test]
     fn counts_balance_and_saturate() {
         let t = InodeTable::new(2);
-        let g = t.remember(10);
-        assert_eq!(t.remember(10), g);
+        let g = t.remember(10, 1, OsStr::new("a"));
+        assert_eq!(t.remember(10, 1, OsStr::new("a")), g);
         assert_eq!(t.nlookup(10), 2);
         assert_eq!(t.forget(10, 1), 1);
         assert_eq!(t.nlookup(10), 1);
         assert_eq!(t.forget(10, 1), 1);
         assert_eq!(t.totals(), (0, 0));
         // A new life gets a new generation.
-        assert_ne!(t.remember(10), g);
+        assert_ne!(t.remember(10, 1, OsStr::new("a")), g);
     }
 
     #[test]
     fn over_forget_is_clamped() {
         let t = InodeTable::new(2);
-        t.remember(5);
+        t.remember(5, 1, OsStr::new("b"));
         assert_eq!(t.forget(5, 3), 1);
         assert_eq!(t.nlookup(5), 0);
     }
@@ -168,7 +188,7 @@ mod tests {
     #[test]
     fn root_is_never_counted() {
         let t = InodeTable::new(2);
-        assert_eq!(t.remember(FUSE_ROOT), 0);
+        assert_eq!(t.remember(FUSE_ROOT, 1, OsStr::new("c")), 0);
         assert_eq!(t.forget(FUSE_ROOT, 1), 0);
         assert_eq!(t.totals(), (0, 0));
     }

@@ -53,6 +53,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
         cli::Command::Status(s) => daemon::status(s),
         cli::Command::Stats(s) => stats::run(s),
         cli::Command::Bench(b) => bench::run(b),
+        cli::Command::Offload(o) => daemon::offload(o),
     };
     match res {
         Ok(()) => 0,

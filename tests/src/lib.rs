@@ -52,6 +52,7 @@ pub struct TestMount {
     /// FUSE connection id (dev_t of the mount).
     pub connection: u32,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// Kernel dev_t of the filesystem holding `p` (major << 20 | minor).
@@ -65,10 +66,6 @@ fn lazy_unmount(p: &Path) {
     let c = std::ffi::CString::new(p.as_os_str().as_bytes()).expect("path");
     // SAFETY: valid C string; MNT_DETACH never blocks.
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-}
-
-fn is_mounted(p: &Path) -> bool {
-    mount_connection(p).is_some()
 }
 
 /// FUSE connection id of the mount at `p`, from mountinfo (no syscall on
@@ -93,6 +90,11 @@ impl TestMount {
 
     /// Mount with extra `efuse mount` arguments.
     pub fn with_args(extra: &[&str]) -> Self {
+        Self::with_args_env(extra, &[])
+    }
+
+    /// Mount with extra arguments and environment variables for the daemon.
+    pub fn with_args_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("efuse-test")
             .tempdir()
@@ -107,6 +109,7 @@ impl TestMount {
             child: None,
             connection: 0,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         m.start();
         m
@@ -127,6 +130,7 @@ impl TestMount {
                 "EFUSE_LOG",
                 std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn,fuser::session=error".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
         // SAFETY: only async-signal-safe fcntl between fork and exec.
         unsafe {
@@ -241,14 +245,13 @@ impl Default for TestMount {
 impl Drop for TestMount {
     fn drop(&mut self) {
         let mnt = self.mnt();
-        if is_mounted(&mnt) {
+        // Connection ids are reused as soon as a mount is gone: abort only
+        // while our mount is still there under our id, and before detaching.
+        if let Some(conn) = mount_connection(&mnt) {
+            if conn == self.connection {
+                let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
+            }
             lazy_unmount(&mnt);
-        }
-        if self.connection != 0 {
-            let _ = fs::write(
-                format!("/sys/fs/fuse/connections/{}/abort", self.connection),
-                b"1",
-            );
         }
         if let Some(mut c) = self.child.take()
             && wait_timeout(&mut c, Duration::from_secs(3)).is_none()
@@ -379,4 +382,56 @@ pub fn efuse(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `efuse stats --json` of a mount.
+pub fn mount_stats(mnt: &Path) -> serde_json::Value {
+    let (code, out, err) = efuse(&[
+        std::ffi::OsStr::new("stats"),
+        std::ffi::OsStr::new("--json"),
+        mnt.as_os_str(),
+    ]);
+    assert_eq!(code, 0, "efuse stats failed: {err}");
+    serde_json::from_str(&out).expect("stats json")
+}
+
+/// Kernel-side upcalls of one opcode (from the tracepoints).
+pub fn upcalls(v: &serde_json::Value, op: &str) -> u64 {
+    v["kernel"]
+        .as_array()
+        .expect("kernel stats")
+        .iter()
+        .find(|k| k["name"] == op)
+        .map_or(0, |k| k["sent"].as_u64().unwrap_or(0))
+}
+
+/// The daemon's own count of one opcode.
+pub fn daemon_count(v: &serde_json::Value, op: &str) -> u64 {
+    v["daemon"]
+        .as_array()
+        .expect("daemon stats")
+        .iter()
+        .find(|k| k["name"] == op)
+        .map_or(0, |k| k["count"].as_u64().unwrap_or(0))
+}
+
+/// Poll `f` until it returns true or `d` passes; returns whether it did.
+pub fn eventually(d: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + d;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Let the change events of a test's own setup (writes to the backing
+/// directory) reach the daemon, so that their invalidations do not land in
+/// the middle of a measurement.
+pub fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
 }

@@ -100,10 +100,10 @@ fn bad_input_gets_clear_errors() {
                 OsStr::new("mount"),
                 src.as_os_str(),
                 mnt.as_os_str(),
-                OsStr::new("--offload"),
-                OsStr::new("kernel"),
+                OsStr::new("-o"),
+                OsStr::new("entry_timeout=soon"),
             ],
-            "not available",
+            "invalid timeout",
         ),
         (
             vec![
@@ -113,7 +113,7 @@ fn bad_input_gets_clear_errors() {
                 OsStr::new("--offload"),
                 OsStr::new("bpf"),
             ],
-            "not available",
+            "fuse_bpf_ops",
         ),
         (
             vec![OsStr::new("mount"), src.as_os_str(), inner_missing.as_os_str()],

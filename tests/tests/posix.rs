@@ -639,7 +639,8 @@ fn concurrent_writers_and_readers() {
                 let own = mnt.join(format!("w{i}"));
                 let f = File::create(&own).unwrap();
                 for round in 0..20 {
-                    f.write_all_at(&data[round * 1000..(round + 1) * 1000], (round * 1000) as u64).unwrap();
+                    f.write_all_at(&data[round * 1000..(round + 1) * 1000], (round * 1000) as u64)
+                        .unwrap();
                 }
                 let f = OpenOptions::new().write(true).open(mnt.join("shared")).unwrap();
                 for chunk in 0..16 {

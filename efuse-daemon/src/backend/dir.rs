@@ -44,6 +44,27 @@ struct DirHandle {
     fd: OwnedFd,
 }
 
+/// inotify state: one watch per directory the kernel holds.
+struct Watcher {
+    inotify: Arc<nix::sys::inotify::Inotify>,
+    by_wd: HashMap<nix::sys::inotify::WatchDescriptor, Ino>,
+    by_ino: HashMap<Ino, nix::sys::inotify::WatchDescriptor>,
+    full_warned: bool,
+}
+
+const WATCH_MASK: nix::sys::inotify::AddWatchFlags = nix::sys::inotify::AddWatchFlags::from_bits_truncate(
+    libc::IN_CREATE
+        | libc::IN_DELETE
+        | libc::IN_MOVED_FROM
+        | libc::IN_MOVED_TO
+        | libc::IN_ATTRIB
+        | libc::IN_MODIFY
+        | libc::IN_CLOSE_WRITE
+        | libc::IN_DELETE_SELF
+        | libc::IN_MOVE_SELF
+        | libc::IN_ONLYDIR,
+);
+
 /// A local directory served as a backend. See the module docs.
 pub struct DirBackend {
     root_path: PathBuf,
@@ -55,6 +76,9 @@ pub struct DirBackend {
     files: RwLock<HashMap<Fh, Arc<File>>>,
     dirs: RwLock<HashMap<Fh, Arc<Mutex<DirHandle>>>>,
     next_fh: AtomicU64,
+    /// Lock order: taken after `nodes` is released, never inside it.
+    watcher: Mutex<Option<Watcher>>,
+    self_weak: Mutex<Option<std::sync::Weak<DirBackend>>>,
 }
 
 fn cstr(name: &OsStr) -> Result<CString> {
@@ -181,7 +205,17 @@ impl DirBackend {
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            watcher: Mutex::new(None),
+            self_weak: Mutex::new(None),
         })
+    }
+
+    /// Open `root` as a shared backend. The backend keeps a weak reference
+    /// to itself so its watcher thread can reach it without keeping it alive.
+    pub fn new_shared(root: &Path) -> anyhow::Result<Arc<Self>> {
+        let b = Arc::new(Self::new(root)?);
+        *b.self_weak.lock() = Some(Arc::downgrade(&b));
+        Ok(b)
     }
 
     /// The backing directory.
@@ -230,12 +264,57 @@ impl DirBackend {
             return Err(BackendError::CrossDevice);
         }
         let mut nodes = self.nodes.write();
-        let node = nodes.entry(st.st_ino).or_insert_with(|| Node {
-            fd: Arc::new(fd),
-            pins: 0,
+        let mut new = false;
+        let node = nodes.entry(st.st_ino).or_insert_with(|| {
+            new = true;
+            Node {
+                fd: Arc::new(fd),
+                pins: 0,
+            }
         });
         node.pins += 1;
-        Ok(attr_from_stat(&st))
+        let fd = node.fd.clone();
+        drop(nodes);
+        let attr = attr_from_stat(&st);
+        if new && attr.kind == FileKind::Dir {
+            self.add_watch(attr.ino, &fd);
+        }
+        Ok(attr)
+    }
+
+    fn add_watch(&self, ino: Ino, fd: &OwnedFd) {
+        let mut w = self.watcher.lock();
+        let Some(w) = w.as_mut() else { return };
+        if w.by_ino.contains_key(&ino) {
+            return;
+        }
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        match w.inotify.add_watch(path.as_str(), WATCH_MASK) {
+            Ok(wd) => {
+                tracing::trace!(ino, ?wd, "inotify watch added");
+                w.by_wd.insert(wd, ino);
+                w.by_ino.insert(ino, wd);
+            }
+            Err(e) => {
+                if !w.full_warned {
+                    w.full_warned = true;
+                    tracing::warn!(
+                        "inotify watch failed ({e}); changes behind the mount in further directories \
+                         are seen only after the cache TTL (raise fs.inotify.max_user_watches)"
+                    );
+                }
+            }
+        }
+    }
+
+    fn remove_watch(&self, ino: Ino) {
+        let mut w = self.watcher.lock();
+        if let Some(w) = w.as_mut()
+            && let Some(wd) = w.by_ino.remove(&ino)
+        {
+            w.by_wd.remove(&wd);
+            let _ = w.inotify.rm_watch(wd);
+        }
     }
 
     /// Give newly created `name` under `parent_fd` to the caller.
@@ -339,11 +418,17 @@ impl Backend for DirBackend {
             return;
         }
         let mut nodes = self.nodes.write();
+        let mut dropped = false;
         if let Some(node) = nodes.get_mut(&ino) {
             node.pins = node.pins.saturating_sub(n);
             if node.pins == 0 {
                 nodes.remove(&ino);
+                dropped = true;
             }
+        }
+        drop(nodes);
+        if dropped {
+            self.remove_watch(ino);
         }
     }
 
@@ -810,6 +895,84 @@ impl Backend for DirBackend {
 
     fn backing_file(&self, fh: Fh) -> Option<Arc<File>> {
         self.file(fh).ok()
+    }
+
+    fn watch(&self, sink: super::ChangeSink) -> anyhow::Result<bool> {
+        use nix::sys::inotify::{InitFlags, Inotify};
+        let inotify = Arc::new(Inotify::init(InitFlags::IN_CLOEXEC)?);
+        *self.watcher.lock() = Some(Watcher {
+            inotify: inotify.clone(),
+            by_wd: HashMap::new(),
+            by_ino: HashMap::new(),
+            full_warned: false,
+        });
+        // Watch every directory already pinned (at least the root).
+        let dirs: Vec<(Ino, Arc<OwnedFd>)> = self
+            .nodes
+            .read()
+            .iter()
+            .map(|(i, n)| (*i, n.fd.clone()))
+            .collect();
+        for (ino, fd) in dirs {
+            if fstat_fd(fd.as_raw_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR) {
+                self.add_watch(ino, &fd);
+            }
+        }
+        let me = self.self_weak.lock().clone();
+        std::thread::Builder::new()
+            .name("efuse-inotify".into())
+            .spawn(move || {
+                loop {
+                    let events = match inotify.read_events() {
+                        Ok(ev) if ev.is_empty() => continue,
+                        Ok(ev) => ev,
+                        Err(nix::errno::Errno::EINTR) => continue,
+                        Err(e) => {
+                            tracing::warn!("inotify read failed, no more change events: {e}");
+                            return;
+                        }
+                    };
+                    let Some(me) = me.as_ref().and_then(std::sync::Weak::upgrade) else {
+                        tracing::debug!("backend gone; inotify thread exits");
+                        return;
+                    };
+                    for ev in events {
+                        tracing::trace!(?ev, "inotify event");
+                        if ev.mask.contains(nix::sys::inotify::AddWatchFlags::IN_Q_OVERFLOW) {
+                            sink(super::ChangeEvent::Overflow);
+                            continue;
+                        }
+                        let dir = me
+                            .watcher
+                            .lock()
+                            .as_ref()
+                            .and_then(|w| w.by_wd.get(&ev.wd).copied());
+                        let Some(dir) = dir else { continue };
+                        let child = ev.name.as_ref().and_then(|n| {
+                            let pfd = me.fd(dir).ok()?;
+                            let c = cstr(n).ok()?;
+                            let mut st = MaybeUninit::<libc::stat>::uninit();
+                            // SAFETY: valid dirfd, C string and out pointer.
+                            let rc = unsafe {
+                                libc::fstatat(
+                                    pfd.as_raw_fd(),
+                                    c.as_ptr(),
+                                    st.as_mut_ptr(),
+                                    libc::AT_SYMLINK_NOFOLLOW,
+                                )
+                            };
+                            // SAFETY: fstatat succeeded.
+                            (rc == 0).then(|| unsafe { st.assume_init() }.st_ino)
+                        });
+                        sink(super::ChangeEvent::Changed {
+                            dir,
+                            name: ev.name,
+                            child,
+                        });
+                    }
+                }
+            })?;
+        Ok(true)
     }
 }
 

@@ -1,0 +1,357 @@
+//! The `kernel` offload tier on a real mount: upcall counts prove the
+//! offload, caches stay coherent, the tier switches at run time.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, PermissionsExt};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use efuse_tests::{TestMount, daemon_count, efuse, eventually, mount_stats, settle, upcalls};
+
+fn kernel_mount(extra: &[&str]) -> TestMount {
+    let mut args = vec!["--offload", "kernel"];
+    args.extend_from_slice(extra);
+    TestMount::with_args(&args)
+}
+
+#[test]
+fn warm_stats_cause_no_lookup_or_getattr() {
+    let m = kernel_mount(&[]);
+    fs::create_dir_all(m.b("a/b/c")).unwrap();
+    fs::write(m.b("a/b/c/f"), b"data").unwrap();
+    settle();
+    let first = fs::metadata(m.m("a/b/c/f")).unwrap();
+    let before = mount_stats(&m.mnt());
+    for _ in 0..200 {
+        let md = fs::metadata(m.m("a/b/c/f")).unwrap();
+        assert_eq!(md.len(), first.len());
+    }
+    let after = mount_stats(&m.mnt());
+    for op in ["LOOKUP", "GETATTR"] {
+        assert_eq!(
+            upcalls(&after, op),
+            upcalls(&before, op),
+            "{op} upcalls during warm stats"
+        );
+        assert_eq!(
+            daemon_count(&after, op),
+            daemon_count(&before, op),
+            "{op} daemon count"
+        );
+    }
+}
+
+#[test]
+fn negative_entries_are_cached() {
+    let m = kernel_mount(&[]);
+    assert!(fs::metadata(m.m("missing")).is_err());
+    let before = mount_stats(&m.mnt());
+    for _ in 0..50 {
+        assert_eq!(
+            fs::metadata(m.m("missing")).unwrap_err().raw_os_error(),
+            Some(libc::ENOENT)
+        );
+    }
+    let after = mount_stats(&m.mnt());
+    assert_eq!(upcalls(&after, "LOOKUP"), upcalls(&before, "LOOKUP"));
+}
+
+#[test]
+fn passthrough_reads_cause_no_read_upcalls() {
+    let m = kernel_mount(&[]);
+    let data: Vec<u8> = (0..4 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    fs::write(m.b("big"), &data).unwrap();
+    settle();
+    for _ in 0..3 {
+        assert_eq!(fs::read(m.m("big")).unwrap(), data);
+    }
+    // Random reads and mmap-style pread also go straight to the backing file.
+    let f = File::open(m.m("big")).unwrap();
+    let mut buf = [0u8; 4096];
+    for off in [0u64, 4096 * 100, (4 << 20) - 4096] {
+        f.read_exact_at(&mut buf, off).unwrap();
+        assert_eq!(&buf[..], &data[off as usize..off as usize + 4096]);
+    }
+    let v = mount_stats(&m.mnt());
+    assert_eq!(upcalls(&v, "READ"), 0, "passthrough reads reached the daemon");
+    assert_eq!(daemon_count(&v, "READ"), 0);
+    assert!(upcalls(&v, "OPEN") >= 4);
+}
+
+#[test]
+fn without_passthrough_reads_fall_back_to_the_page_cache() {
+    // Behaves as a kernel that lacks FUSE passthrough.
+    let m = TestMount::with_args_env(&["--offload", "kernel"], &[("EFUSE_DISABLE_PASSTHROUGH", "1")]);
+    let data = vec![5u8; 1 << 20];
+    fs::write(m.b("f"), &data).unwrap();
+    settle();
+    assert_eq!(fs::read(m.m("f")).unwrap(), data);
+    let first = upcalls(&mount_stats(&m.mnt()), "READ");
+    assert!(first > 0, "the first read must come from the daemon");
+    for _ in 0..5 {
+        assert_eq!(fs::read(m.m("f")).unwrap(), data);
+    }
+    // Kept page cache: later opens read nothing from the daemon.
+    assert_eq!(upcalls(&mount_stats(&m.mnt()), "READ"), first);
+}
+
+#[test]
+fn readdirplus_fills_the_dcache() {
+    let m = kernel_mount(&[]);
+    fs::create_dir(m.b("d")).unwrap();
+    for i in 0..500 {
+        fs::write(m.b(format!("d/f{i}")), b"x").unwrap();
+    }
+    settle();
+    let mut names: Vec<_> = fs::read_dir(m.m("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 500);
+    let before = mount_stats(&m.mnt());
+    assert!(upcalls(&before, "READDIRPLUS") > 0);
+    for i in 0..500 {
+        fs::symlink_metadata(m.m(format!("d/f{i}"))).unwrap();
+    }
+    let after = mount_stats(&m.mnt());
+    assert_eq!(
+        upcalls(&after, "LOOKUP"),
+        upcalls(&before, "LOOKUP"),
+        "entries should come from READDIRPLUS"
+    );
+    assert_eq!(upcalls(&after, "GETATTR"), upcalls(&before, "GETATTR"));
+}
+
+#[test]
+fn changes_behind_the_mount_are_seen_promptly() {
+    let m = kernel_mount(&[]);
+    fs::write(m.b("f"), b"one").unwrap();
+    assert_eq!(fs::read(m.m("f")).unwrap(), b"one");
+    fs::metadata(m.m("f")).unwrap();
+    // Data and size changed in the backend.
+    fs::write(m.b("f"), b"two, longer").unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || fs::read(m.m("f")).unwrap()
+            == b"two, longer"),
+        "new content not seen"
+    );
+    // Metadata.
+    fs::set_permissions(m.b("f"), fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(eventually(Duration::from_secs(2), || fs::metadata(m.m("f"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
+        == 0o600));
+    // A name the kernel cached as missing appears.
+    assert!(fs::metadata(m.m("new")).is_err());
+    fs::write(m.b("new"), b"n").unwrap();
+    assert!(
+        eventually(Duration::from_secs(2), || fs::metadata(m.m("new")).is_ok()),
+        "new file not seen"
+    );
+    // Removed and renamed behind the mount.
+    fs::rename(m.b("new"), m.b("renamed")).unwrap();
+    assert!(eventually(Duration::from_secs(2), || fs::metadata(m.m("new"))
+        .is_err()
+        && fs::read(m.m("renamed")).is_ok_and(|d| d == b"n")));
+    fs::remove_file(m.b("f")).unwrap();
+    assert!(eventually(Duration::from_secs(2), || fs::metadata(m.m("f")).is_err()));
+}
+
+#[test]
+fn without_watching_changes_are_seen_within_the_ttl() {
+    // The sim backend reports no changes: the TTL is the bound.
+    let m = kernel_mount(&[
+        "--backend",
+        "sim",
+        "-o",
+        "attr_timeout=1,entry_timeout=1,negative_timeout=1",
+    ]);
+    fs::write(m.b("f"), b"one").unwrap();
+    assert_eq!(fs::metadata(m.m("f")).unwrap().len(), 3);
+    fs::write(m.b("f"), b"three").unwrap();
+    let t = std::time::Instant::now();
+    assert!(eventually(Duration::from_secs(4), || fs::metadata(m.m("f"))
+        .unwrap()
+        .len()
+        == 5));
+    assert!(
+        t.elapsed() <= Duration::from_millis(2500),
+        "seen after {:?}, TTL is 1 s",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn changes_through_the_mount_are_seen_at_once_by_every_process() {
+    let m = kernel_mount(&[]);
+    fs::write(m.m("a"), b"first").unwrap();
+    let reader = |p: &std::path::Path| {
+        let out = std::process::Command::new("cat").arg(p).output().unwrap();
+        out.stdout
+    };
+    assert_eq!(reader(&m.m("a")), b"first");
+    let mut f = OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.m("a"))
+        .unwrap();
+    f.write_all(b"second version").unwrap();
+    drop(f);
+    assert_eq!(reader(&m.m("a")), b"second version");
+    assert_eq!(fs::metadata(m.m("a")).unwrap().len(), 14);
+    fs::rename(m.m("a"), m.m("b")).unwrap();
+    let stat = |p: &std::path::Path| {
+        std::process::Command::new("stat")
+            .arg(p)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    assert!(!stat(&m.m("a")), "stale name after rename");
+    assert!(stat(&m.m("b")));
+    fs::remove_file(m.m("b")).unwrap();
+    assert!(!stat(&m.m("b")), "stale name after unlink");
+    assert_eq!(fs::read(m.b("b")).unwrap_err().raw_os_error(), Some(libc::ENOENT));
+}
+
+#[test]
+fn toggle_kernel_off_kernel_under_a_running_reader() {
+    let m = kernel_mount(&[]);
+    let versions: Vec<Vec<u8>> = (0..4u8).map(|v| vec![b'a' + v; 64 * 1024]).collect();
+    fs::write(m.m("f"), &versions[0]).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (p, stop, versions) = (m.m("f"), stop.clone(), versions.clone());
+        std::thread::spawn(move || {
+            let mut reads = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let mut d = Vec::new();
+                File::open(&p).unwrap().read_to_end(&mut d).unwrap();
+                assert!(
+                    versions.contains(&d),
+                    "read a mix of versions or garbage ({} bytes)",
+                    d.len()
+                );
+                fs::metadata(&p).unwrap();
+                reads += 1;
+            }
+            reads
+        })
+    };
+    for round in 0..6 {
+        let tier = if round % 2 == 0 { "off" } else { "kernel" };
+        let (code, out, err) = efuse(&[
+            std::ffi::OsStr::new("offload"),
+            m.mnt().as_os_str(),
+            std::ffi::OsStr::new(tier),
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains(&format!("-> {tier}")), "{out}");
+        // A writer replaces the content through the mount (same size, so a
+        // reader sees one version or the other).
+        let v = &versions[(round + 1) % versions.len()];
+        OpenOptions::new()
+            .write(true)
+            .open(m.m("f"))
+            .unwrap()
+            .write_all_at(v, 0)
+            .unwrap();
+        assert_eq!(&fs::read(m.m("f")).unwrap(), v);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let reads = reader.join().expect("reader saw an error or wrong data");
+    assert!(reads > 10);
+    // Under `off` every stat reaches the daemon again.
+    let (code, _, err) = efuse(&[
+        std::ffi::OsStr::new("offload"),
+        m.mnt().as_os_str(),
+        std::ffi::OsStr::new("off"),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let before = upcalls(&mount_stats(&m.mnt()), "LOOKUP");
+    for _ in 0..10 {
+        fs::metadata(m.m("f")).unwrap();
+    }
+    assert!(upcalls(&mount_stats(&m.mnt()), "LOOKUP") >= before + 10);
+    assert_eq!(mount_stats(&m.mnt())["offload"], "off");
+}
+
+#[test]
+fn bpf_tier_is_refused_with_the_missing_hook_named() {
+    let m = kernel_mount(&[]);
+    let (code, _, err) = efuse(&[
+        std::ffi::OsStr::new("offload"),
+        m.mnt().as_os_str(),
+        std::ffi::OsStr::new("bpf"),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("fuse_bpf_ops") && err.contains("--offload kernel"),
+        "{err}"
+    );
+    // The mount is untouched.
+    assert_eq!(mount_stats(&m.mnt())["offload"], "kernel");
+    let (code, _, err) = efuse(&[
+        std::ffi::OsStr::new("mount"),
+        m.backing().as_os_str(),
+        m.scratch().as_os_str(),
+        std::ffi::OsStr::new("--offload"),
+        std::ffi::OsStr::new("bpf"),
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("fuse_bpf_ops"), "{err}");
+}
+
+#[test]
+fn zero_message_opens() {
+    let m = kernel_mount(&["-o", "zero_open"]);
+    fs::write(m.b("small"), vec![3u8; 4096]).unwrap();
+    settle();
+    assert_eq!(fs::read(m.m("small")).unwrap(), vec![3u8; 4096]);
+    assert_eq!(fs::read(m.m("small")).unwrap(), vec![3u8; 4096]);
+    // Let asynchronous readahead of the warm-up finish before counting.
+    std::thread::sleep(Duration::from_millis(200));
+    let before = mount_stats(&m.mnt());
+    for _ in 0..100 {
+        let mut buf = [0u8; 4096];
+        File::open(m.m("small")).unwrap().read_exact(&mut buf).unwrap();
+        assert_eq!(buf, [3u8; 4096]);
+    }
+    let after = mount_stats(&m.mnt());
+    for op in ["OPEN", "READ", "FLUSH", "RELEASE", "LOOKUP", "GETATTR"] {
+        assert_eq!(
+            upcalls(&after, op),
+            upcalls(&before, op),
+            "{op} upcalls with zero-message opens"
+        );
+    }
+    // Writes still reach the backend, through the inode's shared handle.
+    let mut f = OpenOptions::new().write(true).open(m.m("small")).unwrap();
+    f.write_all(b"new!").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    assert_eq!(&fs::read(m.b("small")).unwrap()[..4], b"new!");
+    assert_eq!(&fs::read(m.m("small")).unwrap()[..4], b"new!");
+}
+
+#[test]
+fn kernel_tier_unmounts_with_balanced_lookup_counts() {
+    let m = kernel_mount(&[]);
+    for i in 0..100 {
+        fs::write(m.b(format!("f{i}")), b"x").unwrap();
+    }
+    let _ = fs::read_dir(m.mnt()).unwrap().count();
+    for i in 0..100 {
+        fs::metadata(m.m(format!("f{i}"))).unwrap();
+    }
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    let st = m.unmount();
+    assert!(st.success(), "daemon exit {st}");
+}
