@@ -268,7 +268,13 @@ impl Bench {
         Ok(())
     }
 
-    fn mount_efuse(&self, name: &str, backend: &'static str, tier: &str) -> anyhow::Result<Target> {
+    fn mount_efuse(
+        &self,
+        name: &str,
+        backend: &'static str,
+        tier: &str,
+        extra: &[&str],
+    ) -> anyhow::Result<Target> {
         let mnt = self.work.join("mnt").join(name);
         fs::create_dir_all(&mnt)?;
         let log = self.out.join("logs").join(format!("{name}.log"));
@@ -282,6 +288,7 @@ impl Bench {
         if backend == "sim" {
             cmd.args(["--backend", "sim"]);
         }
+        cmd.args(extra);
         let out = cmd.output().context("starting efuse")?;
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
@@ -347,28 +354,18 @@ impl Bench {
             child: None,
             mounted: false,
         }];
-        for (name, backend, tier) in [("efuse-off", "dir", "off"), ("efuse-off-sim", "sim", "off")] {
-            match self.mount_efuse(name, backend, tier) {
+        let variants: [(&str, &'static str, &str, &[&str]); 6] = [
+            ("efuse-off", "dir", "off", &[]),
+            ("efuse-off-sim", "sim", "off", &[]),
+            ("efuse-kernel", "dir", "kernel", &[]),
+            ("efuse-kernel-zo", "dir", "kernel", &["-o", "zero_open"]),
+            ("efuse-kernel-sim", "sim", "kernel", &[]),
+            ("efuse-bpf", "dir", "bpf", &[]),
+        ];
+        for (name, backend, tier, extra) in variants {
+            match self.mount_efuse(name, backend, tier, extra) {
                 Ok(t) => ts.push(t),
                 Err(e) => self.notes.push(format!("{name}: not run: {e:#}")),
-            }
-        }
-        for tier in ["kernel", "bpf"] {
-            for backend in ["dir", "sim"] {
-                let name = if backend == "dir" {
-                    format!("efuse-{tier}")
-                } else {
-                    format!("efuse-{tier}-sim")
-                };
-                match self.mount_efuse(&name, backend, tier) {
-                    Ok(t) => ts.push(t),
-                    Err(e) => {
-                        if backend == "dir" {
-                            self.notes
-                                .push(format!("efuse --offload {tier}: not available: {e:#}"));
-                        }
-                    }
-                }
             }
         }
         match self.passthrough_ll() {
