@@ -287,6 +287,16 @@ pub trait Backend: Send + Sync + 'static {
     fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr>;
     /// Drop `n` pins of `ino`.
     fn forget(&self, ino: Ino, n: u64);
+    /// Take one more pin on an inode the backend already holds pinned,
+    /// without a round trip.
+    fn pin(&self, _ino: Ino) -> Result<()> {
+        Err(BackendError::Unsupported)
+    }
+    /// True when a metadata round trip is expensive (a remote store), so
+    /// that batching and caching metadata in the daemon pays off.
+    fn is_remote(&self) -> bool {
+        false
+    }
     /// Attributes of `ino`.
     fn getattr(&self, ino: Ino) -> Result<Attr>;
     /// Attributes of many inodes in one round trip.

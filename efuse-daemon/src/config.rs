@@ -80,6 +80,12 @@ pub struct KernelTierConfig {
     /// Watch the `dir` backend with inotify and invalidate kernel caches
     /// when the tree changes behind the mount.
     pub watch: bool,
+    /// Remote backends: on the first lookup miss in a directory, fetch up
+    /// to this many of its entries in one batch and answer later lookups
+    /// from memory; 0 = off.
+    pub prefetch_max: usize,
+    /// How long a prefetched listing answers lookups (ms).
+    pub prefetch_ttl_ms: u64,
 }
 
 impl Default for KernelTierConfig {
@@ -94,6 +100,8 @@ impl Default for KernelTierConfig {
             zero_open: false,
             writeback_cache: false,
             watch: true,
+            prefetch_max: 4096,
+            prefetch_ttl_ms: 5_000,
         }
     }
 }

@@ -57,6 +57,8 @@ pub struct MountStats {
     pub daemon: Vec<OpCount>,
     /// Inodes the kernel holds and the sum of their lookup counts.
     pub inodes: (usize, u64),
+    /// Daemon-side metadata cache (remote backends).
+    pub cache: Option<crate::cache::CacheStats>,
 }
 
 /// What the control server needs from the daemon.
@@ -111,6 +113,7 @@ impl ControlState {
             kernel,
             daemon: self.metrics.snapshot(),
             inodes: self.fs.inodes().totals(),
+            cache: self.fs.cache_stats(),
         }
     }
 }

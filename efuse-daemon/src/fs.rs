@@ -176,6 +176,8 @@ pub struct EfuseFs {
     /// use and closed when the kernel forgets the inode.
     inode_handles: parking_lot::Mutex<std::collections::HashMap<u64, Fh>>,
     notifier: std::sync::OnceLock<Box<dyn KernelNotifier>>,
+    /// Metadata cache with batched prefetch (remote backends only).
+    meta: Option<crate::cache::MetaCache>,
 }
 
 impl EfuseFs {
@@ -183,7 +185,15 @@ impl EfuseFs {
     pub fn new(backend: SharedBackend, tier: Offload, kernel_cfg: KernelTierConfig) -> Self {
         let root = backend.root();
         let policy = CachePolicy::for_tier(tier, &kernel_cfg);
+        let meta = (backend.is_remote() && kernel_cfg.prefetch_max > 0).then(|| {
+            crate::cache::MetaCache::new(
+                backend.clone(),
+                Duration::from_millis(kernel_cfg.prefetch_ttl_ms),
+                kernel_cfg.prefetch_max,
+            )
+        });
         Self {
+            meta,
             backend,
             inodes: InodeTable::new(root),
             kernel_cfg,
@@ -191,6 +201,29 @@ impl EfuseFs {
             inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
             notifier: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Counters of the metadata cache, when there is one.
+    pub fn cache_stats(&self) -> Option<crate::cache::CacheStats> {
+        self.meta.as_ref().map(|m| m.stats())
+    }
+
+    /// Something in backend directory `dir_b` changed: its prefetched
+    /// listing, if any, no longer holds.
+    fn dir_changed(&self, dir_b: u64) {
+        if let Some(m) = &self.meta {
+            m.invalidate(dir_b);
+        }
+    }
+
+    /// Drop the listings of `dirs` (FUSE inodes) once a change in them has
+    /// happened (after, so no listing fetched meanwhile survives), and pass
+    /// the result on.
+    fn after<T>(&self, dirs: &[u64], r: crate::backend::Result<T>) -> crate::backend::Result<T> {
+        for d in dirs {
+            self.dir_changed(self.b(*d));
+        }
+        r
     }
 
     /// Install the kernel notifier (once the session exists).
@@ -206,6 +239,7 @@ impl EfuseFs {
             // Nothing is cached under the off tier.
             return;
         }
+        self.dir_changed(parent_b);
         let parent = self.inodes.to_fuse(parent_b);
         tracing::debug!(parent, ?name, ?child_b, "backend changed");
         if let Some(name) = name {
@@ -253,6 +287,12 @@ impl EfuseFs {
         let mut t = self.tier.write();
         let old = t.0;
         *t = (tier, CachePolicy::for_tier(tier, &self.kernel_cfg));
+        drop(t);
+        if tier == Offload::Off
+            && let Some(m) = &self.meta
+        {
+            m.clear();
+        }
         old
     }
 
@@ -295,8 +335,33 @@ impl EfuseFs {
 
     /// `lookup(2)` of `name` in `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        crate::backend::check_name(name)?;
+        if let Some(m) = &self.meta
+            && self.tier() != Offload::Off
+        {
+            match m.lookup(self.b(parent), name) {
+                crate::cache::Cached::Found(a, age) => {
+                    let mut e = self.entry(parent, name, a);
+                    // Never trust cached data longer than its TTL from when
+                    // it was fetched.
+                    e.entry_ttl = e.entry_ttl.saturating_sub(age);
+                    e.attr_ttl = e.attr_ttl.saturating_sub(age);
+                    return Ok(e);
+                }
+                crate::cache::Cached::Missing => return Err(BackendError::NotFound.into()),
+                crate::cache::Cached::Unknown => {}
+            }
+        }
         let a = self.backend.lookup(self.b(parent), name)?;
         Ok(self.entry(parent, name, a))
+    }
+
+    /// The file `ino` was modified through the mount: drop the listings
+    /// that may hold its old attributes.
+    pub fn modified(&self, ino: u64) {
+        if let Some(m) = &self.meta {
+            m.invalidate_holding(self.b(ino));
+        }
     }
 
     /// The kernel dropped `n` references to `ino`.
@@ -320,7 +385,9 @@ impl EfuseFs {
 
     /// Change attributes.
     pub fn setattr(&self, ino: u64, fh: Option<Fh>, set: &SetAttr) -> FsResult<(Attr, Duration)> {
-        let a = self.backend.setattr(self.b(ino), fh, set)?;
+        let a = self.backend.setattr(self.b(ino), fh, set);
+        self.modified(ino);
+        let a = a?;
         Ok((self.fuse_attr(a), self.policy().attr_ttl))
     }
 
@@ -360,36 +427,42 @@ impl EfuseFs {
 
     /// Create a node.
     pub fn mknod(&self, who: Caller, parent: u64, name: &OsStr, mode: u32, rdev: u32) -> FsResult<Entry> {
-        let a = self.backend.mknod(who, self.b(parent), name, mode, rdev)?;
+        let a = self.after(
+            &[parent],
+            self.backend.mknod(who, self.b(parent), name, mode, rdev),
+        )?;
         Ok(self.entry(parent, name, a))
     }
 
     /// Create a directory.
     pub fn mkdir(&self, who: Caller, parent: u64, name: &OsStr, mode: u32) -> FsResult<Entry> {
-        let a = self.backend.mkdir(who, self.b(parent), name, mode)?;
+        let a = self.after(&[parent], self.backend.mkdir(who, self.b(parent), name, mode))?;
         Ok(self.entry(parent, name, a))
     }
 
     /// Create a symlink.
     pub fn symlink(&self, who: Caller, parent: u64, name: &OsStr, target: &OsStr) -> FsResult<Entry> {
-        let a = self.backend.symlink(who, self.b(parent), name, target)?;
+        let a = self.after(&[parent], self.backend.symlink(who, self.b(parent), name, target))?;
         Ok(self.entry(parent, name, a))
     }
 
     /// Add a hard link.
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
-        let a = self.backend.link(self.b(ino), self.b(newparent), newname)?;
+        let a = self.after(
+            &[newparent],
+            self.backend.link(self.b(ino), self.b(newparent), newname),
+        )?;
         Ok(self.entry(newparent, newname, a))
     }
 
     /// Remove a file.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        Ok(self.backend.unlink(self.b(parent), name)?)
+        Ok(self.after(&[parent], self.backend.unlink(self.b(parent), name))?)
     }
 
     /// Remove a directory.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        Ok(self.backend.rmdir(self.b(parent), name)?)
+        Ok(self.after(&[parent], self.backend.rmdir(self.b(parent), name))?)
     }
 
     /// Rename.
@@ -401,9 +474,10 @@ impl EfuseFs {
         newname: &OsStr,
         flags: u32,
     ) -> FsResult<()> {
-        Ok(self
+        let r = self
             .backend
-            .rename(self.b(parent), name, self.b(newparent), newname, flags)?)
+            .rename(self.b(parent), name, self.b(newparent), newname, flags);
+        Ok(self.after(&[parent, newparent], r)?)
     }
 
     /// Open a file.
@@ -457,7 +531,10 @@ impl EfuseFs {
         mode: u32,
         flags: i32,
     ) -> FsResult<(Entry, Opened)> {
-        let (a, fh) = self.backend.create(who, self.b(parent), name, mode, flags)?;
+        let (a, fh) = self.after(
+            &[parent],
+            self.backend.create(who, self.b(parent), name, mode, flags),
+        )?;
         let p = self.policy();
         Ok((
             self.entry(parent, name, a),

@@ -550,6 +550,7 @@ impl Filesystem for FuseAdapter {
             .fs
             .io_handle(ino.0, fh.0)
             .and_then(|h| self.fs.write(h, offset, data));
+        self.fs.modified(ino.0);
         self.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
     }
 

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -146,6 +146,13 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
         s.inodes.0,
         s.inodes.1
     );
+    if let Some(c) = &s.cache {
+        let _ = writeln!(
+            out,
+            "daemon metadata cache: {} hits, {} misses, {} directories prefetched ({} entries)",
+            c.hits, c.misses, c.prefetches, c.prefetched_entries
+        );
+    }
     out
 }
 

@@ -355,3 +355,37 @@ fn kernel_tier_unmounts_with_balanced_lookup_counts() {
     let st = m.unmount();
     assert!(st.success(), "daemon exit {st}");
 }
+
+#[test]
+fn remote_backend_prefetches_a_directory_on_first_miss() {
+    let m = kernel_mount(&["--backend", "sim"]);
+    fs::create_dir(m.b("d")).unwrap();
+    for i in 0..200 {
+        fs::write(m.b(format!("d/f{i}")), format!("{i}")).unwrap();
+    }
+    // A data loader opening files by name, without listing the directory.
+    for i in 0..200 {
+        assert_eq!(
+            fs::read_to_string(m.m(format!("d/f{i}"))).unwrap(),
+            format!("{i}")
+        );
+    }
+    let v = mount_stats(&m.mnt());
+    let c = &v["cache"];
+    assert_eq!(
+        c["prefetches"].as_u64().unwrap(),
+        2,
+        "root and d fetched once each: {c}"
+    );
+    assert!(c["hits"].as_u64().unwrap() >= 199, "{c}");
+    assert!(c["prefetched_entries"].as_u64().unwrap() >= 200);
+    // A name that is not in the complete listing is answered without the backend.
+    assert!(fs::metadata(m.m("d/absent")).is_err());
+    // Changes through the mount drop the listing: new names are found.
+    fs::write(m.m("d/new"), b"fresh").unwrap();
+    fs::remove_file(m.m("d/f0")).unwrap();
+    fs::write("/proc/sys/vm/drop_caches", b"2").unwrap();
+    assert_eq!(fs::read(m.m("d/new")).unwrap(), b"fresh");
+    assert!(fs::metadata(m.m("d/f0")).is_err());
+    assert_eq!(fs::read_to_string(m.m("d/f1")).unwrap(), "1");
+}

@@ -432,6 +432,13 @@ impl Backend for DirBackend {
         }
     }
 
+    fn pin(&self, ino: Ino) -> Result<()> {
+        let mut nodes = self.nodes.write();
+        let n = nodes.get_mut(&ino).ok_or(BackendError::Stale(ino))?;
+        n.pins += 1;
+        Ok(())
+    }
+
     fn getattr(&self, ino: Ino) -> Result<Attr> {
         let fd = self.fd(ino)?;
         Ok(attr_from_stat(&fstat_fd(fd.as_raw_fd())?))

@@ -251,6 +251,11 @@ impl Backend for MemBackend {
         st.maybe_free(ino);
     }
 
+    fn pin(&self, ino: Ino) -> Result<()> {
+        self.state.lock().node_mut(ino)?.pins += 1;
+        Ok(())
+    }
+
     fn getattr(&self, ino: Ino) -> Result<Attr> {
         Ok(self.state.lock().node(ino)?.attr)
     }

@@ -156,6 +156,13 @@ impl Backend for SimBackend {
         // Local bookkeeping only: no round trip, never fails.
         self.inner.forget(ino, n)
     }
+    fn pin(&self, ino: Ino) -> Result<()> {
+        // A client keeps its inode handles locally: no round trip.
+        self.inner.pin(ino)
+    }
+    fn is_remote(&self) -> bool {
+        true
+    }
     fn getattr(&self, ino: Ino) -> Result<Attr> {
         self.enter(Class::Meta)?;
         self.inner.getattr(ino)
