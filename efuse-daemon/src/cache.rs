@@ -232,9 +232,9 @@ impl MetaCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::Caller;
     use crate::backend::mem::MemBackend;
     use crate::backend::sim::{SimBackend, SimConfig};
-    use crate::backend::Caller;
     use std::sync::Arc;
 
     fn setup(n: usize) -> (SharedBackend, Ino) {

@@ -86,6 +86,13 @@ pub struct KernelTierConfig {
     pub prefetch_max: usize,
     /// How long a prefetched listing answers lookups (ms).
     pub prefetch_ttl_ms: u64,
+    /// Remote backends with passthrough: stage files opened read-only into
+    /// this local directory [default: /var/cache/efuse/<mount id>].
+    pub staging_dir: Option<std::path::PathBuf>,
+    /// Size bound of the staging cache (MiB); 0 = no staging.
+    pub staging_max_mib: u64,
+    /// Files larger than this (MiB) are read through the page cache instead.
+    pub staging_max_file_mib: u64,
 }
 
 impl Default for KernelTierConfig {
@@ -102,6 +109,9 @@ impl Default for KernelTierConfig {
             watch: true,
             prefetch_max: 4096,
             prefetch_ttl_ms: 5_000,
+            staging_dir: None,
+            staging_max_mib: 1024,
+            staging_max_file_mib: 256,
         }
     }
 }

@@ -528,6 +528,22 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         (None, Some("disabled (--trace off)".to_string()))
     };
     let fs = Arc::new(EfuseFs::new(backend, cfg.offload, cfg.kernel.clone()));
+    let k = &cfg.kernel;
+    if fs.backend().is_remote() && k.passthrough && k.staging_max_mib > 0 {
+        let dir = k
+            .staging_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("/var/cache/efuse").join(mount_id(mp)));
+        match crate::staging::Staging::open(&dir, k.staging_max_mib << 20, k.staging_max_file_mib << 20) {
+            Ok(s) => {
+                tracing::info!(dir = %dir.display(), "staging remote files locally for passthrough");
+                fs.set_staging(s);
+            }
+            Err(e) => {
+                tracing::warn!("no local staging ({e:#}); remote files are read through the page cache")
+            }
+        }
+    }
     let metrics = Arc::new(Metrics::default());
     let adapter = FuseAdapter::new(fs.clone(), metrics.clone());
     let started = Instant::now();

@@ -103,6 +103,10 @@ pub struct Opened {
     pub flags: OpenFlags,
     /// The local file behind the handle, for passthrough.
     pub backing: Option<Arc<std::fs::File>>,
+    /// `backing` is a staged copy (read-only), not the file itself.
+    pub staged: bool,
+    /// Opened for writing.
+    pub writable: bool,
 }
 
 /// Receives plain directory entries; `add` returns true when full (entry not taken).
@@ -178,6 +182,8 @@ pub struct EfuseFs {
     notifier: std::sync::OnceLock<Box<dyn KernelNotifier>>,
     /// Metadata cache with batched prefetch (remote backends only).
     meta: Option<crate::cache::MetaCache>,
+    /// Local copies for passthrough on remote backends.
+    staging: std::sync::OnceLock<crate::staging::Staging>,
 }
 
 impl EfuseFs {
@@ -194,12 +200,35 @@ impl EfuseFs {
         });
         Self {
             meta,
+            staging: std::sync::OnceLock::new(),
             backend,
             inodes: InodeTable::new(root),
             kernel_cfg,
             tier: parking_lot::RwLock::new((tier, policy)),
             inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
             notifier: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Stage remote files locally so passthrough can serve them.
+    pub fn set_staging(&self, s: crate::staging::Staging) {
+        let _ = self.staging.set(s);
+    }
+
+    /// A staged local copy of `ino` open as `fh`, if staging applies.
+    fn staged_copy(&self, ino: u64, fh: Fh) -> Option<Arc<std::fs::File>> {
+        let s = self.staging.get()?;
+        let b = self.b(ino);
+        let a = self.backend.getattr(b).ok()?;
+        if a.kind != FileKind::File {
+            return None;
+        }
+        match s.stage(&self.backend, b, fh, a.mtime, a.size) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(ino, "staging failed, reading through the daemon: {e:#}");
+                None
+            }
         }
     }
 
@@ -485,6 +514,20 @@ impl EfuseFs {
         let fh = self.backend.open(self.b(ino), flags)?;
         let p = self.policy();
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
+        let mut staged = false;
+        let backing = if p.passthrough {
+            match self.backend.backing_file(fh) {
+                Some(f) => Some(f),
+                None if read_only => {
+                    let f = self.staged_copy(ino, fh);
+                    staged = f.is_some();
+                    f
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
         Ok(Opened {
             fh,
             flags: OpenFlags {
@@ -494,11 +537,9 @@ impl EfuseFs {
                 noflush: p.keep_cache && read_only,
                 passthrough: p.passthrough,
             },
-            backing: if p.passthrough {
-                self.backend.backing_file(fh)
-            } else {
-                None
-            },
+            backing,
+            staged,
+            writable: !read_only,
         })
     }
 
@@ -547,6 +588,8 @@ impl EfuseFs {
                     ..Default::default()
                 },
                 backing: None,
+                staged: false,
+                writable: true,
             },
         ))
     }
@@ -588,6 +631,8 @@ impl EfuseFs {
                 ..Default::default()
             },
             backing: None,
+            staged: false,
+            writable: false,
         })
     }
 

@@ -33,7 +33,8 @@ use crate::metrics::{Metrics, op};
 /// inode.
 #[derive(Default)]
 struct Backing {
-    by_ino: HashMap<u64, Weak<BackingId>>,
+    /// Backing id of an inode and whether it is a staged (read-only) copy.
+    by_ino: HashMap<u64, (Weak<BackingId>, bool)>,
     by_fh: HashMap<u64, (u64, Arc<BackingId>)>,
     cached: HashMap<u64, (u64, u32)>,
 }
@@ -77,7 +78,19 @@ impl FuseAdapter {
     /// with the inode's other opens; else a cached open.
     fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
         let mut b = self.backing.lock();
-        let live = b.by_ino.get(&ino).and_then(Weak::upgrade);
+        let live_staged = b
+            .by_ino
+            .get(&ino)
+            .is_some_and(|(w, staged)| *staged && w.strong_count() > 0);
+        if live_staged && o.writable {
+            // Readers are served from a read-only local copy; the kernel
+            // cannot mix their passthrough with a writer's open.
+            drop(b);
+            self.fs.release(o.fh);
+            reply.error(Errno::from_i32(libc::ETXTBSY));
+            return;
+        }
+        let live = b.by_ino.get(&ino).and_then(|(w, _)| w.upgrade());
         let has_cached = b.cached.values().any(|(i, _)| *i == ino);
         let want = live.is_some()
             || (o.flags.passthrough
@@ -91,7 +104,8 @@ impl FuseAdapter {
             };
             match id {
                 Ok(id) => {
-                    b.by_ino.insert(ino, Arc::downgrade(&id));
+                    let staged = o.staged || live_staged;
+                    b.by_ino.insert(ino, (Arc::downgrade(&id), staged));
                     b.by_fh.insert(o.fh, (ino, id.clone()));
                     reply.opened_passthrough(
                         FileHandle(o.fh),
@@ -119,7 +133,7 @@ impl FuseAdapter {
         let mut b = self.backing.lock();
         if let Some((ino, id)) = b.by_fh.remove(&fh) {
             drop(id);
-            if b.by_ino.get(&ino).is_some_and(|w| w.strong_count() == 0) {
+            if b.by_ino.get(&ino).is_some_and(|(w, _)| w.strong_count() == 0) {
                 b.by_ino.remove(&ino);
             }
         }

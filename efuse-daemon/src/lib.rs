@@ -21,6 +21,7 @@ pub mod inode;
 pub mod logging;
 pub mod metrics;
 pub mod plot;
+pub mod staging;
 pub mod stats;
 pub mod trace;
 

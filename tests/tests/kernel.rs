@@ -389,3 +389,44 @@ fn remote_backend_prefetches_a_directory_on_first_miss() {
     assert!(fs::metadata(m.m("d/f0")).is_err());
     assert_eq!(fs::read_to_string(m.m("d/f1")).unwrap(), "1");
 }
+
+#[test]
+fn remote_files_are_staged_locally_for_passthrough() {
+    let staging = tempfile::tempdir().unwrap();
+    let cfg = tempfile::NamedTempFile::new().unwrap();
+    fs::write(
+        cfg.path(),
+        format!(
+            "backend = \"sim\"\noffload = \"kernel\"\n[kernel]\nstaging_dir = \"{}\"\n[sim]\nmeta_us = 100\n",
+            staging.path().display()
+        ),
+    )
+    .unwrap();
+    let m = TestMount::with_args(&["--config", cfg.path().to_str().unwrap()]);
+    let data: Vec<u8> = (0..3 << 20).map(|i| (i % 253) as u8).collect();
+    fs::write(m.b("model.bin"), &data).unwrap();
+    settle();
+    for _ in 0..3 {
+        assert_eq!(fs::read(m.m("model.bin")).unwrap(), data);
+    }
+    let v = mount_stats(&m.mnt());
+    assert_eq!(upcalls(&v, "READ"), 0, "staged reads reached the daemon");
+    let staged: Vec<_> = fs::read_dir(staging.path()).unwrap().flatten().collect();
+    assert_eq!(staged.len(), 1, "one staged copy");
+    assert_eq!(staged[0].metadata().unwrap().len(), 3 << 20);
+    // A writer while a reader holds the staged copy is told the file is busy.
+    let reader = File::open(m.m("model.bin")).unwrap();
+    let e = OpenOptions::new().write(true).open(m.m("model.bin")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY));
+    drop(reader);
+    // Once readers are gone, writes go to the backend, and the next open
+    // stages the new version (close-to-open).
+    let mut w = OpenOptions::new().write(true).open(m.m("model.bin")).unwrap();
+    w.write_all(b"NEW!").unwrap();
+    drop(w);
+    assert_eq!(&fs::read(m.b("model.bin")).unwrap()[..4], b"NEW!");
+    std::thread::sleep(Duration::from_millis(20));
+    let again = fs::read(m.m("model.bin")).unwrap();
+    assert_eq!(&again[..4], b"NEW!");
+    assert_eq!(&again[4..], &data[4..]);
+}
