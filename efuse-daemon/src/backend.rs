@@ -346,6 +346,51 @@ pub trait Backend: Send + Sync + 'static {
     fn readdir_plus(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<(DirEntry, Attr)>>;
     /// Close a directory handle.
     fn releasedir(&self, dh: Fh);
+    /// List up to `max` entries of directory `dir` with attributes in one
+    /// round trip (pinning each, like `readdir_plus`); the bool says whether
+    /// the listing is complete.
+    fn list_plus(&self, dir: Ino, max: usize) -> Result<(Vec<(DirEntry, Attr)>, bool)> {
+        let dh = self.opendir(dir)?;
+        let mut out = Vec::new();
+        let mut offset = 0;
+        let res = loop {
+            if out.len() >= max {
+                break Ok(false);
+            }
+            match self.readdir_plus(dh, offset, (max - out.len()).min(1024)) {
+                Ok(b) if b.is_empty() => break Ok(true),
+                Ok(b) => {
+                    offset = b.last().map_or(offset, |(e, _)| e.next);
+                    out.extend(b);
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        self.releasedir(dh);
+        match res {
+            Ok(complete) => Ok((out, complete)),
+            Err(e) => {
+                for (e, a) in &out {
+                    if e.name != "." && e.name != ".." {
+                        self.forget(a.ino, 1);
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+    /// Open a file and return its attributes, in one round trip where the
+    /// backend can (remote stores answer opens with the inode's attributes).
+    fn open_attr(&self, ino: Ino, flags: i32) -> Result<(Fh, Attr)> {
+        let fh = self.open(ino, flags)?;
+        match self.getattr(ino) {
+            Ok(a) => Ok((fh, a)),
+            Err(e) => {
+                self.release(fh);
+                Err(e)
+            }
+        }
+    }
     /// Filesystem statistics.
     fn statfs(&self) -> Result<StatFs>;
     /// Value of an extended attribute.

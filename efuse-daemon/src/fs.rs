@@ -215,18 +215,16 @@ impl EfuseFs {
         let _ = self.staging.set(s);
     }
 
-    /// A staged local copy of `ino` open as `fh`, if staging applies.
-    fn staged_copy(&self, ino: u64, fh: Fh) -> Option<Arc<std::fs::File>> {
+    /// A staged local copy of `ino` (`a`) open as `fh`, if staging applies.
+    fn staged_copy(&self, fh: Fh, a: &Attr) -> Option<Arc<std::fs::File>> {
         let s = self.staging.get()?;
-        let b = self.b(ino);
-        let a = self.backend.getattr(b).ok()?;
         if a.kind != FileKind::File {
             return None;
         }
-        match s.stage(&self.backend, b, fh, a.mtime, a.size) {
+        match s.stage(&self.backend, a.ino, fh, a.mtime, a.size) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!(ino, "staging failed, reading through the daemon: {e:#}");
+                tracing::warn!(ino = a.ino, "staging failed, reading through the daemon: {e:#}");
                 None
             }
         }
@@ -511,22 +509,26 @@ impl EfuseFs {
 
     /// Open a file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
-        let fh = self.backend.open(self.b(ino), flags)?;
         let p = self.policy();
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
-        let mut staged = false;
-        let backing = if p.passthrough {
-            match self.backend.backing_file(fh) {
-                Some(f) => Some(f),
-                None if read_only => {
-                    let f = self.staged_copy(ino, fh);
-                    staged = f.is_some();
-                    f
-                }
-                None => None,
-            }
+        let stage = p.passthrough && read_only && self.staging.get().is_some();
+        // Staging keys copies by the attributes at open: get them with the open.
+        let (fh, attr) = if stage {
+            let (fh, a) = self.backend.open_attr(self.b(ino), flags)?;
+            (fh, Some(a))
         } else {
-            None
+            (self.backend.open(self.b(ino), flags)?, None)
+        };
+        let mut staged = false;
+        let backing = match (p.passthrough, self.backend.backing_file(fh), attr) {
+            (false, _, _) => None,
+            (true, Some(f), _) => Some(f),
+            (true, None, Some(a)) => {
+                let f = self.staged_copy(fh, &a);
+                staged = f.is_some();
+                f
+            }
+            (true, None, None) => None,
         };
         Ok(Opened {
             fh,

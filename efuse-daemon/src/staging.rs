@@ -10,8 +10,10 @@
 //!   a file changed in the backend is staged again at its next open
 //!   (close-to-open); a stale copy is never served to a new open.
 //! - Crash safety: a copy is written to a `.tmp` name and renamed into place
-//!   only once complete; a restart deletes leftover `.tmp` files and keeps
-//!   complete copies.
+//!   only once complete, so a partial copy is never served. Copies are not
+//!   fsynced (that would cost a disk flush per open); instead the cache is
+//!   emptied when a daemon starts, so nothing written before a crash is
+//!   trusted.
 //! - Size bound: least recently used copies are unlinked until the total is
 //!   under the bound. An unlinked copy stays readable for opens that hold
 //!   it, so eviction never disturbs a reader.
@@ -44,8 +46,8 @@ pub struct Staging {
         u64, /* clock */
         u64, /* total */
     )>,
-    /// Serializes copies so two opens of one file do not copy it twice.
-    copying: Mutex<()>,
+    /// Numbers temporary copies, so concurrent opens never share one.
+    tmp_seq: std::sync::atomic::AtomicU64,
 }
 
 fn key(ino: Ino, mtime: SystemTime, size: u64) -> String {
@@ -61,32 +63,19 @@ impl Staging {
     /// larger than `max_file` are not staged.
     pub fn open(dir: &Path, max_bytes: u64, max_file: u64) -> anyhow::Result<Self> {
         fs::create_dir_all(dir).with_context(|| format!("cannot create staging dir {}", dir.display()))?;
-        let mut index = HashMap::new();
-        let mut total = 0;
-        for e in fs::read_dir(dir)?.flatten() {
-            let p = e.path();
-            if p.extension().is_some_and(|x| x == "tmp") {
-                // An interrupted copy.
-                let _ = fs::remove_file(&p);
-                continue;
-            }
-            if let Ok(md) = e.metadata() {
-                total += md.len();
-                index.insert(
-                    p,
-                    Entry {
-                        size: md.len(),
-                        last_use: 0,
-                    },
-                );
-            }
+        // Unsynced copies from an earlier life are not trusted.
+        let old: Vec<PathBuf> = fs::read_dir(dir)?.flatten().map(|e| e.path()).collect();
+        for p in old {
+            let _ = fs::remove_file(p);
         }
+        let index = HashMap::new();
+        let total = 0;
         let s = Self {
             dir: dir.to_owned(),
             max_bytes,
             max_file,
             state: Mutex::new((index, 1, total)),
-            copying: Mutex::new(()),
+            tmp_seq: std::sync::atomic::AtomicU64::new(0),
         };
         s.evict();
         Ok(s)
@@ -148,13 +137,15 @@ impl Staging {
             return Ok(None);
         }
         let path = self.dir.join(key(ino, mtime, size));
-        let _guard = self.copying.lock();
+        // Copies run in parallel (a data loader opens many files at once);
+        // two racing opens of one file may both copy it, the last rename wins.
         if self.touch(&path)
             && let Ok(f) = File::open(&path)
         {
             return Ok(Some(Arc::new(f)));
         }
-        let tmp = path.with_extension("tmp");
+        let seq = self.tmp_seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = path.with_extension(format!("{seq}.tmp"));
         let mut out = fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -165,7 +156,8 @@ impl Staging {
         let mut off = 0u64;
         const CHUNK: u32 = 1 << 20;
         while off < size {
-            let data = backend.read(fh, off, CHUNK)?;
+            let want = (size - off).min(CHUNK as u64) as u32;
+            let data = backend.read(fh, off, want)?;
             if data.is_empty() {
                 break;
             }
@@ -176,21 +168,25 @@ impl Staging {
             let _ = fs::remove_file(&tmp);
             anyhow::bail!("file changed while staging ({off} of {size} bytes)");
         }
-        out.sync_data()?;
         drop(out);
         fs::rename(&tmp, &path)?;
         {
             let mut st = self.state.lock();
             let clock = st.1;
             st.1 += 1;
-            st.0.insert(
-                path.clone(),
-                Entry {
-                    size,
-                    last_use: clock,
-                },
-            );
-            st.2 += size;
+            if st
+                .0
+                .insert(
+                    path.clone(),
+                    Entry {
+                        size,
+                        last_use: clock,
+                    },
+                )
+                .is_none()
+            {
+                st.2 += size;
+            }
         }
         let f = File::open(&path)?;
         self.evict();
@@ -201,8 +197,8 @@ impl Staging {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::mem::MemBackend;
     use crate::backend::Caller;
+    use crate::backend::mem::MemBackend;
     use std::ffi::OsStr;
     use std::io::Read;
 
@@ -254,12 +250,12 @@ mod tests {
     }
 
     #[test]
-    fn interrupted_copies_are_dropped_at_start() {
+    fn copies_from_an_earlier_life_are_not_trusted() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("5-1-3.tmp"), b"par").unwrap();
         fs::write(dir.path().join("6-1-4"), b"done").unwrap();
         let s = Staging::open(dir.path(), 1 << 20, 1 << 20).unwrap();
-        assert!(!dir.path().join("5-1-3.tmp").exists());
-        assert_eq!(s.used(), 4);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert_eq!(s.used(), 0);
     }
 }

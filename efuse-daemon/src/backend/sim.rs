@@ -252,6 +252,15 @@ impl Backend for SimBackend {
     fn releasedir(&self, dh: Fh) {
         self.inner.releasedir(dh)
     }
+    fn list_plus(&self, dir: Ino, max: usize) -> Result<(Vec<(DirEntry, Attr)>, bool)> {
+        // One listing RPC, like a remote metadata service's "list with attrs".
+        self.enter(Class::Meta)?;
+        self.inner.list_plus(dir, max)
+    }
+    fn open_attr(&self, ino: Ino, flags: i32) -> Result<(Fh, Attr)> {
+        self.enter(Class::Meta)?;
+        self.inner.open_attr(ino, flags)
+    }
     fn statfs(&self) -> Result<StatFs> {
         self.enter(Class::Meta)?;
         self.inner.statfs()
