@@ -297,6 +297,10 @@ pub trait Backend: Send + Sync + 'static {
     fn is_remote(&self) -> bool {
         false
     }
+    /// Most calls the backend has had in flight at once, where it counts.
+    fn max_concurrency(&self) -> Option<u64> {
+        None
+    }
     /// Attributes of `ino`.
     fn getattr(&self, ino: Ino) -> Result<Attr>;
     /// Attributes of many inodes in one round trip.

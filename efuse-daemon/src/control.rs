@@ -59,6 +59,8 @@ pub struct MountStats {
     pub inodes: (usize, u64),
     /// Daemon-side metadata cache (remote backends).
     pub cache: Option<crate::cache::CacheStats>,
+    /// Most backend calls in flight at once (backends that count them).
+    pub backend_max_inflight: Option<u64>,
 }
 
 /// What the control server needs from the daemon.
@@ -114,6 +116,7 @@ impl ControlState {
             daemon: self.metrics.snapshot(),
             inodes: self.fs.inodes().totals(),
             cache: self.fs.cache_stats(),
+            backend_max_inflight: self.fs.backend().max_concurrency(),
         }
     }
 }

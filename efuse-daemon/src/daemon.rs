@@ -502,6 +502,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     sigs.thread_block().context("cannot block signals")?;
     // The kernel applies the caller's umask before the request reaches us.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+    raise_fd_limit();
 
     let mut cfg = cfg.clone();
     if cfg.offload == Offload::Auto {
@@ -646,6 +647,24 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let _ = fs::remove_file(socket);
     tracing::info!(mountpoint = %mp.display(), "unmounted; daemon exiting");
     res.context("FUSE session failed")
+}
+
+/// The `dir` backend holds one descriptor per inode the kernel knows (the
+/// jail), so a big tree needs far more than the usual 1024: raise the limit
+/// to the system maximum (`fs.nr_open`), as root may.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let max = fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let want = max.max(hard);
+    if setrlimit(Resource::RLIMIT_NOFILE, want, want).is_err() {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    let (now, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((soft, hard));
+    tracing::debug!(before = soft, now, "open file limit");
 }
 
 /// FUSE connection id of the mount at `mp` (the kernel dev_t).

@@ -36,7 +36,28 @@ struct Backing {
     /// Backing id of an inode and whether it is a staged (read-only) copy.
     by_ino: HashMap<u64, (Weak<BackingId>, bool)>,
     by_fh: HashMap<u64, (u64, Arc<BackingId>)>,
-    cached: HashMap<u64, (u64, u32)>,
+    /// Cached opens: handle -> inode, and their number per inode.
+    cached_fh: HashMap<u64, u64>,
+    cached_per_ino: HashMap<u64, u32>,
+}
+
+impl Backing {
+    fn add_cached(&mut self, fh: u64, ino: u64) {
+        if self.cached_fh.insert(fh, ino).is_none() {
+            *self.cached_per_ino.entry(ino).or_default() += 1;
+        }
+    }
+
+    fn remove_cached(&mut self, fh: u64) {
+        if let Some(ino) = self.cached_fh.remove(&fh)
+            && let Some(n) = self.cached_per_ino.get_mut(&ino)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.cached_per_ino.remove(&ino);
+            }
+        }
+    }
 }
 
 /// What INIT negotiated.
@@ -51,29 +72,75 @@ pub struct Negotiated {
 }
 
 /// fuser's `Filesystem` over an [`EfuseFs`](crate::fs::EfuseFs).
+///
+/// Requests run on fuser's worker threads. For a remote backend (slow
+/// round trips) each request's work moves to a tokio blocking pool, so
+/// that many slow backend calls proceed at once instead of one per worker.
 pub struct FuseAdapter {
+    inner: Arc<Inner>,
+    pool: Option<tokio::runtime::Runtime>,
+}
+
+/// The adapter's state, shared with the requests in flight on the pool.
+struct Inner {
     fs: SharedFs,
     metrics: Arc<Metrics>,
     backing: Mutex<Backing>,
     negotiated: Arc<Negotiated>,
 }
 
+/// Backend calls in flight at once on the pool, at most.
+const REMOTE_CONCURRENCY: usize = 256;
+
 impl FuseAdapter {
     /// An adapter counting into `metrics`.
     pub fn new(fs: SharedFs, metrics: Arc<Metrics>) -> Self {
+        let pool = if fs.backend().is_remote() {
+            match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .max_blocking_threads(REMOTE_CONCURRENCY)
+                .thread_name("efuse-io")
+                .build()
+            {
+                Ok(rt) => Some(rt),
+                Err(e) => {
+                    tracing::warn!("no I/O pool ({e}); backend calls run on the FUSE threads");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         Self {
-            fs,
-            metrics,
-            backing: Mutex::new(Backing::default()),
-            negotiated: Arc::new(Negotiated::default()),
+            inner: Arc::new(Inner {
+                fs,
+                metrics,
+                backing: Mutex::new(Backing::default()),
+                negotiated: Arc::new(Negotiated::default()),
+            }),
+            pool,
         }
     }
 
     /// What INIT negotiated (filled in by `init`).
     pub fn negotiated(&self) -> Arc<Negotiated> {
-        self.negotiated.clone()
+        self.inner.negotiated.clone()
     }
 
+    /// Run a request's work: inline for a local backend, on the I/O pool
+    /// for a remote one.
+    fn run(&self, f: impl FnOnce(&Inner) + Send + 'static) {
+        match &self.pool {
+            Some(rt) => {
+                let me = self.inner.clone();
+                drop(rt.spawn_blocking(move || f(&me)));
+            }
+            None => f(&self.inner),
+        }
+    }
+}
+
+impl Inner {
     /// Reply to an open: passthrough when wanted, granted and consistent
     /// with the inode's other opens; else a cached open.
     fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
@@ -91,7 +158,7 @@ impl FuseAdapter {
             return;
         }
         let live = b.by_ino.get(&ino).and_then(|(w, _)| w.upgrade());
-        let has_cached = b.cached.values().any(|(i, _)| *i == ino);
+        let has_cached = b.cached_per_ino.contains_key(&ino);
         let want = live.is_some()
             || (o.flags.passthrough
                 && !has_cached
@@ -124,8 +191,7 @@ impl FuseAdapter {
                 }
             }
         }
-        let e = b.cached.entry(o.fh).or_insert((ino, 0));
-        e.1 += 1;
+        b.add_cached(o.fh, ino);
         reply.opened(FileHandle(o.fh), fopen_flags(&o));
     }
 
@@ -137,7 +203,7 @@ impl FuseAdapter {
                 b.by_ino.remove(&ino);
             }
         }
-        b.cached.remove(&fh);
+        b.remove_cached(fh);
     }
 
     fn zero_open(&self) -> bool {
@@ -333,8 +399,8 @@ impl DirPlusReplier for Plus<'_> {
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
         let start = Instant::now();
-        let k = self.fs.kernel_cfg().clone();
-        let kernel_start = self.fs.tier() != crate::config::Offload::Off;
+        let k = self.inner.fs.kernel_cfg().clone();
+        let kernel_start = self.inner.fs.tier() != crate::config::Offload::Off;
         // Same defaults libfuse3 asks for: parallel lookups in one directory,
         // O_TRUNC handled in open. READDIRPLUS and AUTO_INVAL_DATA are asked
         // for in every tier so the tier can change at run time; with zero
@@ -354,7 +420,7 @@ impl Filesystem for FuseAdapter {
         for (what, cap) in want {
             match config.add_capabilities(cap) {
                 Ok(()) if cap == InitFlags::FUSE_DO_READDIRPLUS => {
-                    self.negotiated.readdirplus.store(true, Ordering::Relaxed)
+                    self.inner.negotiated.readdirplus.store(true, Ordering::Relaxed)
                 }
                 Ok(()) => {}
                 Err(_) => tracing::info!("the kernel does not offer {what}; continuing without it"),
@@ -374,7 +440,7 @@ impl Filesystem for FuseAdapter {
                     // Backing files are on a plain filesystem; the mount may
                     // itself sit under overlayfs.
                     let _ = config.set_max_stack_depth(1);
-                    self.negotiated.passthrough.store(true, Ordering::Relaxed);
+                    self.inner.negotiated.passthrough.store(true, Ordering::Relaxed);
                 }
                 Err(_) => tracing::warn!(
                     "FUSE passthrough needs Linux 6.9+ (FUSE_PASSTHROUGH); this kernel does not offer it, \
@@ -383,34 +449,40 @@ impl Filesystem for FuseAdapter {
             }
         }
         tracing::debug!(abi = ?config.kernel_abi(), caps = ?config.capabilities(), "FUSE_INIT");
-        self.metrics.record(op::INIT, start, false);
+        self.inner.metrics.record(op::INIT, start, false);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let t = Instant::now();
-        let res = self.fs.lookup(parent.0, name);
-        let neg = self.fs.policy().negative_ttl;
-        match res {
-            // The kernel caches the absence of the name for `neg`.
-            Err(e) if e.to_errno() == libc::ENOENT && !neg.is_zero() => {
-                reply.entry_with_ttls(&Duration::ZERO, &neg, &negative_attr(), Generation(0));
-                self.metrics.record(op::LOOKUP, t, false);
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.lookup(parent.0, name);
+            let neg = me.fs.policy().negative_ttl;
+            match res {
+                // The kernel caches the absence of the name for `neg`.
+                Err(e) if e.to_errno() == libc::ENOENT && !neg.is_zero() => {
+                    reply.entry_with_ttls(&Duration::ZERO, &neg, &negative_attr(), Generation(0));
+                    me.metrics.record(op::LOOKUP, t, false);
+                }
+                res => me.finish(op::LOOKUP, t, res, reply, reply_entry),
             }
-            res => self.finish(op::LOOKUP, t, res, reply, reply_entry),
-        }
+        });
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let t = Instant::now();
-        self.fs.forget(ino.0, nlookup);
-        self.metrics.record(op::FORGET, t, false);
+        self.inner.fs.forget(ino.0, nlookup);
+        self.inner.metrics.record(op::FORGET, t, false);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        let t = Instant::now();
-        self.finish(op::GETATTR, t, self.fs.getattr(ino.0), reply, |r, (a, ttl)| {
-            r.attr(&ttl, &file_attr(&a))
+        self.run(move |me| {
+            let t = Instant::now();
+            me.finish(op::GETATTR, t, me.fs.getattr(ino.0), reply, |r, (a, ttl)| {
+                r.attr(&ttl, &file_attr(&a))
+            });
         });
     }
 
@@ -432,24 +504,28 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let t = Instant::now();
-        let set = SetAttr {
-            mode,
-            uid,
-            gid,
-            size,
-            atime: set_time(atime),
-            mtime: set_time(mtime),
-        };
-        let res = self.fs.setattr(ino.0, fh.map(|f| f.0), &set);
-        self.finish(op::SETATTR, t, res, reply, |r, (a, ttl)| {
-            r.attr(&ttl, &file_attr(&a))
+        self.run(move |me| {
+            let t = Instant::now();
+            let set = SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: set_time(atime),
+                mtime: set_time(mtime),
+            };
+            let res = me.fs.setattr(ino.0, fh.map(|f| f.0), &set);
+            me.finish(op::SETATTR, t, res, reply, |r, (a, ttl)| {
+                r.attr(&ttl, &file_attr(&a))
+            });
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        let t = Instant::now();
-        self.finish(op::READLINK, t, self.fs.readlink(ino.0), reply, |r, v| r.data(&v));
+        self.run(move |me| {
+            let t = Instant::now();
+            me.finish(op::READLINK, t, me.fs.readlink(ino.0), reply, |r, v| r.data(&v));
+        });
     }
 
     fn mknod(
@@ -462,35 +538,56 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let t = Instant::now();
-        let res = self.fs.mknod(caller(req), parent.0, name, mode, rdev);
-        self.finish(op::MKNOD, t, res, reply, reply_entry);
+        let who = caller(req);
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.mknod(who, parent.0, name, mode, rdev);
+            me.finish(op::MKNOD, t, res, reply, reply_entry);
+        });
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let t = Instant::now();
-        let res = self.fs.mkdir(caller(req), parent.0, name, mode);
-        self.finish(op::MKDIR, t, res, reply, reply_entry);
+        let who = caller(req);
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.mkdir(who, parent.0, name, mode);
+            me.finish(op::MKDIR, t, res, reply, reply_entry);
+        });
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let t = Instant::now();
-        self.finish(op::UNLINK, t, self.fs.unlink(parent.0, name), reply, |r, ()| {
-            r.ok()
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            me.finish(op::UNLINK, t, me.fs.unlink(parent.0, name), reply, |r, ()| r.ok());
         });
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let t = Instant::now();
-        self.finish(op::RMDIR, t, self.fs.rmdir(parent.0, name), reply, |r, ()| r.ok());
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            me.finish(op::RMDIR, t, me.fs.rmdir(parent.0, name), reply, |r, ()| r.ok());
+        });
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let t = Instant::now();
-        let res = self
-            .fs
-            .symlink(caller(req), parent.0, link_name, target.as_os_str());
-        self.finish(op::SYMLINK, t, res, reply, reply_entry);
+        let who = caller(req);
+        let link_name = link_name.to_owned();
+        let target = target.to_path_buf();
+        self.run(move |me| {
+            let link_name = link_name.as_os_str();
+            let target = target.as_path();
+            let t = Instant::now();
+            let res = me.fs.symlink(who, parent.0, link_name, target.as_os_str());
+            me.finish(op::SYMLINK, t, res, reply, reply_entry);
+        });
     }
 
     fn rename(
@@ -503,28 +600,40 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let t = Instant::now();
-        let res = self.fs.rename(parent.0, name, newparent.0, newname, flags.bits());
-        self.finish(op::RENAME, t, res, reply, |r, ()| r.ok());
+        let name = name.to_owned();
+        let newname = newname.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let newname = newname.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.rename(parent.0, name, newparent.0, newname, flags.bits());
+            me.finish(op::RENAME, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let t = Instant::now();
-        let res = self.fs.link(ino.0, newparent.0, newname);
-        self.finish(op::LINK, t, res, reply, reply_entry);
+        let newname = newname.to_owned();
+        self.run(move |me| {
+            let newname = newname.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.link(ino.0, newparent.0, newname);
+            me.finish(op::LINK, t, res, reply, reply_entry);
+        });
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let t = Instant::now();
-        if self.zero_open() {
-            // ENOSYS makes the kernel stop sending OPEN (and RELEASE) for
-            // files on this connection: opens cost no message at all.
-            reply.error(Errno::ENOSYS);
-            self.metrics.record(op::OPEN, t, false);
-            return;
-        }
-        self.finish(op::OPEN, t, self.fs.open(ino.0, flags.0), reply, |r, o| {
-            self.reply_open(ino.0, o, r)
+        self.run(move |me| {
+            let t = Instant::now();
+            if me.zero_open() {
+                // ENOSYS makes the kernel stop sending OPEN (and RELEASE) for
+                // files on this connection: opens cost no message at all.
+                reply.error(Errno::ENOSYS);
+                me.metrics.record(op::OPEN, t, false);
+                return;
+            }
+            me.finish(op::OPEN, t, me.fs.open(ino.0, flags.0), reply, |r, o| {
+                me.reply_open(ino.0, o, r)
+            });
         });
     }
 
@@ -539,12 +648,14 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let t = Instant::now();
-        let res = self
-            .fs
-            .io_handle(ino.0, fh.0)
-            .and_then(|h| self.fs.read(h, offset, size));
-        self.finish(op::READ, t, res, reply, |r, v| r.data(&v));
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me
+                .fs
+                .io_handle(ino.0, fh.0)
+                .and_then(|h| me.fs.read(h, offset, size));
+            me.finish(op::READ, t, res, reply, |r, v| r.data(&v));
+        });
     }
 
     fn write(
@@ -559,13 +670,17 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let t = Instant::now();
-        let res = self
-            .fs
-            .io_handle(ino.0, fh.0)
-            .and_then(|h| self.fs.write(h, offset, data));
-        self.fs.modified(ino.0);
-        self.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
+        let data = data.to_vec();
+        self.run(move |me| {
+            let data = &data[..];
+            let t = Instant::now();
+            let res = me
+                .fs
+                .io_handle(ino.0, fh.0)
+                .and_then(|h| me.fs.write(h, offset, data));
+            me.fs.modified(ino.0);
+            me.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
+        });
     }
 
     fn flush(
@@ -576,15 +691,17 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let t = Instant::now();
-        if fh.0 == 0 {
-            // A zero-message open: writes already reached the backend
-            // synchronously; ENOSYS stops further FLUSH messages.
-            reply.error(Errno::ENOSYS);
-            self.metrics.record(op::FLUSH, t, false);
-            return;
-        }
-        self.finish(op::FLUSH, t, self.fs.flush(fh.0), reply, |r, ()| r.ok());
+        self.run(move |me| {
+            let t = Instant::now();
+            if fh.0 == 0 {
+                // A zero-message open: writes already reached the backend
+                // synchronously; ENOSYS stops further FLUSH messages.
+                reply.error(Errno::ENOSYS);
+                me.metrics.record(op::FLUSH, t, false);
+                return;
+            }
+            me.finish(op::FLUSH, t, me.fs.flush(fh.0), reply, |r, ()| r.ok());
+        });
     }
 
     fn release(
@@ -599,33 +716,39 @@ impl Filesystem for FuseAdapter {
     ) {
         let t = Instant::now();
         if fh.0 != 0 {
-            self.released(fh.0);
-            self.fs.release(fh.0);
+            self.inner.released(fh.0);
+            self.inner.fs.release(fh.0);
         }
         reply.ok();
-        self.metrics.record(op::RELEASE, t, false);
+        self.inner.metrics.record(op::RELEASE, t, false);
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        let t = Instant::now();
-        let res = self
-            .fs
-            .io_handle(ino.0, fh.0)
-            .and_then(|h| self.fs.fsync(h, datasync));
-        self.finish(op::FSYNC, t, res, reply, |r, ()| r.ok());
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me
+                .fs
+                .io_handle(ino.0, fh.0)
+                .and_then(|h| me.fs.fsync(h, datasync));
+            me.finish(op::FSYNC, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let t = Instant::now();
-        self.finish(op::OPENDIR, t, self.fs.opendir(ino.0), reply, |r, o| {
-            r.opened(FileHandle(o.fh), fopen_flags(&o))
+        self.run(move |me| {
+            let t = Instant::now();
+            me.finish(op::OPENDIR, t, me.fs.opendir(ino.0), reply, |r, o| {
+                r.opened(FileHandle(o.fh), fopen_flags(&o))
+            });
         });
     }
 
     fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let t = Instant::now();
-        let res = self.fs.readdir(fh.0, offset, &mut Plain(&mut reply));
-        self.finish(op::READDIR, t, res, reply, |r, ()| r.ok());
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me.fs.readdir(fh.0, offset, &mut Plain(&mut reply));
+            me.finish(op::READDIR, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn readdirplus(
@@ -636,9 +759,11 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let t = Instant::now();
-        let res = self.fs.readdir_plus(ino.0, fh.0, offset, &mut Plus(&mut reply));
-        self.finish(op::READDIRPLUS, t, res, reply, |r, ()| r.ok());
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me.fs.readdir_plus(ino.0, fh.0, offset, &mut Plus(&mut reply));
+            me.finish(op::READDIRPLUS, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn releasedir(
@@ -650,24 +775,26 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         let t = Instant::now();
-        self.fs.releasedir(fh.0);
+        self.inner.fs.releasedir(fh.0);
         reply.ok();
-        self.metrics.record(op::RELEASEDIR, t, false);
+        self.inner.metrics.record(op::RELEASEDIR, t, false);
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         // Directory metadata is durable once the backend call returned.
         let t = Instant::now();
         reply.ok();
-        self.metrics.record(op::FSYNCDIR, t, false);
+        self.inner.metrics.record(op::FSYNCDIR, t, false);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let t = Instant::now();
-        self.finish(op::STATFS, t, self.fs.statfs(), reply, |r, s| {
-            r.statfs(
-                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-            )
+        self.run(move |me| {
+            let t = Instant::now();
+            me.finish(op::STATFS, t, me.fs.statfs(), reply, |r, s| {
+                r.statfs(
+                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+                )
+            });
         });
     }
 
@@ -681,33 +808,52 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let t = Instant::now();
-        let res = self.fs.setxattr(ino.0, name, value, flags);
-        self.finish(op::SETXATTR, t, res, reply, |r, ()| r.ok());
+        let name = name.to_owned();
+        let value = value.to_vec();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let value = &value[..];
+            let t = Instant::now();
+            let res = me.fs.setxattr(ino.0, name, value, flags);
+            me.finish(op::SETXATTR, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let t = Instant::now();
-        let res = self.fs.getxattr(ino.0, name, size);
-        self.finish(op::GETXATTR, t, res, reply, reply_xattr);
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.getxattr(ino.0, name, size);
+            me.finish(op::GETXATTR, t, res, reply, reply_xattr);
+        });
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let t = Instant::now();
-        let res = self.fs.listxattr(ino.0, size);
-        self.finish(op::LISTXATTR, t, res, reply, reply_xattr);
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me.fs.listxattr(ino.0, size);
+            me.finish(op::LISTXATTR, t, res, reply, reply_xattr);
+        });
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let t = Instant::now();
-        let res = self.fs.removexattr(ino.0, name);
-        self.finish(op::REMOVEXATTR, t, res, reply, |r, ()| r.ok());
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.removexattr(ino.0, name);
+            me.finish(op::REMOVEXATTR, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let t = Instant::now();
-        let res = self.fs.access(ino.0, mask.bits(), req.uid(), req.gid());
-        self.finish(op::ACCESS, t, res, reply, |r, ()| r.ok());
+        let who = caller(req);
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me.fs.access(ino.0, mask.bits(), who.uid, who.gid);
+            me.finish(op::ACCESS, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn create(
@@ -720,17 +866,22 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let t = Instant::now();
-        let res = self.fs.create(caller(req), parent.0, name, mode, flags);
-        self.finish(op::CREATE, t, res, reply, |r, (e, o)| {
-            *self.backing.lock().cached.entry(o.fh).or_insert((e.attr.ino, 0)) = (e.attr.ino, 1);
-            r.created(
-                &e.entry_ttl,
-                &file_attr(&e.attr),
-                Generation(e.generation),
-                FileHandle(o.fh),
-                fopen_flags(&o),
-            )
+        let who = caller(req);
+        let name = name.to_owned();
+        self.run(move |me| {
+            let name = name.as_os_str();
+            let t = Instant::now();
+            let res = me.fs.create(who, parent.0, name, mode, flags);
+            me.finish(op::CREATE, t, res, reply, |r, (e, o)| {
+                me.backing.lock().add_cached(o.fh, e.attr.ino);
+                r.created(
+                    &e.entry_ttl,
+                    &file_attr(&e.attr),
+                    Generation(e.generation),
+                    FileHandle(o.fh),
+                    fopen_flags(&o),
+                )
+            });
         });
     }
 
@@ -744,9 +895,11 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        let t = Instant::now();
-        let res = self.fs.fallocate(fh.0, offset, length, mode);
-        self.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me.fs.fallocate(fh.0, offset, length, mode);
+            me.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
+        });
     }
 
     fn lseek(
@@ -758,9 +911,11 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let t = Instant::now();
-        let res = self.fs.lseek(fh.0, offset, whence);
-        self.finish(op::LSEEK, t, res, reply, |r, o| r.offset(o));
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me.fs.lseek(fh.0, offset, whence);
+            me.finish(op::LSEEK, t, res, reply, |r, o| r.offset(o));
+        });
     }
 
     fn copy_file_range(
@@ -776,13 +931,15 @@ impl Filesystem for FuseAdapter {
         _flags: CopyFileRangeFlags,
         reply: ReplyWrite,
     ) {
-        let t = Instant::now();
-        let res = self.fs.io_handle(ino_in.0, fh_in.0).and_then(|a| {
-            let b = self.fs.io_handle(ino_out.0, fh_out.0)?;
-            self.fs.copy_file_range(a, offset_in, b, offset_out, len)
-        });
-        self.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| {
-            r.written(n.min(u32::MAX as u64) as u32)
+        self.run(move |me| {
+            let t = Instant::now();
+            let res = me.fs.io_handle(ino_in.0, fh_in.0).and_then(|a| {
+                let b = me.fs.io_handle(ino_out.0, fh_out.0)?;
+                me.fs.copy_file_range(a, offset_in, b, offset_out, len)
+            });
+            me.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| {
+                r.written(n.min(u32::MAX as u64) as u32)
+            });
         });
     }
 }

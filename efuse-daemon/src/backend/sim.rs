@@ -96,12 +96,28 @@ enum Class {
 pub struct SimBackend {
     inner: SharedBackend,
     cfg: SimConfig,
+    inflight: std::sync::atomic::AtomicU64,
+    max_inflight: std::sync::atomic::AtomicU64,
+}
+
+/// One call in flight; counts down when dropped.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl SimBackend {
     /// Wrap `inner`.
     pub fn new(inner: SharedBackend, cfg: SimConfig) -> Self {
-        Self { inner, cfg }
+        Self {
+            inner,
+            cfg,
+            inflight: std::sync::atomic::AtomicU64::new(0),
+            max_inflight: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     fn delay(&self, class: Class) -> Duration {
@@ -123,7 +139,12 @@ impl SimBackend {
     }
 
     /// Wait, then maybe fail; the inner call runs only if this returns Ok.
-    fn enter(&self, class: Class) -> Result<()> {
+    /// The returned guard counts the call as in flight until dropped.
+    fn enter(&self, class: Class) -> Result<InFlight<'_>> {
+        use std::sync::atomic::Ordering;
+        let n = self.inflight.fetch_add(1, Ordering::Relaxed) + 1;
+        self.max_inflight.fetch_max(n, Ordering::Relaxed);
+        let guard = InFlight(&self.inflight);
         let c = &self.cfg;
         let mut rng = rand::thread_rng();
         if c.stall_rate > 0.0 && rng.gen_bool(c.stall_rate) {
@@ -137,7 +158,7 @@ impl SimBackend {
         if c.error_rate > 0.0 && rng.gen_bool(c.error_rate) {
             return Err(BackendError::Injected(c.fault_errno));
         }
-        Ok(())
+        Ok(guard)
     }
 }
 
@@ -149,7 +170,7 @@ impl Backend for SimBackend {
         self.inner.root()
     }
     fn lookup(&self, parent: Ino, name: &OsStr) -> Result<Attr> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.lookup(parent, name)
     }
     fn forget(&self, ino: Ino, n: u64) {
@@ -163,90 +184,96 @@ impl Backend for SimBackend {
     fn is_remote(&self) -> bool {
         true
     }
+    fn max_concurrency(&self) -> Option<u64> {
+        Some(self.max_inflight.load(std::sync::atomic::Ordering::Relaxed))
+    }
     fn getattr(&self, ino: Ino) -> Result<Attr> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.getattr(ino)
     }
     fn batch_getattr(&self, inos: &[Ino]) -> Vec<Result<Attr>> {
-        if let Err(e) = self.enter(Class::Meta) {
-            let errno = e.to_errno();
-            return inos.iter().map(|_| Err(BackendError::Injected(errno))).collect();
-        }
+        let _call = match self.enter(Class::Meta) {
+            Ok(c) => c,
+            Err(e) => {
+                let errno = e.to_errno();
+                return inos.iter().map(|_| Err(BackendError::Injected(errno))).collect();
+            }
+        };
         inos.iter().map(|&i| self.inner.getattr(i)).collect()
     }
     fn setattr(&self, ino: Ino, fh: Option<Fh>, set: &SetAttr) -> Result<Attr> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.setattr(ino, fh, set)
     }
     fn readlink(&self, ino: Ino) -> Result<Vec<u8>> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.readlink(ino)
     }
     fn mknod(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, rdev: u32) -> Result<Attr> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.mknod(who, parent, name, mode, rdev)
     }
     fn mkdir(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32) -> Result<Attr> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.mkdir(who, parent, name, mode)
     }
     fn symlink(&self, who: Caller, parent: Ino, name: &OsStr, target: &OsStr) -> Result<Attr> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.symlink(who, parent, name, target)
     }
     fn link(&self, ino: Ino, newparent: Ino, newname: &OsStr) -> Result<Attr> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.link(ino, newparent, newname)
     }
     fn unlink(&self, parent: Ino, name: &OsStr) -> Result<()> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.unlink(parent, name)
     }
     fn rmdir(&self, parent: Ino, name: &OsStr) -> Result<()> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.rmdir(parent, name)
     }
     fn rename(&self, p: Ino, n: &OsStr, np: Ino, nn: &OsStr, flags: u32) -> Result<()> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.rename(p, n, np, nn, flags)
     }
     fn open(&self, ino: Ino, flags: i32) -> Result<Fh> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.open(ino, flags)
     }
     fn create(&self, who: Caller, p: Ino, n: &OsStr, mode: u32, flags: i32) -> Result<(Attr, Fh)> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.create(who, p, n, mode, flags)
     }
     fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>> {
-        self.enter(Class::Read(size as u64))?;
+        let _call = self.enter(Class::Read(size as u64))?;
         self.inner.read(fh, offset, size)
     }
     fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> Result<u32> {
-        self.enter(Class::Write(data.len() as u64))?;
+        let _call = self.enter(Class::Write(data.len() as u64))?;
         self.inner.write(fh, offset, data)
     }
     fn flush(&self, fh: Fh) -> Result<()> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.flush(fh)
     }
     fn fsync(&self, fh: Fh, datasync: bool) -> Result<()> {
-        self.enter(Class::Write(0))?;
+        let _call = self.enter(Class::Write(0))?;
         self.inner.fsync(fh, datasync)
     }
     fn release(&self, fh: Fh) {
         self.inner.release(fh)
     }
     fn opendir(&self, ino: Ino) -> Result<Fh> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.opendir(ino)
     }
     fn readdir(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<DirEntry>> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.readdir(dh, offset, max)
     }
     fn readdir_plus(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<(DirEntry, Attr)>> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.readdir_plus(dh, offset, max)
     }
     fn releasedir(&self, dh: Fh) {
@@ -254,43 +281,43 @@ impl Backend for SimBackend {
     }
     fn list_plus(&self, dir: Ino, max: usize) -> Result<(Vec<(DirEntry, Attr)>, bool)> {
         // One listing RPC, like a remote metadata service's "list with attrs".
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.list_plus(dir, max)
     }
     fn open_attr(&self, ino: Ino, flags: i32) -> Result<(Fh, Attr)> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.open_attr(ino, flags)
     }
     fn statfs(&self) -> Result<StatFs> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.statfs()
     }
     fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.getxattr(ino, name)
     }
     fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.setxattr(ino, name, value, flags)
     }
     fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.listxattr(ino)
     }
     fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.removexattr(ino, name)
     }
     fn fallocate(&self, fh: Fh, offset: u64, len: u64, mode: i32) -> Result<()> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.fallocate(fh, offset, len, mode)
     }
     fn lseek(&self, fh: Fh, offset: i64, whence: i32) -> Result<i64> {
-        self.enter(Class::Meta)?;
+        let _call = self.enter(Class::Meta)?;
         self.inner.lseek(fh, offset, whence)
     }
     fn copy_file_range(&self, a: Fh, oa: u64, b: Fh, ob: u64, len: u64) -> Result<u64> {
-        self.enter(Class::Write(len))?;
+        let _call = self.enter(Class::Write(len))?;
         self.inner.copy_file_range(a, oa, b, ob, len)
     }
     fn backing_file(&self, _fh: Fh) -> Option<Arc<File>> {
