@@ -613,10 +613,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let out = crate::daemon::absolute(&args.out)?;
     fs::create_dir_all(out.join("logs"))?;
+    // Everything the bench creates and deletes lives in a directory of its
+    // own, never in the user's --work-dir itself.
     let work = match &args.work_dir {
         Some(w) => crate::daemon::absolute(w)?,
-        None => std::env::temp_dir().join("efuse-bench"),
-    };
+        None => std::env::temp_dir(),
+    }
+    .join("efuse-bench");
     // A previous run's mounts are stale: clear them before reusing the tree.
     if let Ok(entries) = fs::read_dir(work.join("mnt")) {
         for e in entries.flatten() {
@@ -711,6 +714,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         r.vs_fuse = median_of(&snapshot, r.workload, fuse).map(|f| r.median_ns as f64 / f.max(1.0));
     }
     drop(targets);
+    if !args.keep {
+        let _ = fs::remove_dir_all(&work);
+    }
     let report = Report {
         date: chrono_like_now(),
         kernel: fs::read_to_string("/proc/sys/kernel/osrelease")

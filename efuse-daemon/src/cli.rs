@@ -65,9 +65,12 @@ pub struct BenchArgs {
     /// Where results.md, results.json and the plots go.
     #[arg(long, default_value = "bench-out")]
     pub out: PathBuf,
-    /// Scratch directory for the dataset and mount points [default: $TMPDIR/efuse-bench].
+    /// Where the bench makes its scratch directory `efuse-bench/` (dataset, mount points) [default: $TMPDIR].
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
+    /// Keep the dataset in the scratch directory afterwards.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `efuse stats`.

@@ -203,7 +203,11 @@ pub fn serve(state: Arc<ControlState>) -> anyhow::Result<PathBuf> {
                             .name("efuse-control-conn".into())
                             .spawn(move || handle(&st, c));
                     }
-                    Err(e) => tracing::warn!("control socket: {e}"),
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        tracing::warn!("control socket: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             }
         })?;

@@ -530,6 +530,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     };
     let fs = Arc::new(EfuseFs::new(backend, cfg.offload, cfg.kernel.clone()));
     let k = &cfg.kernel;
+    let mut staging_dir = None;
     if fs.backend().is_remote() && k.passthrough && k.staging_max_mib > 0 {
         let dir = k
             .staging_dir
@@ -539,6 +540,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             Ok(s) => {
                 tracing::info!(dir = %dir.display(), "staging remote files locally for passthrough");
                 fs.set_staging(s);
+                staging_dir = Some(dir);
             }
             Err(e) => {
                 tracing::warn!("no local staging ({e:#}); remote files are read through the page cache")
@@ -551,7 +553,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let session = fuser::Session::new(adapter, mp, &fuse_config(cfg))
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
     let dev = connection_of(mp).unwrap_or(0);
-    fs.set_notifier(Box::new(session.notifier()));
+    fs.set_notifier(Arc::new(session.notifier()));
     if cfg.kernel.watch {
         let f = fs.clone();
         let sink: crate::backend::ChangeSink = Arc::new(move |ev| match ev {
@@ -643,6 +645,10 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         r.write_all(b"ready\n")?;
     }
     let res = session.run();
+    // Staged copies are not trusted by a later daemon: free the space now.
+    if let Some(dir) = staging_dir {
+        let _ = fs::remove_dir_all(dir);
+    }
     let _ = fs::remove_file(record_path(mp));
     let _ = fs::remove_file(socket);
     tracing::info!(mountpoint = %mp.display(), "unmounted; daemon exiting");

@@ -167,6 +167,26 @@ impl CachePolicy {
     }
 }
 
+/// Seven eighths of the descriptor limit, read once at start: the rest is
+/// for handles, the control socket and lookups that arrive while the kernel
+/// is still dropping entries.
+fn fd_budget() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer.
+    let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur
+    } else {
+        1024
+    };
+    (cur as usize).saturating_mul(7) / 8
+}
+
+/// Shared backend handles kept for zero-message opens, at most.
+const MAX_INODE_HANDLES: usize = 1024;
+
 /// Directory entries are fetched from the backend in batches of this size.
 const READDIR_BATCH: usize = 256;
 
@@ -178,8 +198,14 @@ pub struct EfuseFs {
     tier: parking_lot::RwLock<(Offload, CachePolicy)>,
     /// Zero-message opens: one backend handle per inode, opened on first
     /// use and closed when the kernel forgets the inode.
-    inode_handles: parking_lot::Mutex<std::collections::HashMap<u64, Fh>>,
-    notifier: std::sync::OnceLock<Box<dyn KernelNotifier>>,
+    inode_handles: parking_lot::Mutex<std::collections::HashMap<u64, (Fh, u64)>>,
+    handle_clock: std::sync::atomic::AtomicU64,
+    /// Last time the kernel was asked to drop entries for lack of descriptors.
+    pressure: parking_lot::Mutex<Option<std::time::Instant>>,
+    notifier: std::sync::OnceLock<Arc<dyn KernelNotifier>>,
+    /// Inodes the kernel may hold before we ask it to drop some (7/8 of the
+    /// descriptor limit: the dir backend holds one each).
+    fd_budget: usize,
     /// Metadata cache with batched prefetch (remote backends only).
     meta: Option<crate::cache::MetaCache>,
     /// Local copies for passthrough on remote backends.
@@ -206,6 +232,9 @@ impl EfuseFs {
             kernel_cfg,
             tier: parking_lot::RwLock::new((tier, policy)),
             inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            handle_clock: std::sync::atomic::AtomicU64::new(0),
+            pressure: parking_lot::Mutex::new(None),
+            fd_budget: fd_budget(),
             notifier: std::sync::OnceLock::new(),
         }
     }
@@ -254,7 +283,7 @@ impl EfuseFs {
     }
 
     /// Install the kernel notifier (once the session exists).
-    pub fn set_notifier(&self, n: Box<dyn KernelNotifier>) {
+    pub fn set_notifier(&self, n: Arc<dyn KernelNotifier>) {
         let _ = self.notifier.set(n);
     }
 
@@ -379,7 +408,7 @@ impl EfuseFs {
                 crate::cache::Cached::Unknown => {}
             }
         }
-        let a = self.backend.lookup(self.b(parent), name)?;
+        let a = self.pinning(|| self.backend.lookup(self.b(parent), name))?;
         Ok(self.entry(parent, name, a))
     }
 
@@ -396,7 +425,7 @@ impl EfuseFs {
         let n = self.inodes.forget(ino, n);
         if n > 0 {
             if self.inodes.nlookup(ino) == 0
-                && let Some(h) = self.inode_handles.lock().remove(&ino)
+                && let Some((h, _)) = self.inode_handles.lock().remove(&ino)
             {
                 self.backend.release(h);
             }
@@ -545,15 +574,35 @@ impl EfuseFs {
         })
     }
 
-    /// The handle for I/O: the open's own, or with zero-message opens
-    /// (`fh == 0`) the inode's shared handle, opened on first use.
-    pub fn io_handle(&self, ino: u64, fh: Fh) -> FsResult<Fh> {
+    /// Run `f` with the handle for I/O: the open's own, or with
+    /// zero-message opens (`fh == 0`) the inode's shared handle, opened on
+    /// first use. Shared handles are bounded (least recently used closed);
+    /// one closed under a concurrent call is reopened and the call retried.
+    pub fn with_io<T>(&self, ino: u64, fh: Fh, f: impl Fn(Fh) -> FsResult<T>) -> FsResult<T> {
         if fh != 0 {
-            return Ok(fh);
+            return f(fh);
         }
+        let h = self.inode_handle(ino)?;
+        match f(h) {
+            Err(FsError::Backend(BackendError::Stale(_))) => {
+                let mut handles = self.inode_handles.lock();
+                if handles.get(&ino).is_some_and(|(x, _)| *x == h) {
+                    handles.remove(&ino);
+                }
+                drop(handles);
+                f(self.inode_handle(ino)?)
+            }
+            r => r,
+        }
+    }
+
+    fn inode_handle(&self, ino: u64) -> FsResult<Fh> {
+        use std::sync::atomic::Ordering;
+        let now = self.handle_clock.fetch_add(1, Ordering::Relaxed);
         let mut handles = self.inode_handles.lock();
-        if let Some(&h) = handles.get(&ino) {
-            return Ok(h);
+        if let Some((h, used)) = handles.get_mut(&ino) {
+            *used = now;
+            return Ok(*h);
         }
         let b = self.b(ino);
         let h = match self.backend.open(b, libc::O_RDWR) {
@@ -561,8 +610,69 @@ impl EfuseFs {
             // Read-only file or backend: reads still work.
             Err(_) => self.backend.open(b, libc::O_RDONLY)?,
         };
-        handles.insert(ino, h);
+        handles.insert(ino, (h, now));
+        if handles.len() > MAX_INODE_HANDLES
+            && let Some((&old, &(oh, _))) = handles.iter().min_by_key(|(_, (_, used))| *used)
+        {
+            handles.remove(&old);
+            self.backend.release(oh);
+        }
         Ok(h)
+    }
+
+    /// Descriptors are short: ask the kernel, from a thread of its own, to
+    /// drop entries it caches from us down to 3/4 of the budget, so that their
+    /// FORGETs free descriptors (at most every 20 ms). Never from the
+    /// request's thread: the kernel may hold the directory lock the
+    /// invalidation needs until this request is answered.
+    fn relieve_fd_pressure(&self, force: bool) {
+        {
+            let mut last = self.pressure.lock();
+            if !force && last.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
+                return;
+            }
+            if last.is_none() {
+                tracing::warn!(
+                    budget = self.fd_budget,
+                    "running short of file descriptors (one per inode the kernel holds); asking the \
+                     kernel to drop unused cached entries. Raise LimitNOFILE / ulimit -n for large trees"
+                );
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        let Some(n) = self.notifier.get().cloned() else {
+            return;
+        };
+        let known = self.inodes.snapshot();
+        // Down to three quarters of the budget, so that lookups have room
+        // until the FORGETs come back.
+        let take = known.len().saturating_sub(self.fd_budget * 3 / 4).max(1);
+        let _ = std::thread::Builder::new()
+            .name("efuse-relief".into())
+            .spawn(move || {
+                for (_, names) in known.into_iter().take(take) {
+                    for (parent, name) in names {
+                        n.inval_entry(parent, &name);
+                    }
+                }
+            });
+    }
+
+    /// A backend call that pins a new inode; retried once after relieving
+    /// descriptor pressure.
+    fn pinning<T>(&self, f: impl Fn() -> crate::backend::Result<T>) -> crate::backend::Result<T> {
+        if self.inodes.len() > self.fd_budget {
+            self.relieve_fd_pressure(false);
+        }
+        // No waiting here on failure: the kernel holds this directory's
+        // lock until we answer, and the relief needs it.
+        let r = f();
+        if let Err(e) = &r
+            && matches!(e.to_errno(), libc::EMFILE | libc::ENFILE)
+        {
+            self.relieve_fd_pressure(true);
+        }
+        r
     }
 
     /// Create and open a file.

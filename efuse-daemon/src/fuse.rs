@@ -650,10 +650,7 @@ impl Filesystem for FuseAdapter {
     ) {
         self.run(move |me| {
             let t = Instant::now();
-            let res = me
-                .fs
-                .io_handle(ino.0, fh.0)
-                .and_then(|h| me.fs.read(h, offset, size));
+            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.read(h, offset, size));
             me.finish(op::READ, t, res, reply, |r, v| r.data(&v));
         });
     }
@@ -674,10 +671,7 @@ impl Filesystem for FuseAdapter {
         self.run(move |me| {
             let data = &data[..];
             let t = Instant::now();
-            let res = me
-                .fs
-                .io_handle(ino.0, fh.0)
-                .and_then(|h| me.fs.write(h, offset, data));
+            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.write(h, offset, data));
             me.fs.modified(ino.0);
             me.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
         });
@@ -726,10 +720,7 @@ impl Filesystem for FuseAdapter {
     fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
         self.run(move |me| {
             let t = Instant::now();
-            let res = me
-                .fs
-                .io_handle(ino.0, fh.0)
-                .and_then(|h| me.fs.fsync(h, datasync));
+            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.fsync(h, datasync));
             me.finish(op::FSYNC, t, res, reply, |r, ()| r.ok());
         });
     }
@@ -888,7 +879,7 @@ impl Filesystem for FuseAdapter {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -897,7 +888,9 @@ impl Filesystem for FuseAdapter {
     ) {
         self.run(move |me| {
             let t = Instant::now();
-            let res = me.fs.fallocate(fh.0, offset, length, mode);
+            let res = me
+                .fs
+                .with_io(ino.0, fh.0, |h| me.fs.fallocate(h, offset, length, mode));
             me.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
         });
     }
@@ -905,7 +898,7 @@ impl Filesystem for FuseAdapter {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
@@ -913,7 +906,7 @@ impl Filesystem for FuseAdapter {
     ) {
         self.run(move |me| {
             let t = Instant::now();
-            let res = me.fs.lseek(fh.0, offset, whence);
+            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.lseek(h, offset, whence));
             me.finish(op::LSEEK, t, res, reply, |r, o| r.offset(o));
         });
     }
@@ -933,9 +926,10 @@ impl Filesystem for FuseAdapter {
     ) {
         self.run(move |me| {
             let t = Instant::now();
-            let res = me.fs.io_handle(ino_in.0, fh_in.0).and_then(|a| {
-                let b = me.fs.io_handle(ino_out.0, fh_out.0)?;
-                me.fs.copy_file_range(a, offset_in, b, offset_out, len)
+            let res = me.fs.with_io(ino_in.0, fh_in.0, |a| {
+                me.fs.with_io(ino_out.0, fh_out.0, |b| {
+                    me.fs.copy_file_range(a, offset_in, b, offset_out, len)
+                })
             });
             me.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| {
                 r.written(n.min(u32::MAX as u64) as u32)

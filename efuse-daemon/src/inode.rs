@@ -141,6 +141,16 @@ impl InodeTable {
         self.known.lock().get(&ino).map_or(0, |k| k.nlookup)
     }
 
+    /// Number of inodes the kernel holds (O(1)).
+    pub fn len(&self) -> usize {
+        self.known.lock().len()
+    }
+
+    /// True if the kernel holds no inode but the root.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     /// Number of inodes the kernel holds, and the sum of their counts.
     pub fn totals(&self) -> (usize, u64) {
         let known = self.known.lock();

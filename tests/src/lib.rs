@@ -132,11 +132,25 @@ impl TestMount {
             )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
-        // SAFETY: only async-signal-safe fcntl between fork and exec.
+        // A test may cap the daemon's descriptors (both limits, so it
+        // cannot raise them) with the pseudo variable `__NOFILE`.
+        let nofile: Option<u64> = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "__NOFILE")
+            .and_then(|(_, v)| v.parse().ok());
+        // SAFETY: only async-signal-safe fcntl/setrlimit between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
                 let flags = libc::fcntl(wr_fd, libc::F_GETFD);
                 libc::fcntl(wr_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                if let Some(n) = nofile {
+                    let lim = libc::rlimit {
+                        rlim_cur: n,
+                        rlim_max: n,
+                    };
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+                }
                 Ok(())
             });
         }

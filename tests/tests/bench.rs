@@ -11,6 +11,9 @@ use efuse_tests::efuse;
 fn quick_bench_writes_table_json_and_plots() {
     let out = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
+    // The bench may only touch its own subdirectory of --work-dir.
+    fs::write(work.path().join("keep-me"), b"user data").unwrap();
+    fs::create_dir(work.path().join("data")).unwrap();
     let (code, stdout, stderr) = efuse(&[
         OsStr::new("bench"),
         OsStr::new("--quick"),
@@ -61,6 +64,12 @@ fn quick_bench_writes_table_json_and_plots() {
     }
     // Every mount the bench made is gone.
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert_eq!(fs::read(work.path().join("keep-me")).unwrap(), b"user data");
+    assert!(work.path().join("data").is_dir());
+    assert!(
+        !work.path().join("efuse-bench").exists(),
+        "scratch directory left behind"
+    );
     assert!(
         !info.contains(work.path().to_str().unwrap()),
         "bench left a mount behind"

@@ -339,6 +339,16 @@ fn zero_message_opens() {
     drop(f);
     assert_eq!(&fs::read(m.b("small")).unwrap()[..4], b"new!");
     assert_eq!(&fs::read(m.m("small")).unwrap()[..4], b"new!");
+    // fallocate and SEEK_DATA/SEEK_HOLE go through the inode's handle too.
+    let f = OpenOptions::new().write(true).open(m.m("small")).unwrap();
+    let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 1 << 20) };
+    assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+    assert_eq!(fs::metadata(m.b("small")).unwrap().len(), 1 << 20);
+    let off = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), 0, libc::SEEK_HOLE) };
+    let b = File::open(m.b("small")).unwrap();
+    let want = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&b), 0, libc::SEEK_HOLE) };
+    assert!(want > 0);
+    assert_eq!(off, want, "SEEK_HOLE through the mount and on the backing file");
 }
 
 #[test]
@@ -458,4 +468,55 @@ fn remote_backend_calls_run_concurrently() {
     // With 4 FUSE threads, calls beyond 4 at once only happen because the
     // backend work runs on the I/O pool.
     assert!(max > 4, "at most {max} backend calls were in flight at once");
+}
+
+#[test]
+fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
+    // The dir backend holds a descriptor per inode the kernel knows; with a
+    // cap of 256 the daemon must get the kernel to forget unused entries.
+    // A burst faster than the kernel can forget may see EMFILE, and nothing
+    // else; afterwards the mount recovers.
+    let m = TestMount::with_args_env(&["--offload", "kernel"], &[("__NOFILE", "256")]);
+    for i in 0..1000 {
+        fs::write(m.b(format!("f{i}")), b"x").unwrap();
+    }
+    settle();
+    let mut failed = Vec::new();
+    for i in 0..1000 {
+        if let Err(e) = fs::metadata(m.m(format!("f{i}"))) {
+            assert_eq!(e.raw_os_error(), Some(libc::EMFILE), "f{i}: {e}");
+            failed.push(i);
+        }
+    }
+    assert!(
+        failed.len() < 1000 - 256,
+        "{} of 1000 lookups failed",
+        failed.len()
+    );
+    // The kernel was made to drop entries, far below what it looked up.
+    // (The control socket itself needs a descriptor: ask until it answers.)
+    let mut held = u64::MAX;
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let (code, out, _) = efuse(&[
+                std::ffi::OsStr::new("stats"),
+                std::ffi::OsStr::new("--json"),
+                m.mnt().as_os_str(),
+            ]);
+            if code == 0 {
+                let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+                held = v["inodes"][0].as_u64().unwrap();
+            }
+            held < 256
+        }),
+        "the kernel still holds {held} inodes"
+    );
+    // Every file that failed in the burst is reachable again.
+    for i in failed {
+        assert!(
+            eventually(Duration::from_secs(5), || fs::metadata(m.m(format!("f{i}")))
+                .is_ok()),
+            "f{i} stays unreachable"
+        );
+    }
 }
