@@ -296,9 +296,9 @@ fn bpf_missing_message() -> String {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "--offload bpf needs the efuse BPF hook for FUSE (struct_ops `fuse_bpf_ops`), which Linux {} does not \
-         have: mainline has no hook that lets BPF answer a FUSE request. It comes as a kernel patch \
-         (kernel/ in the efuse repository, for Linux 6.12). On a stock kernel use --offload kernel \
-         (or auto, which picks it)",
+         have: mainline has no hook that lets BPF answer a FUSE request, and efuse's kernel patch \
+         adding one is not released yet. On a stock kernel use --offload kernel (or auto, which \
+         picks it)",
         release.trim()
     )
 }
