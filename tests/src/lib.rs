@@ -53,6 +53,8 @@ pub struct TestMount {
     pub connection: u32,
     extra: Vec<String>,
     env: Vec<(String, String)>,
+    /// The config file, kept for restarts.
+    config: Option<tempfile::NamedTempFile>,
 }
 
 /// Kernel dev_t of the filesystem holding `p` (major << 20 | minor).
@@ -93,6 +95,18 @@ impl TestMount {
         Self::with_args_env(extra, &[])
     }
 
+    /// Mount with a TOML config file holding `toml`, plus extra arguments.
+    pub fn with_config(toml: &str, extra: &[&str]) -> Self {
+        let cfg = tempfile::NamedTempFile::new().expect("config file");
+        fs::write(cfg.path(), toml).expect("write config");
+        let path = cfg.path().to_str().expect("utf-8 temp path").to_string();
+        let mut args = vec!["--config", path.as_str()];
+        args.extend_from_slice(extra);
+        let mut m = Self::with_args(&args);
+        m.config = Some(cfg);
+        m
+    }
+
     /// Mount with extra arguments and environment variables for the daemon.
     pub fn with_args_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
@@ -110,6 +124,7 @@ impl TestMount {
             connection: 0,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            config: None,
         };
         m.start();
         m

@@ -403,16 +403,13 @@ fn remote_backend_prefetches_a_directory_on_first_miss() {
 #[test]
 fn remote_files_are_staged_locally_for_passthrough() {
     let staging = tempfile::tempdir().unwrap();
-    let cfg = tempfile::NamedTempFile::new().unwrap();
-    fs::write(
-        cfg.path(),
-        format!(
+    let m = TestMount::with_config(
+        &format!(
             "backend = \"sim\"\noffload = \"kernel\"\n[kernel]\nstaging_dir = \"{}\"\n[sim]\nmeta_us = 100\n",
             staging.path().display()
         ),
-    )
-    .unwrap();
-    let m = TestMount::with_args(&["--config", cfg.path().to_str().unwrap()]);
+        &[],
+    );
     let data: Vec<u8> = (0..3 << 20).map(|i| (i % 253) as u8).collect();
     fs::write(m.b("model.bin"), &data).unwrap();
     settle();
@@ -444,13 +441,10 @@ fn remote_files_are_staged_locally_for_passthrough() {
 #[test]
 fn remote_backend_calls_run_concurrently() {
     // Plain FUSE over a slow remote backend: every stat is a backend call.
-    let cfg = tempfile::NamedTempFile::new().unwrap();
-    fs::write(
-        cfg.path(),
+    let m = TestMount::with_config(
         "backend = \"sim\"\nthreads = 4\n[sim]\nmeta_us = 50000\njitter = 0.0\n",
-    )
-    .unwrap();
-    let m = TestMount::with_args(&["--config", cfg.path().to_str().unwrap()]);
+        &[],
+    );
     for i in 0..32 {
         fs::write(m.b(format!("f{i}")), b"x").unwrap();
     }

@@ -719,9 +719,10 @@ fn mem_backend_serves_a_tree() {
 
 #[test]
 fn sim_backend_injects_errors_without_losing_data() {
-    let cfg = tempfile::NamedTempFile::new().unwrap();
-    fs::write(cfg.path(), "backend = \"sim\"\n[sim]\nmeta_us = 0\nsmall_read_us = 0\nwrite_us = 0\nerror_rate = 1.0\nfault_errno = 5\n").unwrap();
-    let m = TestMount::with_args(&["--config", cfg.path().to_str().unwrap()]);
+    let m = TestMount::with_config(
+        "backend = \"sim\"\n[sim]\nmeta_us = 0\nsmall_read_us = 0\nwrite_us = 0\nerror_rate = 1.0\nfault_errno = 5\n",
+        &[],
+    );
     fs::write(m.b("f"), b"kept").unwrap();
     let e = fs::metadata(m.m("f")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EIO));

@@ -9,14 +9,8 @@ use std::io::Read;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use efuse_tests::{TestMount, efuse};
+use efuse_tests::{TestMount, efuse, mount_stats};
 use serde_json::Value;
-
-fn stats(mnt: &Path) -> Value {
-    let (code, out, err) = efuse(&[OsStr::new("stats"), OsStr::new("--json"), mnt.as_os_str()]);
-    assert_eq!(code, 0, "efuse stats failed: {err}");
-    serde_json::from_str(&out).expect("stats json")
-}
 
 /// opcode name -> (kernel upcalls, daemon count)
 fn counts(v: &Value) -> BTreeMap<String, (u64, u64)> {
@@ -37,7 +31,7 @@ const EXACT: [&str; 5] = ["LOOKUP", "GETATTR", "OPEN", "READ", "RELEASE"];
 fn settled(mnt: &Path) -> (Value, BTreeMap<String, (u64, u64)>) {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v = stats(mnt);
+        let v = mount_stats(mnt);
         let c = counts(&v);
         let agree = EXACT.iter().all(|op| c.get(*op).is_none_or(|(k, d)| k == d));
         if agree || Instant::now() > deadline {
@@ -125,8 +119,8 @@ fn two_mounts_are_counted_separately() {
         assert!(c["LOOKUP"].0 >= min_lookups);
     }
     let (la, lb) = (
-        counts(&stats(&a.mnt()))["LOOKUP"].0,
-        counts(&stats(&b.mnt()))["LOOKUP"].0,
+        counts(&mount_stats(&a.mnt()))["LOOKUP"].0,
+        counts(&mount_stats(&b.mnt()))["LOOKUP"].0,
     );
     assert!(la < lb, "mount a {la} lookups, mount b {lb}");
 }
@@ -209,7 +203,7 @@ fn unmount_leaves_no_programs_or_maps() {
 fn trace_off_mounts_and_says_so() {
     let m = TestMount::with_args(&["--trace", "off"]);
     fs::write(m.m("f"), b"x").unwrap();
-    let v = stats(&m.mnt());
+    let v = mount_stats(&m.mnt());
     assert_eq!(v["trace"]["enabled"], false);
     assert!(v["trace"]["reason"].as_str().unwrap().contains("--trace off"));
     assert!(v["kernel"].as_array().unwrap().is_empty());
@@ -223,20 +217,17 @@ fn trace_off_mounts_and_says_so() {
 
 #[test]
 fn slow_requests_reach_the_ring_buffer() {
-    let cfg = tempfile::NamedTempFile::new().unwrap();
     // Every metadata op takes ~3 ms in the sim backend; the threshold is 1 ms.
-    fs::write(
-        cfg.path(),
+    let m = TestMount::with_config(
         "backend = \"sim\"\ntrace_slow_us = 1000\n[sim]\nmeta_us = 3000\njitter = 0.0\n",
-    )
-    .unwrap();
-    let m = TestMount::with_args(&["--config", cfg.path().to_str().unwrap()]);
+        &[],
+    );
     for _ in 0..10 {
         let _ = fs::metadata(m.m("nothing-here"));
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let v = stats(&m.mnt());
+        let v = mount_stats(&m.mnt());
         if v["trace"]["events"].as_u64().unwrap() >= 10 {
             assert_eq!(v["trace"]["dropped"], 0);
             break;
