@@ -200,7 +200,7 @@ fn demo() -> anyhow::Result<()> {
         .arg("mount")
         .arg(&src)
         .arg(&mnt)
-        .args(["--offload", "off"]))?;
+        .args(["--offload", "kernel"]))?;
     let res = (|| -> anyhow::Result<()> {
         run(Command::new("ls").arg("-la").arg(mnt.join("docs")))?;
         run(Command::new("cat").arg(mnt.join("docs/hello.txt")))?;
@@ -210,6 +210,11 @@ fn demo() -> anyhow::Result<()> {
             std::fs::read_to_string(src.join("docs/written.txt"))?.trim()
         );
         run(Command::new(&efuse).arg("status"))?;
+        // Ten more stats of the same file: the kernel answers them itself.
+        for _ in 0..10 {
+            std::fs::metadata(mnt.join("docs/hello.txt"))?;
+        }
+        run(Command::new(&efuse).arg("stats").arg(&mnt))?;
         Ok(())
     })();
     run(Command::new(&efuse).arg("umount").arg(&mnt))?;
