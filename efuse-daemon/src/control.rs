@@ -103,7 +103,7 @@ impl ControlState {
                 Err(e) => tracing::warn!("reading trace maps: {e:#}"),
             }
             trace.dropped = t.dropped().unwrap_or(0);
-            trace.events = t.events().0;
+            trace.events = t.events_seen();
         }
         MountStats {
             mountpoint: self.mountpoint.clone(),

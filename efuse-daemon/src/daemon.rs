@@ -224,7 +224,7 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
     }
     match cfg.offload {
         Offload::Off | Offload::Kernel | Offload::Auto => {}
-        Offload::Bpf => bail!("{}", bpf_missing_message()),
+        Offload::Bpf => bail!("{}", bpf_tier_refusal()),
     }
     if let Some(m) = mounted_at(mp)? {
         let dead = m.fstype == "fuse.efuse" && connection_dead(mp);
@@ -289,10 +289,6 @@ pub fn bpf_hook_available() -> bool {
 
 /// Why `bpf` cannot be used here.
 pub fn bpf_tier_refusal() -> String {
-    bpf_missing_message()
-}
-
-fn bpf_missing_message() -> String {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
         "--offload bpf needs the efuse BPF hook for FUSE (struct_ops `fuse_bpf_ops`), which Linux {} does not \

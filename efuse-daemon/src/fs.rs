@@ -892,6 +892,15 @@ mod tests {
     use super::*;
     use crate::backend::mem::MemBackend;
 
+    /// A plain-FUSE (`off`) filesystem over an empty in-memory tree.
+    fn mem_fs() -> EfuseFs {
+        EfuseFs::new(
+            Arc::new(MemBackend::new()),
+            Offload::Off,
+            KernelTierConfig::default(),
+        )
+    }
+
     struct Collect(Vec<(u64, String)>, usize);
     impl DirPlusReplier for Collect {
         fn add(&mut self, e: &Entry, _next: u64, name: &OsStr) -> bool {
@@ -905,11 +914,7 @@ mod tests {
 
     #[test]
     fn readdirplus_counts_only_what_fits() {
-        let fs = EfuseFs::new(
-            Arc::new(MemBackend::new()),
-            Offload::Off,
-            KernelTierConfig::default(),
-        );
+        let fs = mem_fs();
         for i in 0..10 {
             let e = fs
                 .mkdir(Caller::default(), 1, OsStr::new(&format!("d{i}")), 0o755)
@@ -933,11 +938,7 @@ mod tests {
 
     #[test]
     fn access_follows_mode_bits() {
-        let fs = EfuseFs::new(
-            Arc::new(MemBackend::new()),
-            Offload::Off,
-            KernelTierConfig::default(),
-        );
+        let fs = mem_fs();
         let who = Caller {
             uid: 1000,
             gid: 1000,
@@ -961,11 +962,7 @@ mod tests {
 
     #[test]
     fn root_is_inode_one() {
-        let fs = EfuseFs::new(
-            Arc::new(MemBackend::new()),
-            Offload::Off,
-            KernelTierConfig::default(),
-        );
+        let fs = mem_fs();
         let (a, ttl) = fs.getattr(1).unwrap();
         assert_eq!(a.ino, 1);
         assert_eq!(a.kind, FileKind::Dir);
@@ -974,11 +971,7 @@ mod tests {
 
     #[test]
     fn xattr_size_then_data_then_erange() {
-        let fs = EfuseFs::new(
-            Arc::new(MemBackend::new()),
-            Offload::Off,
-            KernelTierConfig::default(),
-        );
+        let fs = mem_fs();
         fs.setxattr(1, OsStr::new("user.k"), b"value", 0).unwrap();
         assert_eq!(
             fs.getxattr(1, OsStr::new("user.k"), 0).unwrap(),

@@ -67,8 +67,6 @@ pub struct Negotiated {
     pub passthrough: AtomicBool,
     /// Passthrough was refused at run time; page cache used instead.
     pub passthrough_refused: AtomicBool,
-    /// READDIRPLUS granted.
-    pub readdirplus: AtomicBool,
 }
 
 /// fuser's `Filesystem` over an [`EfuseFs`](crate::fs::EfuseFs).
@@ -418,12 +416,8 @@ impl Filesystem for FuseAdapter {
             want.push(("writeback cache", InitFlags::FUSE_WRITEBACK_CACHE));
         }
         for (what, cap) in want {
-            match config.add_capabilities(cap) {
-                Ok(()) if cap == InitFlags::FUSE_DO_READDIRPLUS => {
-                    self.inner.negotiated.readdirplus.store(true, Ordering::Relaxed)
-                }
-                Ok(()) => {}
-                Err(_) => tracing::info!("the kernel does not offer {what}; continuing without it"),
+            if config.add_capabilities(cap).is_err() {
+                tracing::info!("the kernel does not offer {what}; continuing without it");
             }
         }
         // EFUSE_DISABLE_PASSTHROUGH=1 behaves as a kernel without

@@ -86,7 +86,6 @@ pub struct Tracer {
     dev: u32,
     slow_ns: u64,
     events_seen: u64,
-    recent: Vec<TraceEvent>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -193,7 +192,6 @@ impl Tracer {
             dev: 0,
             slow_ns,
             events_seen: 0,
-            recent: Vec::new(),
             _logger: logger,
         };
         tracer.write_config()?;
@@ -219,11 +217,6 @@ impl Tracer {
     pub fn set_connection(&mut self, dev: u32) -> anyhow::Result<()> {
         self.dev = dev;
         self.write_config()
-    }
-
-    /// The connection traced.
-    pub fn connection(&self) -> u32 {
-        self.dev
     }
 
     /// Per-opcode statistics of our connection, summed over CPUs.
@@ -286,19 +279,15 @@ impl Tracer {
                 unique = ev.unique,
                 "slow FUSE request"
             );
-            if self.recent.len() >= 32 {
-                self.recent.remove(0);
-            }
-            self.recent.push(ev);
             n += 1;
         }
         self.events_seen += n as u64;
         Ok(n)
     }
 
-    /// Events seen so far and the most recent ones.
-    pub fn events(&self) -> (u64, &[TraceEvent]) {
-        (self.events_seen, &self.recent)
+    /// Slow-request events seen so far.
+    pub fn events_seen(&self) -> u64 {
+        self.events_seen
     }
 }
 

@@ -20,7 +20,7 @@ use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -67,7 +67,6 @@ const WATCH_MASK: nix::sys::inotify::AddWatchFlags = nix::sys::inotify::AddWatch
 
 /// A local directory served as a backend. See the module docs.
 pub struct DirBackend {
-    root_path: PathBuf,
     root_ino: Ino,
     dev: u64,
     is_root_user: bool,
@@ -197,7 +196,6 @@ impl DirBackend {
             },
         );
         Ok(Self {
-            root_path: root.to_owned(),
             root_ino: st.st_ino,
             dev: st.st_dev,
             is_root_user: nix::unistd::geteuid().is_root(),
@@ -216,11 +214,6 @@ impl DirBackend {
         let b = Arc::new(Self::new(root)?);
         *b.self_weak.lock() = Some(Arc::downgrade(&b));
         Ok(b)
-    }
-
-    /// The backing directory.
-    pub fn root_path(&self) -> &Path {
-        &self.root_path
     }
 
     fn fd(&self, ino: Ino) -> Result<Arc<OwnedFd>> {
@@ -754,7 +747,6 @@ impl Backend for DirBackend {
                 });
             }
         }
-        let _ = h.ino;
         Ok(out)
     }
 

@@ -401,11 +401,10 @@ impl Backend for MemBackend {
             }
             st.children_mut(parent)?.insert(name.to_owned(), dst);
             st.children_mut(newparent)?.insert(newname.to_owned(), src);
-            for (ino, is_dir, p) in [(src, src_dir, newparent), (dst, dst_dir, parent)] {
+            for (ino, p) in [(src, newparent), (dst, parent)] {
                 if let Content::Dir { parent, .. } = &mut st.node_mut(ino)?.content {
                     *parent = p;
                 }
-                let _ = is_dir;
             }
             if src_dir != dst_dir && parent != newparent {
                 let (from, to) = if src_dir {
