@@ -625,19 +625,22 @@ fn changes_behind_the_mount_are_seen_at_once_with_offload_off() {
 fn concurrent_writers_and_readers() {
     let m = TestMount::new();
     let mnt = m.mnt();
-    // Each writer owns a file and a 64 KiB region of a shared file.
+    // Each writer owns a file and a 64 KiB region of a shared file. The
+    // files get their final size before any thread starts: a plain-FUSE
+    // reader racing a writer that *extends* a file can see zeros up to an
+    // i_size that changed mid-read (FUSE page-cache semantics, not a daemon
+    // fault), so writers rewrite in place while readers read.
     File::create(m.m("shared")).unwrap().set_len(8 * 65536).unwrap();
+    for i in 0..8u8 {
+        fs::write(m.m(format!("w{i}")), vec![i; 20_000]).unwrap();
+    }
     let writers: Vec<_> = (0..8u8)
         .map(|i| {
             let mnt = mnt.clone();
             std::thread::spawn(move || {
                 let data = vec![i; 65536];
-                // Files only grow, so a reader's view is always a prefix of
-                // the writer's bytes. (A concurrent truncate would let a
-                // plain-FUSE reader see zeros up to a stale i_size, which is
-                // FUSE's page-cache semantics, not a daemon fault.)
                 let own = mnt.join(format!("w{i}"));
-                let f = File::create(&own).unwrap();
+                let f = OpenOptions::new().write(true).open(&own).unwrap();
                 for round in 0..20 {
                     f.write_all_at(&data[round * 1000..(round + 1) * 1000], (round * 1000) as u64)
                         .unwrap();
@@ -657,7 +660,7 @@ fn concurrent_writers_and_readers() {
                 for _ in 0..50 {
                     for i in 0..8u8 {
                         if let Ok(d) = fs::read(mnt.join(format!("w{i}"))) {
-                            // A reader sees some whole prefix, never foreign bytes.
+                            // A reader never sees another writer's bytes or garbage.
                             assert!(d.iter().all(|&b| b == i), "foreign bytes in w{i}");
                         }
                     }
