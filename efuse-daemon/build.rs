@@ -20,6 +20,7 @@ fn main() -> anyhow::Result<()> {
              its BPF programs; run `cargo xtask setup` to install the eBPF toolchain"
         );
         fs::write(out_dir.join("efuse"), [])?;
+        fs::write(out_dir.join("efuse-ops"), [])?;
         return Ok(());
     }
     let root_dir = ebpf_dir.canonicalize()?;

@@ -166,6 +166,215 @@ pub mod trace {
     }
 }
 
+/// The `bpf` offload tier: struct_ops programs (`fuse_bpf_ops`, efuse's
+/// kernel patch) that answer FUSE LOOKUP and GETATTR from maps the daemon
+/// fills. The layouts of [`NameKey`], [`FuseEntryOut`] and [`FuseAttrOut`]
+/// are the kernel's (`struct fuse_bpf_lookup_args`, `struct
+/// fuse_entry_out`, `struct fuse_attr_out`).
+pub mod ops {
+    /// Map: `(parent, name)` [`NameKey`] -> [`EntryValue`].
+    pub const MAP_ENTRIES: &str = "EFUSE_ENTRIES";
+    /// Map: nodeid `u64` -> [`AttrValue`].
+    pub const MAP_ATTRS: &str = "EFUSE_ATTRS";
+    /// Map: nodeid `u64` -> `u64` lookups answered by BPF (the kernel's
+    /// lookup count grew by this much without the daemon seeing it).
+    pub const MAP_LOOKUPS: &str = "EFUSE_LOOKUPS";
+    /// Map: ring buffer of [`MissEvent`]s.
+    pub const MAP_MISSES: &str = "EFUSE_MISSES";
+    /// Map: per-CPU array of `u64` counters, indexed by the `CTR_*` constants.
+    pub const MAP_COUNTERS: &str = "EFUSE_OPS_COUNTERS";
+
+    /// Program answering LOOKUP (member `lookup` of `fuse_bpf_ops`).
+    pub const PROG_LOOKUP: &str = "efuse_lookup";
+    /// Program answering GETATTR (member `getattr` of `fuse_bpf_ops`).
+    pub const PROG_GETATTR: &str = "efuse_getattr";
+
+    /// Size of the name buffer (the kernel's `FUSE_BPF_NAME_MAX`): names
+    /// up to 255 bytes, NUL-padded.
+    pub const NAME_MAX: usize = 256;
+
+    /// Default sizes of the maps (configurable per mount).
+    pub const DEFAULT_ENTRIES: u32 = 65_536;
+    /// See [`DEFAULT_ENTRIES`].
+    pub const DEFAULT_ATTRS: u32 = 65_536;
+    /// See [`DEFAULT_ENTRIES`].
+    pub const DEFAULT_LOOKUPS: u32 = 65_536;
+    /// Ring buffer size in bytes (power of two, multiple of the page size).
+    pub const MISSES_BYTES: u32 = 256 * 1024;
+
+    /// Counter: lookups answered.
+    pub const CTR_LOOKUP_HIT: u32 = 0;
+    /// Counter: lookups sent to the daemon (no entry, or expired).
+    pub const CTR_LOOKUP_MISS: u32 = 1;
+    /// Counter: getattrs answered.
+    pub const CTR_GETATTR_HIT: u32 = 2;
+    /// Counter: getattrs sent to the daemon.
+    pub const CTR_GETATTR_MISS: u32 = 3;
+    /// Counter: lookups sent to the daemon because the lookup-count map was full.
+    pub const CTR_LOOKUPS_FULL: u32 = 4;
+    /// Counter: miss events lost because the ring buffer was full.
+    pub const CTR_EVENTS_DROPPED: u32 = 5;
+    /// Counter: lookups whose entry the daemon removed while they ran
+    /// (count given back, sent to the daemon).
+    pub const CTR_RACES: u32 = 6;
+    /// Counter: entries or attributes found past their validity.
+    pub const CTR_EXPIRED: u32 = 7;
+    /// Number of counters.
+    pub const COUNTERS: u32 = 8;
+
+    /// FUSE opcodes carried in [`MissEvent::opcode`].
+    pub const OP_LOOKUP: u32 = 1;
+    /// See [`OP_LOOKUP`].
+    pub const OP_GETATTR: u32 = 3;
+
+    /// Key of the entry map; also the kernel's lookup arguments, byte for byte.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct NameKey {
+        /// nodeid of the directory.
+        pub parent: u64,
+        /// Length of the name.
+        pub namelen: u32,
+        /// Padding, always zero.
+        pub _pad: u32,
+        /// The name, zero-padded.
+        pub name: [u8; NAME_MAX],
+    }
+
+    impl NameKey {
+        /// The key of `name` in `parent`, or None if the name does not fit
+        /// (the kernel never asks BPF about such names).
+        pub fn new(parent: u64, name: &[u8]) -> Option<Self> {
+            if name.len() >= NAME_MAX {
+                return None;
+            }
+            let mut k = Self {
+                parent,
+                namelen: name.len() as u32,
+                _pad: 0,
+                name: [0; NAME_MAX],
+            };
+            k.name[..name.len()].copy_from_slice(name);
+            Some(k)
+        }
+    }
+
+    /// `struct fuse_attr`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FuseAttr {
+        /// Inode number.
+        pub ino: u64,
+        /// Size in bytes.
+        pub size: u64,
+        /// 512-byte blocks.
+        pub blocks: u64,
+        /// Access time, seconds.
+        pub atime: u64,
+        /// Modification time, seconds.
+        pub mtime: u64,
+        /// Change time, seconds.
+        pub ctime: u64,
+        /// Access time, nanoseconds.
+        pub atimensec: u32,
+        /// Modification time, nanoseconds.
+        pub mtimensec: u32,
+        /// Change time, nanoseconds.
+        pub ctimensec: u32,
+        /// Type and permission bits.
+        pub mode: u32,
+        /// Link count.
+        pub nlink: u32,
+        /// Owner.
+        pub uid: u32,
+        /// Group.
+        pub gid: u32,
+        /// Device number.
+        pub rdev: u32,
+        /// Preferred I/O size.
+        pub blksize: u32,
+        /// FUSE_ATTR_* flags.
+        pub flags: u32,
+    }
+
+    /// `struct fuse_entry_out`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FuseEntryOut {
+        /// Inode id (0: negative entry).
+        pub nodeid: u64,
+        /// Inode generation.
+        pub generation: u64,
+        /// Entry validity, seconds.
+        pub entry_valid: u64,
+        /// Attribute validity, seconds.
+        pub attr_valid: u64,
+        /// Entry validity, nanoseconds.
+        pub entry_valid_nsec: u32,
+        /// Attribute validity, nanoseconds.
+        pub attr_valid_nsec: u32,
+        /// Attributes.
+        pub attr: FuseAttr,
+    }
+
+    /// `struct fuse_attr_out`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FuseAttrOut {
+        /// Attribute validity, seconds.
+        pub attr_valid: u64,
+        /// Attribute validity, nanoseconds.
+        pub attr_valid_nsec: u32,
+        /// Padding.
+        pub dummy: u32,
+        /// Attributes.
+        pub attr: FuseAttr,
+    }
+
+    /// Value of the entry map. The program answers only until the
+    /// deadlines (CLOCK_MONOTONIC ns, as `bpf_ktime_get_ns`) and tells the
+    /// kernel the time left, so no answer outlives what the daemon set.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct EntryValue {
+        /// The answer; its `*_valid` fields are filled by the program.
+        pub out: FuseEntryOut,
+        /// The name -> inode binding holds until then.
+        pub entry_deadline_ns: u64,
+        /// The attributes hold until then.
+        pub attr_deadline_ns: u64,
+    }
+
+    /// Value of the attribute map.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct AttrValue {
+        /// The answer; its `attr_valid*` fields are filled by the program.
+        pub out: FuseAttrOut,
+        /// The attributes hold until then.
+        pub deadline_ns: u64,
+    }
+
+    /// A request BPF could not answer, sent up the ring buffer so the
+    /// daemon can prefetch.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct MissEvent {
+        /// [`OP_LOOKUP`] or [`OP_GETATTR`].
+        pub opcode: u32,
+        /// Padding, always zero.
+        pub _pad: u32,
+        /// Lookup: directory and name. Getattr: `parent` is the nodeid, no name.
+        pub key: NameKey,
+    }
+
+    /// Split nanoseconds left into the kernel's (seconds, nanoseconds).
+    #[inline(always)]
+    pub fn split_ns(ns: u64) -> (u64, u32) {
+        (ns / 1_000_000_000, (ns % 1_000_000_000) as u32)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     use super::trace::*;
@@ -182,6 +391,17 @@ mod pod {
     unsafe impl aya::Pod for TraceConfig {}
     // SAFETY: see above.
     unsafe impl aya::Pod for TraceEvent {}
+
+    use super::ops::{AttrValue, EntryValue, MissEvent, NameKey};
+    // SAFETY: #[repr(C)], Copy, plain integers and byte arrays with
+    // explicit padding fields: every bit pattern is valid.
+    unsafe impl aya::Pod for NameKey {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for EntryValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for AttrValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for MissEvent {}
 }
 
 #[cfg(test)]
@@ -206,5 +426,30 @@ mod tests {
         assert_eq!(core::mem::size_of::<OpStats>(), 8 * (5 + HIST_SLOTS));
         assert_eq!(core::mem::size_of::<TraceConfig>(), 16);
         assert_eq!(core::mem::size_of::<TraceEvent>(), 32);
+    }
+
+    #[test]
+    fn ops_layouts_match_the_kernel() {
+        use crate::ops::*;
+        // struct fuse_bpf_lookup_args, fuse_attr, fuse_entry_out, fuse_attr_out.
+        assert_eq!(core::mem::size_of::<NameKey>(), 16 + NAME_MAX);
+        assert_eq!(core::mem::size_of::<FuseAttr>(), 88);
+        assert_eq!(core::mem::size_of::<FuseEntryOut>(), 128);
+        assert_eq!(core::mem::size_of::<FuseAttrOut>(), 104);
+        assert_eq!(core::mem::size_of::<EntryValue>(), 144);
+        assert_eq!(core::mem::size_of::<AttrValue>(), 112);
+        assert_eq!(core::mem::size_of::<MissEvent>(), 8 + 16 + NAME_MAX);
+    }
+
+    #[test]
+    fn name_keys_are_zero_padded_and_bounded() {
+        use crate::ops::*;
+        let k = NameKey::new(7, b"abc").unwrap();
+        assert_eq!((k.parent, k.namelen), (7, 3));
+        assert_eq!(&k.name[..4], b"abc\0");
+        assert!(k.name[3..].iter().all(|b| *b == 0));
+        assert!(NameKey::new(1, &[b'x'; 255]).is_some());
+        assert!(NameKey::new(1, &[b'x'; 256]).is_none());
+        assert_eq!(split_ns(2_500_000_000), (2, 500_000_000));
     }
 }

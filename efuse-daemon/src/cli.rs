@@ -42,6 +42,9 @@ pub enum Command {
     Stats(StatsArgs),
     /// Switch a mount's offload tier at run time (no remount).
     Offload(OffloadArgs),
+    /// Load a directory tree of a `bpf`-tier mount into its BPF maps, so
+    /// its first accesses are answered in the kernel.
+    Prefetch(PrefetchArgs),
     /// Run the latency comparison: raw directory, plain FUSE, efuse tiers, peer FUSE filesystems.
     Bench(BenchArgs),
 }
@@ -54,6 +57,16 @@ pub struct OffloadArgs {
     /// The tier to switch to.
     #[arg(value_enum)]
     pub tier: Offload,
+}
+
+/// `efuse prefetch`.
+#[derive(Debug, Args, Clone)]
+pub struct PrefetchArgs {
+    /// A directory inside an efuse mount.
+    pub path: PathBuf,
+    /// Most entries to load.
+    #[arg(long, default_value_t = 65_536)]
+    pub max: usize,
 }
 
 /// `efuse bench`.

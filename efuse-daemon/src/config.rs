@@ -116,6 +116,37 @@ impl Default for KernelTierConfig {
     }
 }
 
+/// Settings of the `bpf` offload tier: sizes of the maps the programs
+/// answer from. A full map is not an error: what does not fit is answered
+/// by the daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BpfConfig {
+    /// Entries of the (parent, name) -> inode map (~420 bytes each).
+    pub entries: u32,
+    /// Entries of the inode -> attributes map (~120 bytes each).
+    pub attrs: u32,
+    /// Inodes whose BPF-answered lookups can be counted at once.
+    pub lookups: u32,
+    /// Prefetch a directory into the maps at most once per this many ms
+    /// (miss events of one directory are coalesced).
+    pub prefetch_every_ms: u64,
+    /// Entries one directory prefetch takes at most.
+    pub prefetch_max: usize,
+}
+
+impl Default for BpfConfig {
+    fn default() -> Self {
+        Self {
+            entries: efuse_common::ops::DEFAULT_ENTRIES,
+            attrs: efuse_common::ops::DEFAULT_ATTRS,
+            lookups: efuse_common::ops::DEFAULT_LOOKUPS,
+            prefetch_every_ms: 1_000,
+            prefetch_max: 65_536,
+        }
+    }
+}
+
 /// Everything a mount needs, after merging the config file and the flags.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -141,6 +172,8 @@ pub struct MountConfig {
     pub sim: SimConfig,
     /// Settings of the `kernel` tier.
     pub kernel: KernelTierConfig,
+    /// Settings of the `bpf` tier.
+    pub bpf: BpfConfig,
 }
 
 impl Default for MountConfig {
@@ -156,6 +189,7 @@ impl Default for MountConfig {
             trace_slow_us: 10_000,
             sim: SimConfig::default(),
             kernel: KernelTierConfig::default(),
+            bpf: BpfConfig::default(),
         }
     }
 }
@@ -196,6 +230,9 @@ impl MountConfig {
             bail!(
                 "kernel.zero_open and kernel.passthrough exclude each other (-o zero_open implies nopassthrough)"
             );
+        }
+        if self.bpf.entries == 0 || self.bpf.attrs == 0 || self.bpf.lookups == 0 {
+            bail!("bpf.entries, bpf.attrs and bpf.lookups must be at least 1");
         }
         for o in &self.options {
             mount_option_known(o)?;

@@ -57,6 +57,12 @@ pub struct MountStats {
     pub daemon: Vec<OpCount>,
     /// Inodes the kernel holds and the sum of their lookup counts.
     pub inodes: (usize, u64),
+    /// FORGETs beyond the lookups counted (0 when the accounting is right).
+    #[serde(default)]
+    pub excess_forgets: u64,
+    /// The bpf tier.
+    #[serde(default)]
+    pub bpf: crate::offload::BpfStats,
     /// Daemon-side metadata cache (remote backends).
     pub cache: Option<crate::cache::CacheStats>,
     /// Most backend calls in flight at once (backends that count them).
@@ -115,6 +121,8 @@ impl ControlState {
             kernel,
             daemon: self.metrics.snapshot(),
             inodes: self.fs.inodes().totals(),
+            excess_forgets: self.fs.inodes().excess_forgets(),
+            bpf: self.fs.bpf_stats(),
             cache: self.fs.cache_stats(),
             backend_max_inflight: self.fs.backend().max_concurrency(),
         }
@@ -126,6 +134,7 @@ impl ControlState {
 enum Request {
     Stats,
     Offload { tier: Offload },
+    Prefetch { path: PathBuf, max: usize },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -137,6 +146,8 @@ struct Response {
     stats: Option<MountStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     switched: Option<Switched>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    prefetched: Option<usize>,
 }
 
 /// Result of a tier switch.
@@ -157,12 +168,14 @@ impl ControlState {
     /// passthrough open keeps it until its last close).
     pub fn switch(&self, tier: Offload) -> anyhow::Result<Switched> {
         let tier = match tier {
-            Offload::Bpf => bail!("{}", crate::daemon::bpf_tier_refusal()),
+            Offload::Bpf if !crate::daemon::bpf_hook_available() => {
+                bail!("{}", crate::daemon::bpf_tier_refusal())
+            }
             Offload::Auto => crate::daemon::resolve_tier(Offload::Auto),
             t => t,
         };
         if tier == Offload::Bpf {
-            bail!("the bpf tier is detected but this efuse build does not drive it yet");
+            self.fs.attach_bpf().context("attaching the bpf tier")?;
         }
         let previous = self.fs.set_tier(tier);
         let invalidated = if tier == Offload::Off && previous != Offload::Off {
@@ -177,6 +190,34 @@ impl ControlState {
             invalidated,
         })
     }
+}
+
+impl ControlState {
+    /// Put the tree under `path` (relative to the mount root) into the bpf
+    /// tier's maps, at most `max` entries; returns how many.
+    pub fn prefetch(&self, path: &Path, max: usize) -> anyhow::Result<usize> {
+        if self.fs.tier() != Offload::Bpf || !self.fs.bpf_stats().attached {
+            bail!(
+                "prefetch fills the bpf tier's maps; this mount's offload is {}",
+                self.fs.tier()
+            );
+        }
+        let dir = self.fs.resolve(path).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {}",
+                path.display(),
+                std::io::Error::from_raw_os_error(e.to_errno())
+            )
+        })?;
+        Ok(self.fs.prefetch_tree(dir, max))
+    }
+}
+
+/// Ask the daemon of mount `mp` to prefetch `rel` (relative to the root).
+pub fn prefetch(mp: &Path, rel: &Path, max: usize) -> anyhow::Result<usize> {
+    let req = serde_json::json!({"cmd": "prefetch", "path": rel, "max": max});
+    let r = request(mp, &req.to_string())?;
+    r.prefetched.context("daemon sent no answer")
 }
 
 /// Socket path of a mount.
@@ -246,6 +287,17 @@ fn handle(state: &ControlState, conn: UnixStream) {
                 Ok(s) => Response {
                     ok: true,
                     switched: Some(s),
+                    ..Default::default()
+                },
+                Err(e) => Response {
+                    error: Some(format!("{e:#}")),
+                    ..Default::default()
+                },
+            },
+            Ok(Request::Prefetch { path, max }) => match state.prefetch(&path, max) {
+                Ok(n) => Response {
+                    ok: true,
+                    prefetched: Some(n),
                     ..Default::default()
                 },
                 Err(e) => Response {

@@ -222,9 +222,8 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
             "/dev/fuse is missing: load the FUSE module (modprobe fuse) or, in a container, pass --device /dev/fuse"
         );
     }
-    match cfg.offload {
-        Offload::Off | Offload::Kernel | Offload::Auto => {}
-        Offload::Bpf => bail!("{}", bpf_tier_refusal()),
+    if cfg.offload == Offload::Bpf && !bpf_hook_available() {
+        bail!("{}", bpf_tier_refusal());
     }
     if let Some(m) = mounted_at(mp)? {
         let dead = m.fstype == "fuse.efuse" && connection_dead(mp);
@@ -291,10 +290,10 @@ pub fn bpf_hook_available() -> bool {
 pub fn bpf_tier_refusal() -> String {
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!(
-        "--offload bpf needs the efuse BPF hook for FUSE (struct_ops `fuse_bpf_ops`), which Linux {} does not \
-         have: mainline has no hook that lets BPF answer a FUSE request, and efuse's kernel patch \
-         adding one is not released yet. On a stock kernel use --offload kernel (or auto, which \
-         picks it)",
+        "--offload bpf needs the efuse BPF hook for FUSE (struct_ops `fuse_bpf_ops`, Linux 6.12 with \
+         efuse's kernel/patches applied), which Linux {} does not have: mainline has no hook that \
+         lets BPF answer a FUSE request. Build the patched kernel with `cargo xtask kernel` (see \
+         doc/KERNEL.md), or use --offload kernel (or auto, which picks it on this kernel)",
         release.trim()
     )
 }
@@ -504,9 +503,6 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     if cfg.offload == Offload::Auto {
         cfg.offload = resolve_tier(Offload::Auto);
         tracing::info!(tier = %cfg.offload, "offload auto: picked the best tier this kernel has");
-        if cfg.offload == Offload::Bpf {
-            bail!("the bpf tier is detected but this efuse build does not drive it yet");
-        }
     }
     let cfg = &cfg;
     let backend = build_backend(cfg)?;
@@ -524,7 +520,8 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     } else {
         (None, Some("disabled (--trace off)".to_string()))
     };
-    let fs = Arc::new(EfuseFs::new(backend, cfg.offload, cfg.kernel.clone()));
+    let fs =
+        Arc::new(EfuseFs::new(backend, cfg.offload, cfg.kernel.clone()).with_bpf_config(cfg.bpf.clone()));
     let k = &cfg.kernel;
     let mut staging_dir = None;
     if fs.backend().is_remote() && k.passthrough && k.staging_max_mib > 0 {
@@ -550,6 +547,15 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
     let dev = connection_of(mp).unwrap_or(0);
     fs.set_notifier(Arc::new(session.notifier()));
+    fs.set_connection(dev);
+    if cfg.offload == Offload::Bpf
+        && let Err(e) = fs.attach_bpf()
+    {
+        // The hook exists (checked above) but loading failed: serve with
+        // the kernel tier rather than not at all.
+        tracing::error!("bpf tier unavailable, falling back to the kernel tier: {e:#}");
+        fs.set_tier(Offload::Kernel);
+    }
     if cfg.kernel.watch {
         let f = fs.clone();
         let sink: crate::backend::ChangeSink = Arc::new(move |ev| match ev {
@@ -641,6 +647,12 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         r.write_all(b"ready\n")?;
     }
     let res = session.run();
+    // Take over the programs' lookup counts before the numbers are final.
+    fs.detach_bpf();
+    let excess = fs.inodes().excess_forgets();
+    if excess > 0 {
+        tracing::error!(excess, "the kernel forgot more lookups than efuse counted");
+    }
     // Staged copies are not trusted by a later daemon: free the space now.
     if let Some(dir) = staging_dir {
         let _ = fs::remove_dir_all(dir);
@@ -691,6 +703,28 @@ pub fn offload(args: &crate::cli::OffloadArgs) -> anyhow::Result<()> {
         s.previous,
         s.current,
         s.invalidated
+    );
+    Ok(())
+}
+
+/// `efuse prefetch`: find the efuse mount holding the path and ask its daemon.
+pub fn prefetch(args: &crate::cli::PrefetchArgs) -> anyhow::Result<()> {
+    let path = fs::canonicalize(&args.path).with_context(|| format!("{}", args.path.display()))?;
+    let mut mp = path.as_path();
+    loop {
+        if mounted_at(mp)?.is_some_and(|m| m.fstype == "fuse.efuse") {
+            break;
+        }
+        mp = mp
+            .parent()
+            .with_context(|| format!("{} is not inside an efuse mount", path.display()))?;
+    }
+    let rel = path.strip_prefix(mp).unwrap_or(Path::new(""));
+    let n = crate::control::prefetch(mp, rel, args.max)?;
+    println!(
+        "efuse: {} entries of {} loaded into the BPF maps",
+        n,
+        path.display()
     );
     Ok(())
 }

@@ -149,14 +149,16 @@ impl CachePolicy {
     /// Policy of a tier.
     pub fn for_tier(tier: Offload, k: &KernelTierConfig) -> Self {
         match tier {
-            Offload::Off | Offload::Bpf => Self {
+            Offload::Off => Self {
                 entry_ttl: Duration::ZERO,
                 attr_ttl: Duration::ZERO,
                 negative_ttl: Duration::ZERO,
                 keep_cache: false,
                 passthrough: false,
             },
-            Offload::Kernel | Offload::Auto => Self {
+            // The bpf tier keeps the kernel tier's caching; its programs
+            // answer what the dcache does not hold.
+            Offload::Kernel | Offload::Bpf | Offload::Auto => Self {
                 entry_ttl: Duration::from_millis(k.entry_ttl_ms),
                 attr_ttl: Duration::from_millis(k.attr_ttl_ms),
                 negative_ttl: Duration::from_millis(k.negative_ttl_ms),
@@ -193,8 +195,15 @@ const READDIR_BATCH: usize = 256;
 /// The filesystem.
 pub struct EfuseFs {
     backend: SharedBackend,
-    inodes: InodeTable,
+    inodes: Arc<InodeTable>,
     kernel_cfg: KernelTierConfig,
+    /// What the bpf tier's maps hold (inactive unless attached).
+    mirror: crate::offload::BpfMirror,
+    /// The attached programs of the bpf tier.
+    bpf: parking_lot::Mutex<Option<crate::bpf::Attachment>>,
+    bpf_cfg: crate::config::BpfConfig,
+    /// FUSE connection number, once mounted.
+    connection: std::sync::OnceLock<u32>,
     tier: parking_lot::RwLock<(Offload, CachePolicy)>,
     /// Zero-message opens: one backend handle per inode, opened on first
     /// use and closed when the kernel forgets the inode.
@@ -224,19 +233,183 @@ impl EfuseFs {
                 kernel_cfg.prefetch_max,
             )
         });
+        let inodes = Arc::new(InodeTable::new(root));
+        let fd_budget = fd_budget();
         Self {
             meta,
             staging: std::sync::OnceLock::new(),
+            mirror: crate::offload::BpfMirror::new(inodes.clone(), backend.clone(), fd_budget / 2),
+            bpf: parking_lot::Mutex::new(None),
+            bpf_cfg: crate::config::BpfConfig::default(),
+            connection: std::sync::OnceLock::new(),
             backend,
-            inodes: InodeTable::new(root),
+            inodes,
             kernel_cfg,
             tier: parking_lot::RwLock::new((tier, policy)),
             inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
             handle_clock: std::sync::atomic::AtomicU64::new(0),
             pressure: parking_lot::Mutex::new(None),
-            fd_budget: fd_budget(),
+            fd_budget,
             notifier: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Use `cfg` for the bpf tier's maps.
+    pub fn with_bpf_config(mut self, cfg: crate::config::BpfConfig) -> Self {
+        self.bpf_cfg = cfg;
+        self
+    }
+
+    /// The mount is up on FUSE connection `dev`.
+    pub fn set_connection(&self, dev: u32) {
+        let _ = self.connection.set(dev);
+    }
+
+    /// Load the bpf tier's programs and attach them to this mount's
+    /// connection; on failure nothing is attached and the error says why.
+    pub fn attach_bpf(self: &Arc<Self>) -> anyhow::Result<()> {
+        let mut slot = self.bpf.lock();
+        if slot.is_some() {
+            return Ok(());
+        }
+        let dev = *self
+            .connection
+            .get()
+            .ok_or_else(|| anyhow::anyhow!("the mount has no FUSE connection yet"))?;
+        let weak = Arc::downgrade(self);
+        let res = crate::bpf::attach(dev, &self.bpf_cfg, move |ev| {
+            if let Some(fs) = weak.upgrade() {
+                fs.miss(ev);
+            }
+        });
+        match res {
+            Ok((maps, attachment)) => {
+                self.mirror.attach(maps);
+                *slot = Some(attachment);
+                Ok(())
+            }
+            Err(e) => {
+                self.mirror.set_reason(Some(format!("{e:#}")));
+                Err(e)
+            }
+        }
+    }
+
+    /// Detach the bpf tier's programs: once the kernel no longer runs them,
+    /// their lookup counts are taken over and the maps freed.
+    pub fn detach_bpf(&self) {
+        let mut slot = self.bpf.lock();
+        if let Some(mut a) = slot.take() {
+            a.unlink();
+            drop(self.mirror.detach());
+            tracing::info!("bpf tier: programs detached");
+        }
+    }
+
+    /// Counters of the bpf tier.
+    pub fn bpf_stats(&self) -> crate::offload::BpfStats {
+        self.mirror.stats()
+    }
+
+    /// A miss event from the programs: fill the maps so the next access is
+    /// answered in the kernel.
+    fn miss(&self, ev: efuse_common::ops::MissEvent) {
+        self.mirror.event();
+        match ev.opcode {
+            efuse_common::ops::OP_LOOKUP => {
+                let every = Duration::from_millis(self.bpf_cfg.prefetch_every_ms);
+                if self.mirror.should_prefetch(ev.key.parent, every) {
+                    self.prefetch_dir(ev.key.parent);
+                }
+            }
+            efuse_common::ops::OP_GETATTR => {
+                let ino = ev.key.parent;
+                if self.inodes.generation(ino).is_some() {
+                    let epoch = self.mirror.epoch();
+                    if let Ok(a) = self.backend.getattr(self.b(ino)) {
+                        self.mirror
+                            .put_attr(epoch, &self.fuse_attr(a), self.policy().attr_ttl);
+                    }
+                }
+            }
+            op => tracing::debug!(op, "unknown miss event"),
+        }
+    }
+
+    /// Put the entries of directory `dir` (a FUSE inode the kernel holds)
+    /// into the bpf tier's maps, in one backend listing. Returns how many
+    /// were offered and the subdirectories seen.
+    pub fn prefetch_dir(&self, dir: u64) -> (usize, Vec<u64>) {
+        if !self.mirror.active() || (dir != crate::inode::FUSE_ROOT && self.inodes.generation(dir).is_none())
+        {
+            return (0, Vec::new());
+        }
+        let epoch = self.mirror.epoch();
+        let p = self.policy();
+        let (list, _complete) = match self.backend.list_plus(self.b(dir), self.bpf_cfg.prefetch_max) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::debug!(dir, "prefetch: {e}");
+                return (0, Vec::new());
+            }
+        };
+        let mut n = 0;
+        let mut subdirs = Vec::new();
+        for (e, a) in list {
+            if e.name == "." || e.name == ".." {
+                continue;
+            }
+            let a = self.fuse_attr(a);
+            if a.kind == FileKind::Dir {
+                subdirs.push(a.ino);
+            }
+            // list_plus pinned the inode: the map entry takes the pin over.
+            self.mirror
+                .put_entry(epoch, dir, &e.name, &a, p.entry_ttl, p.attr_ttl, true);
+            n += 1;
+        }
+        (n, subdirs)
+    }
+
+    /// Prefetch the tree under `dir` breadth-first, at most `max` entries.
+    pub fn prefetch_tree(&self, dir: u64, max: usize) -> usize {
+        let mut queue = std::collections::VecDeque::from([dir]);
+        let mut total = 0;
+        while let Some(d) = queue.pop_front() {
+            if total >= max {
+                break;
+            }
+            let (n, subdirs) = self.prefetch_dir(d);
+            total += n;
+            queue.extend(subdirs);
+        }
+        total
+    }
+
+    /// Resolve a path below the root to its FUSE inode, for prefetch. Each
+    /// directory passed on the way is offered to the maps, which gives the
+    /// kernel's later lookups of it an answer in the map.
+    pub fn resolve(&self, rel: &std::path::Path) -> FsResult<u64> {
+        let mut ino = crate::inode::FUSE_ROOT;
+        for c in rel.components() {
+            match c {
+                std::path::Component::Normal(name) => {
+                    let epoch = self.mirror.epoch();
+                    let a = self.backend.lookup(self.b(ino), name)?;
+                    let a = self.fuse_attr(a);
+                    let p = self.policy();
+                    self.mirror
+                        .put_entry(epoch, ino, name, &a, p.entry_ttl, p.attr_ttl, true);
+                    if self.inodes.generation(a.ino).is_none() {
+                        return Err(BackendError::errno("prefetch", libc::ENOSPC).into());
+                    }
+                    ino = a.ino;
+                }
+                std::path::Component::CurDir | std::path::Component::RootDir => {}
+                _ => return Err(BackendError::errno("prefetch", libc::EINVAL).into()),
+            }
+        }
+        Ok(ino)
     }
 
     /// Stage remote files locally so passthrough can serve them.
@@ -279,7 +452,20 @@ impl EfuseFs {
         for d in dirs {
             self.dir_changed(self.b(*d));
         }
+        // The directories' attributes (mtime, nlink) changed.
+        self.mirror.changed(&[], dirs);
         r
+    }
+
+    /// The FUSE inode `name` in `parent` names now, if the bpf tier is
+    /// active (to drop its attributes from the maps after a change).
+    fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
+        if !self.mirror.active() {
+            return None;
+        }
+        let a = self.backend.lookup(self.b(parent), name).ok()?;
+        self.backend.forget(a.ino, 1);
+        Some(self.inodes.to_fuse(a.ino))
     }
 
     /// Install the kernel notifier (once the session exists).
@@ -298,6 +484,12 @@ impl EfuseFs {
         self.dir_changed(parent_b);
         let parent = self.inodes.to_fuse(parent_b);
         tracing::debug!(parent, ?name, ?child_b, "backend changed");
+        // Out of the BPF maps first, so the programs cannot answer with
+        // what the invalidation below drops.
+        let names: Vec<(u64, &OsStr)> = name.map(|n| (parent, n)).into_iter().collect();
+        let mut inos = vec![parent];
+        inos.extend(child_b.map(|c| self.inodes.to_fuse(c)));
+        self.mirror.changed(&names, &inos);
         if let Some(name) = name {
             n.inval_entry(parent, name);
         }
@@ -314,6 +506,7 @@ impl EfuseFs {
     /// Drop everything the kernel caches from us: every name handed out and
     /// every inode's attributes and data.
     pub fn invalidate_all(&self) -> usize {
+        self.mirror.clear();
         let Some(n) = self.notifier.get() else { return 0 };
         let mut count = 0;
         for (ino, names) in self.inodes.snapshot() {
@@ -340,6 +533,9 @@ impl EfuseFs {
     /// Switch tier; returns the previous one. The caller invalidates what
     /// the kernel cached under the old policy.
     pub fn set_tier(&self, tier: Offload) -> Offload {
+        if tier != Offload::Bpf {
+            self.detach_bpf();
+        }
         let mut t = self.tier.write();
         let old = t.0;
         *t = (tier, CachePolicy::for_tier(tier, &self.kernel_cfg));
@@ -358,7 +554,7 @@ impl EfuseFs {
     }
 
     /// The inode table (for statistics and tests).
-    pub fn inodes(&self) -> &InodeTable {
+    pub fn inodes(&self) -> &Arc<InodeTable> {
         &self.inodes
     }
 
@@ -389,6 +585,13 @@ impl EfuseFs {
         }
     }
 
+    /// Offer an entry the kernel is given to the bpf tier's maps; `epoch`
+    /// was read before the backend call that produced it.
+    fn offer(&self, epoch: u64, parent: u64, name: &OsStr, e: &Entry) {
+        self.mirror
+            .put_entry(epoch, parent, name, &e.attr, e.entry_ttl, e.attr_ttl, false);
+    }
+
     /// `lookup(2)` of `name` in `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
         crate::backend::check_name(name)?;
@@ -408,8 +611,11 @@ impl EfuseFs {
                 crate::cache::Cached::Unknown => {}
             }
         }
+        let epoch = self.mirror.epoch();
         let a = self.pinning(|| self.backend.lookup(self.b(parent), name))?;
-        Ok(self.entry(parent, name, a))
+        let e = self.entry(parent, name, a);
+        self.offer(epoch, parent, name, &e);
+        Ok(e)
     }
 
     /// The file `ino` was modified through the mount: drop the listings
@@ -418,11 +624,12 @@ impl EfuseFs {
         if let Some(m) = &self.meta {
             m.invalidate_holding(self.b(ino));
         }
+        self.mirror.changed(&[], &[ino]);
     }
 
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
-        let n = self.inodes.forget(ino, n);
+        let n = self.mirror.forget(ino, n).taken;
         if n > 0 {
             if self.inodes.nlookup(ino) == 0
                 && let Some((h, _)) = self.inode_handles.lock().remove(&ino)
@@ -435,8 +642,11 @@ impl EfuseFs {
 
     /// Attributes and their TTL.
     pub fn getattr(&self, ino: u64) -> FsResult<(Attr, Duration)> {
-        let a = self.backend.getattr(self.b(ino))?;
-        Ok((self.fuse_attr(a), self.policy().attr_ttl))
+        let epoch = self.mirror.epoch();
+        let a = self.fuse_attr(self.backend.getattr(self.b(ino))?);
+        let ttl = self.policy().attr_ttl;
+        self.mirror.put_attr(epoch, &a, ttl);
+        Ok((a, ttl))
     }
 
     /// Change attributes.
@@ -505,7 +715,7 @@ impl EfuseFs {
     /// Add a hard link.
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Entry> {
         let a = self.after(
-            &[newparent],
+            &[newparent, ino],
             self.backend.link(self.b(ino), self.b(newparent), newname),
         )?;
         Ok(self.entry(newparent, newname, a))
@@ -513,12 +723,18 @@ impl EfuseFs {
 
     /// Remove a file.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        Ok(self.after(&[parent], self.backend.unlink(self.b(parent), name))?)
+        let child = self.child(parent, name);
+        let r = self.after(&[parent], self.backend.unlink(self.b(parent), name));
+        self.mirror.changed(&[(parent, name)], child.as_slice());
+        Ok(r?)
     }
 
     /// Remove a directory.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        Ok(self.after(&[parent], self.backend.rmdir(self.b(parent), name))?)
+        let child = self.child(parent, name);
+        let r = self.after(&[parent], self.backend.rmdir(self.b(parent), name));
+        self.mirror.changed(&[(parent, name)], child.as_slice());
+        Ok(r?)
     }
 
     /// Rename.
@@ -530,10 +746,17 @@ impl EfuseFs {
         newname: &OsStr,
         flags: u32,
     ) -> FsResult<()> {
+        let children: Vec<u64> = [self.child(parent, name), self.child(newparent, newname)]
+            .into_iter()
+            .flatten()
+            .collect();
         let r = self
             .backend
             .rename(self.b(parent), name, self.b(newparent), newname, flags);
-        Ok(self.after(&[parent, newparent], r)?)
+        let r = self.after(&[parent, newparent], r);
+        self.mirror
+            .changed(&[(parent, name), (newparent, newname)], &children);
+        Ok(r?)
     }
 
     /// Open a file.
@@ -777,6 +1000,7 @@ impl EfuseFs {
     pub fn readdir_plus(&self, dir: u64, dh: Fh, offset: u64, out: &mut dyn DirPlusReplier) -> FsResult<()> {
         let mut offset = offset;
         loop {
+            let epoch = self.mirror.epoch();
             let batch = self.backend.readdir_plus(dh, offset, READDIR_BATCH)?;
             if batch.is_empty() {
                 return Ok(());
@@ -798,6 +1022,8 @@ impl EfuseFs {
                     let full = out.add(&entry, e.next, &e.name);
                     if full {
                         self.forget(entry.attr.ino, 1);
+                    } else {
+                        self.offer(epoch, dir, &e.name, &entry);
                     }
                     full
                 };
@@ -832,7 +1058,9 @@ impl EfuseFs {
 
     /// Set an xattr.
     pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> FsResult<()> {
-        Ok(self.backend.setxattr(self.b(ino), name, value, flags)?)
+        let r = self.backend.setxattr(self.b(ino), name, value, flags);
+        self.modified(ino);
+        Ok(r?)
     }
 
     /// List xattrs: the size if `size` is 0, else the list.
@@ -843,7 +1071,9 @@ impl EfuseFs {
 
     /// Remove an xattr.
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> FsResult<()> {
-        Ok(self.backend.removexattr(self.b(ino), name)?)
+        let r = self.backend.removexattr(self.b(ino), name);
+        self.modified(ino);
+        Ok(r?)
     }
 
     /// fallocate(2).

@@ -885,6 +885,7 @@ impl Filesystem for FuseAdapter {
             let res = me
                 .fs
                 .with_io(ino.0, fh.0, |h| me.fs.fallocate(h, offset, length, mode));
+            me.fs.modified(ino.0);
             me.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
         });
     }
@@ -925,6 +926,7 @@ impl Filesystem for FuseAdapter {
                     me.fs.copy_file_range(a, offset_in, b, offset_out, len)
                 })
             });
+            me.fs.modified(ino_out.0);
             me.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| {
                 r.written(n.min(u32::MAX as u64) as u32)
             });

@@ -13,6 +13,18 @@
 //! long as the count is positive. Counting saturates at zero: a forget for
 //! more than we gave is logged and clamped, never underflows.
 //!
+//! With the `bpf` tier, two more counts per inode:
+//! - `maprefs`: entries of the kernel's BPF entry map that name the inode.
+//!   Each holds one backend pin (so a lookup BPF answers always finds the
+//!   inode pinned), and keeps the inode known at `nlookup == 0`.
+//! - `bpf_seen`: how much of the BPF lookup count (lookups the kernel got
+//!   from a program, never seen by the daemon) has been added to `nlookup`.
+//!   [`InodeTable::reconcile`] adds what is new, pinning it in the backend,
+//!   before any decision that could free the inode.
+//!
+//! An inode is dropped from the table when both `nlookup` and `maprefs`
+//! are zero.
+//!
 //! Generations come from one per-mount counter, so an inode number that is
 //! forgotten and later handed out again (its backing object replaced) gets a
 //! new generation.
@@ -35,8 +47,41 @@ const MAX_NAMES: usize = 4;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Known {
     nlookup: u64,
+    maprefs: u64,
+    bpf_seen: u64,
     generation: u64,
     names: Vec<(u64, OsString)>,
+}
+
+impl Known {
+    fn new(generation: u64) -> Self {
+        Self {
+            nlookup: 0,
+            maprefs: 0,
+            bpf_seen: 0,
+            generation,
+            names: Vec::new(),
+        }
+    }
+
+    fn add_name(&mut self, parent: u64, name: &OsStr) {
+        if self.names.len() < MAX_NAMES && !self.names.iter().any(|(p, n)| *p == parent && n == name) {
+            self.names.push((parent, name.to_owned()));
+        }
+    }
+
+    fn unused(&self) -> bool {
+        self.nlookup == 0 && self.maprefs == 0
+    }
+}
+
+/// What a [`InodeTable::forget`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forgotten {
+    /// References taken off (forward this many to the backend).
+    pub taken: u64,
+    /// The inode left the table (nothing refers to it any more).
+    pub removed: bool,
 }
 
 /// Lookup counts and generations of the inodes the kernel knows.
@@ -45,6 +90,10 @@ pub struct InodeTable {
     backend_root: Ino,
     known: Mutex<HashMap<u64, Known>>,
     next_generation: AtomicU64,
+    /// FORGETs for more than the table counted (or for unknown inodes):
+    /// each one is a lookup the daemon missed, i.e. an inode it could have
+    /// freed while the kernel held it. Zero when the accounting is right.
+    excess_forgets: AtomicU64,
 }
 
 impl InodeTable {
@@ -54,6 +103,7 @@ impl InodeTable {
             backend_root,
             known: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
+            excess_forgets: AtomicU64::new(0),
         }
     }
 
@@ -86,16 +136,80 @@ impl InodeTable {
             return 0;
         }
         let mut known = self.known.lock();
-        let k = known.entry(ino).or_insert_with(|| Known {
-            nlookup: 0,
-            generation: self.next_generation.fetch_add(1, Ordering::Relaxed),
-            names: Vec::new(),
-        });
+        let k = known
+            .entry(ino)
+            .or_insert_with(|| Known::new(self.next_generation.fetch_add(1, Ordering::Relaxed)));
         k.nlookup += 1;
-        if k.names.len() < MAX_NAMES && !k.names.iter().any(|(p, n)| *p == parent && n == name) {
-            k.names.push((parent, name.to_owned()));
-        }
+        k.add_name(parent, name);
         k.generation
+    }
+
+    /// Count one more BPF map entry naming `ino` (as `name` in `parent`);
+    /// returns its generation. The caller holds a backend pin for it.
+    pub fn map_ref(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
+        if ino == FUSE_ROOT {
+            return 0;
+        }
+        let mut known = self.known.lock();
+        let k = known
+            .entry(ino)
+            .or_insert_with(|| Known::new(self.next_generation.fetch_add(1, Ordering::Relaxed)));
+        k.maprefs += 1;
+        k.add_name(parent, name);
+        k.generation
+    }
+
+    /// One BPF map entry naming `ino` is gone (call [`Self::reconcile`]
+    /// first); true if the inode left the table.
+    pub fn map_unref(&self, ino: u64) -> bool {
+        let mut known = self.known.lock();
+        let Some(k) = known.get_mut(&ino) else {
+            debug_assert!(false, "map_unref of unknown inode {ino}");
+            return false;
+        };
+        k.maprefs = k.maprefs.saturating_sub(1);
+        if k.unused() {
+            known.remove(&ino);
+            return true;
+        }
+        false
+    }
+
+    /// The BPF programs have answered `total` lookups of `ino` so far: add
+    /// the ones not seen yet to its lookup count, calling `pin(n)` (under
+    /// the table lock, so no concurrent forget can unpin first) to take
+    /// their backend pins. Returns how many were added.
+    pub fn reconcile(&self, ino: u64, total: u64, pin: impl FnOnce(u64)) -> u64 {
+        let mut known = self.known.lock();
+        let Some(k) = known.get_mut(&ino) else {
+            if total > 0 {
+                tracing::warn!(
+                    ino,
+                    total,
+                    "BPF lookup count for an inode the daemon does not hold"
+                );
+            }
+            return 0;
+        };
+        let delta = total.saturating_sub(k.bpf_seen);
+        if delta > 0 {
+            k.bpf_seen = total;
+            k.nlookup += delta;
+            pin(delta);
+        }
+        delta
+    }
+
+    /// Forget every BPF lookup count seen (the counts were reset).
+    pub fn reset_bpf_seen(&self) {
+        for k in self.known.lock().values_mut() {
+            k.bpf_seen = 0;
+        }
+    }
+
+    /// Inodes named by BPF map entries, and how many entries name them.
+    pub fn mapped(&self) -> u64 {
+        self.known.lock().values().map(|k| k.maprefs).sum()
     }
 
     /// Every inode the kernel holds with the names it was given under.
@@ -103,37 +217,62 @@ impl InodeTable {
         self.known
             .lock()
             .iter()
+            .filter(|(_, k)| k.nlookup > 0)
             .map(|(i, k)| (*i, k.names.clone()))
             .collect()
     }
 
-    /// Drop `n` kernel references; returns how many to forward to the backend.
-    pub fn forget(&self, ino: u64, n: u64) -> u64 {
+    /// Every inode in the table (held by the kernel or a map entry).
+    pub fn all(&self) -> Vec<u64> {
+        self.known.lock().keys().copied().collect()
+    }
+
+    /// Drop `n` kernel references (call [`Self::reconcile`] first).
+    pub fn forget(&self, ino: u64, n: u64) -> Forgotten {
+        let none = Forgotten {
+            taken: 0,
+            removed: false,
+        };
         if ino == FUSE_ROOT {
-            return 0;
+            return none;
         }
         let mut known = self.known.lock();
         let Some(k) = known.get_mut(&ino) else {
             tracing::warn!(ino, n, "forget of an inode the kernel was never given");
-            debug_assert!(false, "forget of unknown inode {ino}");
-            return 0;
+            self.excess_forgets.fetch_add(n, Ordering::Relaxed);
+            return none;
         };
-        let take = if n > k.nlookup {
+        let taken = if n > k.nlookup {
             tracing::warn!(
                 ino,
                 n,
                 have = k.nlookup,
                 "forget for more lookups than given; clamped"
             );
+            self.excess_forgets.fetch_add(n - k.nlookup, Ordering::Relaxed);
             k.nlookup
         } else {
             n
         };
-        k.nlookup -= take;
-        if k.nlookup == 0 {
+        k.nlookup -= taken;
+        let removed = k.unused();
+        if removed {
             known.remove(&ino);
         }
-        take
+        Forgotten { taken, removed }
+    }
+
+    /// Generation of `ino`, if the table holds it.
+    pub fn generation(&self, ino: u64) -> Option<u64> {
+        if ino == FUSE_ROOT {
+            return Some(0);
+        }
+        self.known.lock().get(&ino).map(|k| k.generation)
+    }
+
+    /// FORGETs beyond what was counted (see the field).
+    pub fn excess_forgets(&self) -> u64 {
+        self.excess_forgets.load(Ordering::Relaxed)
     }
 
     /// Lookup count of `ino` (0 if unknown).
@@ -141,7 +280,8 @@ impl InodeTable {
         self.known.lock().get(&ino).map_or(0, |k| k.nlookup)
     }
 
-    /// Number of inodes the kernel holds (O(1)).
+    /// Number of inodes in the table (O(1)): held by the kernel or by a
+    /// BPF map entry, each with one backend descriptor.
     pub fn len(&self) -> usize {
         self.known.lock().len()
     }
@@ -154,7 +294,10 @@ impl InodeTable {
     /// Number of inodes the kernel holds, and the sum of their counts.
     pub fn totals(&self) -> (usize, u64) {
         let known = self.known.lock();
-        (known.len(), known.values().map(|k| k.nlookup).sum())
+        (
+            known.values().filter(|k| k.nlookup > 0).count(),
+            known.values().map(|k| k.nlookup).sum(),
+        )
     }
 }
 
@@ -179,9 +322,15 @@ mod tests {
         let g = t.remember(10, 1, OsStr::new("a"));
         assert_eq!(t.remember(10, 1, OsStr::new("a")), g);
         assert_eq!(t.nlookup(10), 2);
-        assert_eq!(t.forget(10, 1), 1);
+        assert_eq!(t.forget(10, 1).taken, 1);
         assert_eq!(t.nlookup(10), 1);
-        assert_eq!(t.forget(10, 1), 1);
+        assert_eq!(
+            t.forget(10, 1),
+            Forgotten {
+                taken: 1,
+                removed: true
+            }
+        );
         assert_eq!(t.totals(), (0, 0));
         // A new life gets a new generation.
         assert_ne!(t.remember(10, 1, OsStr::new("a")), g);
@@ -191,15 +340,42 @@ mod tests {
     fn over_forget_is_clamped() {
         let t = InodeTable::new(2);
         t.remember(5, 1, OsStr::new("b"));
-        assert_eq!(t.forget(5, 3), 1);
+        assert_eq!(t.forget(5, 3).taken, 1);
         assert_eq!(t.nlookup(5), 0);
+        assert_eq!(t.excess_forgets(), 2);
     }
 
     #[test]
     fn root_is_never_counted() {
         let t = InodeTable::new(2);
         assert_eq!(t.remember(FUSE_ROOT, 1, OsStr::new("c")), 0);
-        assert_eq!(t.forget(FUSE_ROOT, 1), 0);
+        assert_eq!(t.forget(FUSE_ROOT, 1).taken, 0);
         assert_eq!(t.totals(), (0, 0));
+    }
+
+    #[test]
+    fn map_refs_keep_an_inode_until_both_counts_are_zero() {
+        let t = InodeTable::new(2);
+        let g = t.map_ref(9, 1, OsStr::new("m"));
+        assert_eq!(t.totals(), (0, 0), "a map entry is not a kernel reference");
+        assert_eq!(t.remember(9, 1, OsStr::new("m")), g);
+        assert!(!t.forget(9, 1).removed, "still named by a map entry");
+        assert!(t.map_unref(9));
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn bpf_lookups_are_added_once_and_pinned() {
+        let t = InodeTable::new(2);
+        t.map_ref(9, 1, OsStr::new("m"));
+        let mut pinned = 0;
+        assert_eq!(t.reconcile(9, 3, |n| pinned += n), 3);
+        assert_eq!(t.reconcile(9, 3, |n| pinned += n), 0);
+        assert_eq!(t.reconcile(9, 5, |n| pinned += n), 2);
+        assert_eq!((pinned, t.nlookup(9)), (5, 5));
+        // The map entry goes; the kernel still holds five references.
+        assert!(!t.map_unref(9));
+        assert_eq!(t.forget(9, 4).taken, 4);
+        assert!(t.forget(9, 1).removed);
     }
 }

@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod bpf;
 pub mod cache;
 pub mod cli;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod fuse;
 pub mod inode;
 pub mod logging;
 pub mod metrics;
+pub mod offload;
 pub mod plot;
 pub mod staging;
 pub mod stats;
@@ -56,6 +58,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
         cli::Command::Stats(s) => stats::run(s),
         cli::Command::Bench(b) => bench::run(b),
         cli::Command::Offload(o) => daemon::offload(o),
+        cli::Command::Prefetch(p) => daemon::prefetch(p),
     };
     match res {
         Ok(()) => 0,

@@ -1,0 +1,199 @@
+//! Just enough of a BTF reader to find a struct and its members in the
+//! kernel's type information (`/sys/kernel/btf/vmlinux`): the struct_ops
+//! loader needs the type ids of `fuse_bpf_ops` and its value wrapper, and
+//! member offsets and indices.
+
+use anyhow::{Context, bail, ensure};
+
+const MAGIC: u16 = 0xeb9f;
+
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_ENUM64: u32 = 19;
+
+/// One member of a struct.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// Name.
+    pub name: String,
+    /// Index among the struct's members.
+    pub index: u32,
+    /// Offset in bytes.
+    pub offset: u32,
+}
+
+/// A struct found in BTF.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Struct {
+    /// Type id.
+    pub id: u32,
+    /// Size in bytes.
+    pub size: u32,
+    /// Members in order.
+    pub members: Vec<Member>,
+}
+
+impl Struct {
+    /// The member called `name`.
+    pub fn member(&self, name: &str) -> anyhow::Result<&Member> {
+        self.members
+            .iter()
+            .find(|m| m.name == name)
+            .with_context(|| format!("BTF struct (id {}) has no member `{name}`", self.id))
+    }
+}
+
+fn u32_at(b: &[u8], off: usize) -> anyhow::Result<u32> {
+    let s = b.get(off..off + 4).context("truncated BTF")?;
+    Ok(u32::from_le_bytes(s.try_into().expect("4 bytes")))
+}
+
+/// Parsed BTF: raw type records and the string section.
+pub struct Btf {
+    data: Vec<u8>,
+    types: (usize, usize),
+    strings: (usize, usize),
+}
+
+impl Btf {
+    /// The running kernel's BTF.
+    pub fn vmlinux() -> anyhow::Result<Self> {
+        let data = std::fs::read("/sys/kernel/btf/vmlinux")
+            .context("reading /sys/kernel/btf/vmlinux (the kernel needs CONFIG_DEBUG_INFO_BTF)")?;
+        Self::parse(data)
+    }
+
+    /// Parse little-endian BTF.
+    pub fn parse(data: Vec<u8>) -> anyhow::Result<Self> {
+        ensure!(data.len() >= 24, "BTF too short");
+        let magic = u16::from_le_bytes([data[0], data[1]]);
+        ensure!(magic == MAGIC, "not little-endian BTF (magic {magic:#x})");
+        let hdr_len = u32_at(&data, 4)? as usize;
+        let type_off = u32_at(&data, 8)? as usize;
+        let type_len = u32_at(&data, 12)? as usize;
+        let str_off = u32_at(&data, 16)? as usize;
+        let str_len = u32_at(&data, 20)? as usize;
+        let types = (hdr_len + type_off, hdr_len + type_off + type_len);
+        let strings = (hdr_len + str_off, hdr_len + str_off + str_len);
+        ensure!(
+            types.1 <= data.len() && strings.1 <= data.len(),
+            "BTF sections out of bounds"
+        );
+        Ok(Self { data, types, strings })
+    }
+
+    fn string(&self, off: u32) -> anyhow::Result<&str> {
+        let s = &self.data[self.strings.0..self.strings.1];
+        let tail = s.get(off as usize..).context("BTF string offset out of bounds")?;
+        let end = tail
+            .iter()
+            .position(|&c| c == 0)
+            .context("unterminated BTF string")?;
+        std::str::from_utf8(&tail[..end]).context("BTF string not UTF-8")
+    }
+
+    /// The struct called `name`.
+    pub fn find_struct(&self, name: &str) -> anyhow::Result<Struct> {
+        let mut off = self.types.0;
+        let mut id = 1u32;
+        while off < self.types.1 {
+            let name_off = u32_at(&self.data, off)?;
+            let info = u32_at(&self.data, off + 4)?;
+            let size = u32_at(&self.data, off + 8)?;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let kflag = info >> 31 == 1;
+            let body = off + 12;
+            let extra = match kind {
+                KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                KIND_ARRAY => 12,
+                KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                _ => 0,
+            };
+            if kind == KIND_STRUCT && name_off != 0 && self.string(name_off)? == name {
+                let mut members = Vec::with_capacity(vlen);
+                for i in 0..vlen {
+                    let m = body + i * 12;
+                    let bits = u32_at(&self.data, m + 8)?;
+                    let bit_off = if kflag { bits & 0xff_ffff } else { bits };
+                    members.push(Member {
+                        name: self.string(u32_at(&self.data, m)?)?.to_owned(),
+                        index: i as u32,
+                        offset: bit_off / 8,
+                    });
+                }
+                return Ok(Struct { id, size, members });
+            }
+            off = body + extra;
+            id += 1;
+        }
+        bail!("the kernel's BTF has no struct `{name}`")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A BTF blob with `int` and `struct s { int a; int b; }`.
+    fn blob() -> Vec<u8> {
+        let strings = b"\0int\0s\0a\0b\0";
+        let mut types = Vec::new();
+        let mut put = |v: u32| types.extend_from_slice(&v.to_le_bytes());
+        // [1] int, 4 bytes
+        put(1);
+        put(KIND_INT << 24);
+        put(4);
+        put(32);
+        // [2] struct s, 8 bytes, 2 members
+        put(5);
+        put((KIND_STRUCT << 24) | 2);
+        put(8);
+        put(7);
+        put(1);
+        put(0);
+        put(9);
+        put(1);
+        put(32);
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.extend_from_slice(&[1, 0]);
+        for v in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(&types);
+        b.extend_from_slice(strings);
+        b
+    }
+
+    #[test]
+    fn finds_struct_members() {
+        let btf = Btf::parse(blob()).unwrap();
+        let s = btf.find_struct("s").unwrap();
+        assert_eq!((s.id, s.size), (2, 8));
+        assert_eq!(s.member("b").unwrap().offset, 4);
+        assert_eq!(s.member("b").unwrap().index, 1);
+        assert!(btf.find_struct("int").is_err(), "int is not a struct");
+        assert!(btf.find_struct("t").is_err());
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(Btf::parse(vec![0; 10]).is_err());
+        assert!(Btf::parse(vec![0; 64]).is_err());
+    }
+}

@@ -1,0 +1,156 @@
+//! The raw bpf(2) commands aya 0.14 has no API for: loading a struct_ops
+//! program, creating and filling a struct_ops map, and linking it.
+//!
+//! `union bpf_attr` is passed as a zeroed 160-byte buffer with the fields
+//! written at their UAPI offsets (include/uapi/linux/bpf.h, stable ABI).
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use aya_obj::generated::bpf_insn;
+
+const BPF_MAP_CREATE: libc::c_long = 0;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_LINK_CREATE: libc::c_long = 28;
+
+const BPF_PROG_TYPE_STRUCT_OPS: u32 = 27;
+const BPF_MAP_TYPE_STRUCT_OPS: u32 = 26;
+const BPF_STRUCT_OPS: u32 = 44;
+const BPF_F_LINK: u32 = 1 << 13;
+
+#[repr(C, align(8))]
+struct Attr([u8; 160]);
+
+impl Attr {
+    fn new() -> Self {
+        Self([0; 160])
+    }
+    fn u32(&mut self, off: usize, v: u32) -> &mut Self {
+        self.0[off..off + 4].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn u64(&mut self, off: usize, v: u64) -> &mut Self {
+        self.0[off..off + 8].copy_from_slice(&v.to_ne_bytes());
+        self
+    }
+    fn name(&mut self, off: usize, name: &str) -> &mut Self {
+        // BPF_OBJ_NAME_LEN is 16 with the NUL; only [A-Za-z0-9_.] allowed.
+        let n: Vec<u8> = name
+            .bytes()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'.')
+            .take(15)
+            .collect();
+        self.0[off..off + n.len()].copy_from_slice(&n);
+        self
+    }
+}
+
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a valid, fully initialised bpf_attr-sized buffer
+    // that outlives the call; pointers written into it are live.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: these commands return a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Load a struct_ops program implementing member `member_index` of the
+/// struct `attach_btf_id` of vmlinux. On failure the error carries the
+/// verifier's log.
+pub fn load_struct_ops_prog(
+    name: &str,
+    insns: &[bpf_insn],
+    attach_btf_id: u32,
+    member_index: u32,
+) -> anyhow::Result<OwnedFd> {
+    let license = CString::new("GPL").expect("no NUL");
+    let mut log = vec![0u8; 1 << 20];
+    let mut attempt = |log_level: u32| {
+        let mut a = Attr::new();
+        a.u32(0, BPF_PROG_TYPE_STRUCT_OPS)
+            .u32(4, insns.len() as u32)
+            .u64(8, insns.as_ptr() as u64)
+            .u64(16, license.as_ptr() as u64)
+            .name(48, name)
+            .u32(68, member_index)
+            .u32(108, attach_btf_id);
+        if log_level > 0 {
+            log.fill(0);
+            a.u32(24, log_level)
+                .u32(28, log.len() as u32)
+                .u64(32, log.as_mut_ptr() as u64);
+        }
+        bpf(BPF_PROG_LOAD, &mut a)
+    };
+    match attempt(0) {
+        Ok(fd) => Ok(fd),
+        Err(first) => {
+            // Load again with the verifier log to say why.
+            let again = attempt(1);
+            let end = log.iter().position(|&c| c == 0).unwrap_or(log.len());
+            let text = String::from_utf8_lossy(&log[..end]);
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect();
+            match again {
+                Ok(fd) => Ok(fd),
+                Err(_) => anyhow::bail!(
+                    "the kernel refused BPF program {name}: {first}\nverifier log (tail):\n{}",
+                    tail.join("\n")
+                ),
+            }
+        }
+    }
+}
+
+/// Create a struct_ops map for the value type `value_type_id` (vmlinux
+/// `bpf_struct_ops_<name>`) of `value_size` bytes, to be linked.
+pub fn create_struct_ops_map(name: &str, value_type_id: u32, value_size: u32) -> io::Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32(0, BPF_MAP_TYPE_STRUCT_OPS)
+        .u32(4, 4)
+        .u32(8, value_size)
+        .u32(12, 1)
+        .u32(16, BPF_F_LINK)
+        .name(28, name)
+        .u32(60, value_type_id);
+    bpf(BPF_MAP_CREATE, &mut a)
+}
+
+/// Write the (only) value of a struct_ops map.
+pub fn update_struct_ops_map(map: &OwnedFd, value: &[u8]) -> io::Result<()> {
+    let key = 0u32;
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32)
+        .u64(8, &key as *const u32 as u64)
+        .u64(16, value.as_ptr() as u64);
+    // SAFETY: as in `bpf`; MAP_UPDATE_ELEM returns 0, not a descriptor.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_UPDATE_ELEM,
+            a.0.as_mut_ptr(),
+            a.0.len() as u32,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Link (register) a filled struct_ops map; dropping the link unregisters.
+pub fn link_struct_ops(map: &OwnedFd) -> io::Result<OwnedFd> {
+    let mut a = Attr::new();
+    a.u32(0, map.as_raw_fd() as u32).u32(8, BPF_STRUCT_OPS);
+    bpf(BPF_LINK_CREATE, &mut a)
+}

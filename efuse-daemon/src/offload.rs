@@ -1,0 +1,596 @@
+//! The daemon's side of the `bpf` tier: what is in the kernel's BPF maps.
+//!
+//! The BPF programs (`efuse-ebpf/src/ops.rs`) answer LOOKUP from an entry
+//! map keyed by (parent nodeid, name) and GETATTR from an attribute map
+//! keyed by nodeid. The daemon stays the one source of truth; this module
+//! keeps the maps a subset of it:
+//!
+//! - **Mirror.** Every key in the entry map is also in `entries` here, with
+//!   the inode it names. Each such key holds one backend pin and one
+//!   `maprefs` count in the [`InodeTable`], so an inode a program can hand
+//!   out is always pinned.
+//! - **Delete before invalidate.** A change (through the mount or reported
+//!   by the backend) deletes the affected keys and attributes from the maps
+//!   before the caller answers the request or sends the FUSE notify, so the
+//!   kernel never gets a stale answer from a map after the daemon has
+//!   spoken.
+//! - **Epochs.** Every change bumps one epoch counter under the mirror
+//!   lock. An insert carries the epoch read before its backend call and is
+//!   dropped if a change happened since, so a lookup racing a change never
+//!   puts back what the change removed.
+//! - **Lookup counts.** Programs count the lookups they answer per nodeid;
+//!   before any decision that could free an inode (forget, removal of a
+//!   key) the count is read and added to the inode's lookup count
+//!   ([`InodeTable::reconcile`]), after the key was deleted. See the
+//!   protocol in `ops.rs`.
+//! - **Full maps** are not errors: the entry is simply not offloaded and the
+//!   kernel keeps asking the daemon, which says so once in the log.
+//!
+//! Lock order: the mirror lock, then the inode table, then the backend.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use efuse_common::ops::{AttrValue, COUNTERS, EntryValue, FuseAttr, FuseAttrOut, FuseEntryOut, NameKey};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{Attr, SharedBackend};
+use crate::inode::{FUSE_ROOT, InodeTable};
+
+/// Errors of map updates.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    /// The map has no room (E2BIG / ENOMEM from the kernel).
+    #[error("map full")]
+    Full,
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The kernel maps of the bpf tier, as the daemon writes them. Implemented
+/// by [`crate::bpf::BpfOffload`]; tests use an in-memory model.
+pub trait KernelMaps: Send + Sync {
+    /// Insert or overwrite an entry.
+    fn put_entry(&self, key: &NameKey, value: &EntryValue) -> Result<(), MapError>;
+    /// Delete an entry (absent is fine).
+    fn del_entry(&self, key: &NameKey);
+    /// Insert or overwrite attributes.
+    fn put_attr(&self, ino: u64, value: &AttrValue) -> Result<(), MapError>;
+    /// Delete attributes (absent is fine).
+    fn del_attr(&self, ino: u64);
+    /// Lookups of `ino` answered by the programs so far.
+    fn lookups(&self, ino: u64) -> u64;
+    /// Drop the lookup count of `ino` (nothing can answer for it any more).
+    fn del_lookups(&self, ino: u64);
+    /// The programs' counters, summed over CPUs (`efuse_common::ops::CTR_*`).
+    fn counters(&self) -> [u64; COUNTERS as usize];
+}
+
+/// Counters and state of the bpf tier, for `efuse stats`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct BpfStats {
+    /// Programs attached to the connection.
+    pub attached: bool,
+    /// Why the tier is not attached, when it was asked for and failed.
+    pub reason: Option<String>,
+    /// Entries in the entry map.
+    pub entries: u64,
+    /// Attributes in the attribute map.
+    pub attrs: u64,
+    /// Lookups answered in the kernel.
+    pub lookup_hits: u64,
+    /// Lookups the programs sent to the daemon.
+    pub lookup_misses: u64,
+    /// Getattrs answered in the kernel.
+    pub getattr_hits: u64,
+    /// Getattrs the programs sent to the daemon.
+    pub getattr_misses: u64,
+    /// Lookups sent to the daemon because the lookup-count map was full.
+    pub lookups_map_full: u64,
+    /// Miss events lost to a full ring buffer.
+    pub events_dropped: u64,
+    /// Lookups that raced with a deletion (given back to the daemon).
+    pub races: u64,
+    /// Map entries found expired.
+    pub expired: u64,
+    /// Inserts refused because a map was full.
+    pub map_full: u64,
+    /// Miss events received.
+    pub events: u64,
+    /// Directories prefetched into the maps.
+    pub prefetches: u64,
+    /// Lookups of BPF answers added to the daemon's counts.
+    pub reconciled: u64,
+}
+
+#[derive(Default)]
+struct Mirror {
+    maps: Option<Arc<dyn KernelMaps>>,
+    /// (parent, name) -> inode, exactly the keys of the entry map.
+    entries: HashMap<(u64, OsString), u64>,
+    /// inode -> the keys naming it (the reverse of `entries`).
+    by_ino: HashMap<u64, Vec<(u64, OsString)>>,
+    /// Inodes in the attribute map.
+    attrs: HashSet<u64>,
+    epoch: u64,
+    /// Last prefetch of each directory, to coalesce miss events.
+    prefetched: HashMap<u64, Instant>,
+    full_warned: bool,
+    stats: BpfStats,
+}
+
+/// The mirror of the kernel maps. See the module docs.
+pub struct BpfMirror {
+    inner: Mutex<Mirror>,
+    /// Most entries held at once (each pins a backend inode, which for the
+    /// dir backend is a descriptor).
+    max_entries: usize,
+    inodes: Arc<InodeTable>,
+    backend: SharedBackend,
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn split_time(t: SystemTime) -> (u64, u32) {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => (d.as_secs(), d.subsec_nanos()),
+        Err(_) => (0, 0),
+    }
+}
+
+/// The kernel's `struct fuse_attr` for attributes with a FUSE inode number.
+pub fn fuse_attr(a: &Attr) -> FuseAttr {
+    let (atime, atimensec) = split_time(a.atime);
+    let (mtime, mtimensec) = split_time(a.mtime);
+    let (ctime, ctimensec) = split_time(a.ctime);
+    FuseAttr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.blocks,
+        atime,
+        mtime,
+        ctime,
+        atimensec,
+        mtimensec,
+        ctimensec,
+        mode: a.kind.mode_bits() | u32::from(a.perm),
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn deadline(now: u64, ttl: Duration) -> u64 {
+    now.saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64)
+}
+
+impl BpfMirror {
+    /// A detached mirror over the inode table and backend of a filesystem.
+    pub fn new(inodes: Arc<InodeTable>, backend: SharedBackend, max_entries: usize) -> Self {
+        Self {
+            inner: Mutex::new(Mirror::default()),
+            max_entries,
+            inodes,
+            backend,
+        }
+    }
+
+    fn b(&self, ino: u64) -> u64 {
+        self.inodes.to_backend(ino)
+    }
+
+    /// True while maps are attached.
+    pub fn active(&self) -> bool {
+        self.inner.lock().maps.is_some()
+    }
+
+    /// The current epoch: read it before a backend call whose result will
+    /// be offered to [`Self::put_entry`] / [`Self::put_attr`].
+    pub fn epoch(&self) -> u64 {
+        self.inner.lock().epoch
+    }
+
+    /// Start filling `maps` (empty).
+    pub fn attach(&self, maps: Arc<dyn KernelMaps>) {
+        let mut m = self.inner.lock();
+        debug_assert!(m.entries.is_empty());
+        m.maps = Some(maps);
+        m.epoch += 1;
+        m.stats.attached = true;
+        m.stats.reason = None;
+    }
+
+    /// Stop using the maps. Call only once the programs can no longer run
+    /// (after the struct_ops link is gone): every BPF lookup count is then
+    /// final and is added to the inode table, and every map reference is
+    /// released. Returns the maps, to be dropped by the caller.
+    pub fn detach(&self) -> Option<Arc<dyn KernelMaps>> {
+        let mut m = self.inner.lock();
+        let maps = m.maps.take()?;
+        m.epoch += 1;
+        m.stats.attached = false;
+        // Keep the programs' final counters for `efuse stats`.
+        Self::fold_counters(&mut m.stats, &maps.counters());
+        m.by_ino.clear();
+        let keys: Vec<((u64, OsString), u64)> = m.entries.drain().collect();
+        for ((parent, name), ino) in keys {
+            self.unmap(&mut m, &*maps, parent, &name, ino);
+        }
+        for ino in self.inodes.all() {
+            let total = maps.lookups(ino);
+            m.stats.reconciled += self.reconcile(ino, total);
+        }
+        // The counts will not be read again; a later attach starts at zero.
+        self.inodes.reset_bpf_seen();
+        m.attrs.clear();
+        m.prefetched.clear();
+        m.stats.entries = 0;
+        m.stats.attrs = 0;
+        Some(maps)
+    }
+
+    /// Why the tier is not attached (shown by `efuse stats`).
+    pub fn set_reason(&self, reason: Option<String>) {
+        self.inner.lock().stats.reason = reason;
+    }
+
+    fn reconcile(&self, ino: u64, total: u64) -> u64 {
+        let b = self.b(ino);
+        let backend = &self.backend;
+        self.inodes.reconcile(ino, total, |n| {
+            for _ in 0..n {
+                if let Err(e) = backend.pin(b) {
+                    tracing::error!(ino, "cannot pin an inode the kernel got from BPF: {e}");
+                }
+            }
+        })
+    }
+
+    fn insert_key(m: &mut Mirror, slot: (u64, OsString), ino: u64) {
+        m.by_ino.entry(ino).or_default().push(slot.clone());
+        m.entries.insert(slot, ino);
+    }
+
+    fn remove_key(m: &mut Mirror, slot: &(u64, OsString)) -> Option<u64> {
+        let ino = m.entries.remove(slot)?;
+        if let Some(v) = m.by_ino.get_mut(&ino) {
+            v.retain(|s| s != slot);
+            if v.is_empty() {
+                m.by_ino.remove(&ino);
+            }
+        }
+        Some(ino)
+    }
+
+    /// Remove key (parent, name) -> ino from the maps (already out of
+    /// `m.entries`), reconcile, and release its map reference.
+    fn unmap(&self, m: &mut Mirror, maps: &dyn KernelMaps, parent: u64, name: &OsStr, ino: u64) {
+        if let Some(key) = NameKey::new(parent, name.as_bytes()) {
+            maps.del_entry(&key);
+        }
+        // After the delete: no program can count a lookup we do not read now.
+        m.stats.reconciled += self.reconcile(ino, maps.lookups(ino));
+        let removed = self.inodes.map_unref(ino);
+        self.backend.forget(self.b(ino), 1);
+        if removed {
+            self.gone(m, maps, ino);
+        }
+    }
+
+    /// `ino` left the inode table: nothing can answer for it any more.
+    fn gone(&self, m: &mut Mirror, maps: &dyn KernelMaps, ino: u64) {
+        maps.del_lookups(ino);
+        if m.attrs.remove(&ino) {
+            maps.del_attr(ino);
+        }
+    }
+
+    fn warn_full(m: &mut Mirror, what: &str) {
+        m.stats.map_full += 1;
+        if !m.full_warned {
+            m.full_warned = true;
+            tracing::warn!(
+                "the BPF {what} map is full: further entries are answered by the daemon \
+                 (raise [bpf] map sizes to offload more)"
+            );
+        }
+    }
+
+    /// Offer the entry `name` in `parent` -> `attr` (FUSE inode numbers) to
+    /// the maps, valid for the given TTLs from now. `pin_held`: the caller
+    /// holds a backend pin on the inode that the map reference may take
+    /// over (else the mirror pins it). Dropped if the epoch moved.
+    #[allow(clippy::too_many_arguments)]
+    pub fn put_entry(
+        &self,
+        epoch: u64,
+        parent: u64,
+        name: &OsStr,
+        attr: &Attr,
+        entry_ttl: Duration,
+        attr_ttl: Duration,
+        pin_held: bool,
+    ) {
+        let ino = attr.ino;
+        let release = |held: bool| {
+            if held {
+                self.backend.forget(self.b(ino), 1);
+            }
+        };
+        let mut m = self.inner.lock();
+        let Some(maps) = m.maps.clone() else {
+            return release(pin_held);
+        };
+        let key = match NameKey::new(parent, name.as_bytes()) {
+            Some(k) if m.epoch == epoch && ino != FUSE_ROOT && !entry_ttl.is_zero() => k,
+            _ => return release(pin_held),
+        };
+        let now = monotonic_ns();
+        let mut value = EntryValue {
+            out: FuseEntryOut {
+                nodeid: ino,
+                attr: fuse_attr(attr),
+                ..Default::default()
+            },
+            entry_deadline_ns: deadline(now, entry_ttl),
+            attr_deadline_ns: deadline(now, attr_ttl),
+        };
+        let slot = (parent, name.to_owned());
+        match m.entries.get(&slot).copied() {
+            Some(old) if old == ino => {
+                value.out.generation = self.inodes.generation(ino).unwrap_or(0);
+                if maps.put_entry(&key, &value).is_err() {
+                    // Could not refresh: drop it rather than keep old data.
+                    Self::remove_key(&mut m, &slot);
+                    self.unmap(&mut m, &*maps, parent, name, ino);
+                }
+                release(pin_held);
+                drop(m);
+                return self.put_attr(epoch, attr, attr_ttl);
+            }
+            Some(old) => {
+                Self::remove_key(&mut m, &slot);
+                self.unmap(&mut m, &*maps, parent, name, old);
+            }
+            None => {}
+        }
+        if m.entries.len() >= self.max_entries {
+            Self::warn_full(&mut m, "entry (descriptor budget)");
+            return release(pin_held);
+        }
+        if !pin_held && self.backend.pin(self.b(ino)).is_err() {
+            return;
+        }
+        value.out.generation = self.inodes.map_ref(ino, parent, name);
+        match maps.put_entry(&key, &value) {
+            Ok(()) => {
+                Self::insert_key(&mut m, slot, ino);
+                m.stats.entries = m.entries.len() as u64;
+            }
+            Err(e) => {
+                if self.inodes.map_unref(ino) {
+                    self.gone(&mut m, &*maps, ino);
+                }
+                self.backend.forget(self.b(ino), 1);
+                match e {
+                    MapError::Full => Self::warn_full(&mut m, "entry"),
+                    MapError::Other(e) => tracing::warn!("cannot update the BPF entry map: {e}"),
+                }
+                return;
+            }
+        }
+        drop(m);
+        self.put_attr(epoch, attr, attr_ttl);
+    }
+
+    /// Offer the attributes of an inode the kernel holds (FUSE numbers).
+    pub fn put_attr(&self, epoch: u64, attr: &Attr, attr_ttl: Duration) {
+        let mut m = self.inner.lock();
+        let Some(maps) = m.maps.clone() else { return };
+        if m.epoch != epoch || attr_ttl.is_zero() || self.inodes.generation(attr.ino).is_none() {
+            return;
+        }
+        let value = AttrValue {
+            out: FuseAttrOut {
+                attr: fuse_attr(attr),
+                ..Default::default()
+            },
+            deadline_ns: deadline(monotonic_ns(), attr_ttl),
+        };
+        match maps.put_attr(attr.ino, &value) {
+            Ok(()) => {
+                m.attrs.insert(attr.ino);
+                m.stats.attrs = m.attrs.len() as u64;
+            }
+            Err(MapError::Full) => Self::warn_full(&mut m, "attribute"),
+            Err(MapError::Other(e)) => tracing::warn!("cannot update the BPF attribute map: {e}"),
+        }
+    }
+
+    /// Something changed: `names` (parent, name) no longer hold and the
+    /// attributes of `inos` are stale. Deletes them from the maps and moves
+    /// the epoch; call after the backend change and before answering or
+    /// invalidating.
+    pub fn changed(&self, names: &[(u64, &OsStr)], inos: &[u64]) {
+        let mut m = self.inner.lock();
+        m.epoch += 1;
+        let Some(maps) = m.maps.clone() else { return };
+        for (parent, name) in names {
+            if let Some(ino) = Self::remove_key(&mut m, &(*parent, name.to_os_string())) {
+                self.unmap(&mut m, &*maps, *parent, name, ino);
+                if m.attrs.remove(&ino) {
+                    maps.del_attr(ino);
+                }
+            }
+            m.prefetched.remove(parent);
+        }
+        for ino in inos {
+            if m.attrs.remove(ino) {
+                maps.del_attr(*ino);
+            }
+            // Entry values carry attributes too: drop every key naming it.
+            for slot in m.by_ino.remove(ino).unwrap_or_default() {
+                if m.entries.remove(&slot).is_some() {
+                    self.unmap(&mut m, &*maps, slot.0, &slot.1, *ino);
+                }
+            }
+        }
+        m.stats.entries = m.entries.len() as u64;
+        m.stats.attrs = m.attrs.len() as u64;
+    }
+
+    /// Drop everything from the maps (invalidate-all, or a change of unknown extent).
+    pub fn clear(&self) {
+        let mut m = self.inner.lock();
+        m.epoch += 1;
+        let Some(maps) = m.maps.clone() else { return };
+        m.by_ino.clear();
+        let keys: Vec<((u64, OsString), u64)> = m.entries.drain().collect();
+        for ((parent, name), ino) in keys {
+            self.unmap(&mut m, &*maps, parent, &name, ino);
+        }
+        for ino in std::mem::take(&mut m.attrs) {
+            maps.del_attr(ino);
+        }
+        m.prefetched.clear();
+        m.stats.entries = 0;
+        m.stats.attrs = 0;
+    }
+
+    /// The kernel dropped `n` references to `ino`: add the lookups BPF
+    /// answered, then take `n` off. Returns how many to forward to the
+    /// backend and whether the inode left the table.
+    pub fn forget(&self, ino: u64, n: u64) -> crate::inode::Forgotten {
+        let mut m = self.inner.lock();
+        let maps = m.maps.clone();
+        if let Some(maps) = &maps {
+            m.stats.reconciled += self.reconcile(ino, maps.lookups(ino));
+        }
+        let f = self.inodes.forget(ino, n);
+        if f.removed
+            && let Some(maps) = &maps
+        {
+            self.gone(&mut m, &**maps, ino);
+        }
+        f
+    }
+
+    /// Should directory `dir` be prefetched now? Coalesces the miss events
+    /// of one directory to one prefetch per `every`.
+    pub fn should_prefetch(&self, dir: u64, every: Duration) -> bool {
+        let mut m = self.inner.lock();
+        if m.maps.is_none() {
+            return false;
+        }
+        let now = Instant::now();
+        match m.prefetched.get(&dir) {
+            Some(t) if now.duration_since(*t) < every => false,
+            _ => {
+                m.prefetched.insert(dir, now);
+                m.stats.prefetches += 1;
+                true
+            }
+        }
+    }
+
+    /// Count a miss event received.
+    pub fn event(&self) {
+        self.inner.lock().stats.events += 1;
+    }
+
+    fn fold_counters(s: &mut BpfStats, c: &[u64; COUNTERS as usize]) {
+        use efuse_common::ops::*;
+        s.lookup_hits = c[CTR_LOOKUP_HIT as usize];
+        s.lookup_misses = c[CTR_LOOKUP_MISS as usize];
+        s.getattr_hits = c[CTR_GETATTR_HIT as usize];
+        s.getattr_misses = c[CTR_GETATTR_MISS as usize];
+        s.lookups_map_full = c[CTR_LOOKUPS_FULL as usize];
+        s.events_dropped = c[CTR_EVENTS_DROPPED as usize];
+        s.races = c[CTR_RACES as usize];
+        s.expired = c[CTR_EXPIRED as usize];
+    }
+
+    /// Statistics, with the programs' counters (of the current or last
+    /// attachment).
+    pub fn stats(&self) -> BpfStats {
+        let m = self.inner.lock();
+        let mut s = m.stats.clone();
+        if let Some(maps) = &m.maps {
+            Self::fold_counters(&mut s, &maps.counters());
+        }
+        s
+    }
+}
+
+/// An in-memory [`KernelMaps`] that answers like the BPF programs, for
+/// tests of the accounting without a patched kernel.
+#[derive(Default)]
+pub struct ModelMaps {
+    /// Entry map.
+    pub entries: Mutex<HashMap<(u64, Vec<u8>), EntryValue>>,
+    /// Attribute map.
+    pub attrs: Mutex<HashMap<u64, AttrValue>>,
+    /// Lookup counts.
+    pub lookups: Mutex<HashMap<u64, u64>>,
+    /// Capacity of the entry map (0 = unbounded).
+    pub capacity: usize,
+}
+
+impl ModelMaps {
+    /// What `efuse_lookup` does: answer from the entry map, counting the lookup.
+    pub fn bpf_lookup(&self, parent: u64, name: &str) -> Option<u64> {
+        let v = *self.entries.lock().get(&(parent, name.as_bytes().to_vec()))?;
+        *self.lookups.lock().entry(v.out.nodeid).or_default() += 1;
+        Some(v.out.nodeid)
+    }
+}
+
+impl KernelMaps for ModelMaps {
+    fn put_entry(&self, key: &NameKey, value: &EntryValue) -> Result<(), MapError> {
+        let mut e = self.entries.lock();
+        let k = (key.parent, key.name[..key.namelen as usize].to_vec());
+        if self.capacity > 0 && e.len() >= self.capacity && !e.contains_key(&k) {
+            return Err(MapError::Full);
+        }
+        e.insert(k, *value);
+        Ok(())
+    }
+    fn del_entry(&self, key: &NameKey) {
+        self.entries
+            .lock()
+            .remove(&(key.parent, key.name[..key.namelen as usize].to_vec()));
+    }
+    fn put_attr(&self, ino: u64, value: &AttrValue) -> Result<(), MapError> {
+        self.attrs.lock().insert(ino, *value);
+        Ok(())
+    }
+    fn del_attr(&self, ino: u64) {
+        self.attrs.lock().remove(&ino);
+    }
+    fn lookups(&self, ino: u64) -> u64 {
+        self.lookups.lock().get(&ino).copied().unwrap_or(0)
+    }
+    fn del_lookups(&self, ino: u64) {
+        self.lookups.lock().remove(&ino);
+    }
+    fn counters(&self) -> [u64; COUNTERS as usize] {
+        [0; COUNTERS as usize]
+    }
+}

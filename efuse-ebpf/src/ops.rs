@@ -1,0 +1,252 @@
+//! The `bpf` offload tier: programs for efuse's `fuse_bpf_ops` struct_ops
+//! (kernel patch in `kernel/patches/`), answering FUSE LOOKUP and GETATTR
+//! from maps the daemon fills.
+//!
+//! The kernel calls `efuse_lookup(args, out)` and `efuse_getattr(args,
+//! out)` with a `u64` context array holding the two pointers. A program
+//! returns 0 when it wrote the answer to `out`, 1 to let the request go to
+//! the daemon.
+//!
+//! Lookup-count protocol: every lookup answered here gives the kernel one
+//! more reference to the inode, which the daemon must expect FORGETs for.
+//! The program counts it in `EFUSE_LOOKUPS[nodeid]` *before* answering,
+//! then checks that the entry is still in the map. The daemon deletes an
+//! entry first and reads the count after, so an answer it does not see
+//! counted cannot happen: if the recheck fails, the program gives the count
+//! back and lets the daemon answer. A full count map means "ask the
+//! daemon", never an unaccounted answer.
+//!
+//! Programs are built into their own object (not `efuse`) because aya does
+//! not know struct_ops sections; the daemon loads this object itself. The
+//! section names are only labels for that loader.
+#![no_std]
+#![no_main]
+// The BPF target has no compare-and-swap, so core offers no
+// AtomicU64::fetch_add; the intrinsic lowers to BPF's atomic add.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd, atomic_xsub};
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
+    macros::map,
+    maps::{HashMap, PerCpuArray, RingBuf},
+};
+use efuse_common::ops::{
+    AttrValue, COUNTERS, CTR_EVENTS_DROPPED, CTR_EXPIRED, CTR_GETATTR_HIT, CTR_GETATTR_MISS, CTR_LOOKUP_HIT,
+    CTR_LOOKUP_MISS, CTR_LOOKUPS_FULL, CTR_RACES, DEFAULT_ATTRS, DEFAULT_ENTRIES, DEFAULT_LOOKUPS,
+    EntryValue, FuseAttrOut, FuseEntryOut, MISSES_BYTES, MissEvent, NameKey, OP_GETATTR, OP_LOOKUP, split_ns,
+};
+
+#[map(name = "EFUSE_ENTRIES")]
+static ENTRIES: HashMap<NameKey, EntryValue> = HashMap::with_max_entries(DEFAULT_ENTRIES, 0);
+
+#[map(name = "EFUSE_ATTRS")]
+static ATTRS: HashMap<u64, AttrValue> = HashMap::with_max_entries(DEFAULT_ATTRS, 0);
+
+#[map(name = "EFUSE_LOOKUPS")]
+static LOOKUPS: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_LOOKUPS, 0);
+
+#[map(name = "EFUSE_MISSES")]
+static MISSES: RingBuf = RingBuf::with_byte_size(MISSES_BYTES, 0);
+
+#[map(name = "EFUSE_OPS_COUNTERS")]
+static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+/// Answered: the kernel uses `out`.
+const ANSWERED: i32 = 0;
+/// Not answered: the request goes to the daemon.
+const ASK_DAEMON: i32 = 1;
+
+#[inline(always)]
+fn count(ctr: u32) {
+    if let Some(c) = COUNTERS_MAP.get_ptr_mut(ctr) {
+        // SAFETY: a per-CPU slot, written only by programs on this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+/// Tell the daemon about a miss; a full ring is counted, never retried.
+#[inline(always)]
+fn report_miss(opcode: u32, key: *const NameKey) {
+    match MISSES.reserve::<MissEvent>(0) {
+        Some(mut e) => {
+            let ev = e.as_mut_ptr();
+            // SAFETY: `ev` points at a reserved record of the right size;
+            // `key` is a valid pointer (the kernel's arguments or the stack).
+            unsafe {
+                (*ev).opcode = opcode;
+                (*ev)._pad = 0;
+                bpf_probe_read_kernel(
+                    (&raw mut (*ev).key).cast(),
+                    size_of::<NameKey>() as u32,
+                    key.cast(),
+                );
+            }
+            e.submit(0);
+        }
+        None => count(CTR_EVENTS_DROPPED),
+    }
+}
+
+/// Time left until `deadline`, or None if it has passed.
+#[inline(always)]
+fn left(now: u64, deadline: u64) -> Option<u64> {
+    if deadline > now {
+        Some(deadline - now)
+    } else {
+        None
+    }
+}
+
+/// Add one to the BPF lookup count of `nodeid`; false if the map is full.
+#[inline(always)]
+fn add_lookup(nodeid: u64) -> bool {
+    if LOOKUPS.get_ptr_mut(&nodeid).is_none() {
+        // BPF_NOEXIST: a racing CPU's insert wins and we add to it below.
+        let _ = LOOKUPS.insert(&nodeid, &0, BPF_NOEXIST as u64);
+    }
+    match LOOKUPS.get_ptr_mut(&nodeid) {
+        Some(c) => {
+            // SAFETY: `c` points at the map value; atomic because every CPU
+            // and the daemon share it.
+            unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(c, 1) };
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn sub_lookup(nodeid: u64) {
+    if let Some(c) = LOOKUPS.get_ptr_mut(&nodeid) {
+        // SAFETY: as in add_lookup.
+        unsafe { atomic_xsub::<u64, u64, { AtomicOrdering::SeqCst }>(c, 1) };
+    }
+}
+
+/// `fuse_bpf_ops.lookup(struct fuse_bpf_lookup_args *args, struct fuse_entry_out *out)`.
+///
+/// # Safety
+/// Called by the kernel with its argument array.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tp_btf/efuse_lookup")]
+pub unsafe extern "C" fn efuse_lookup(ctx: *const u64) -> i32 {
+    // SAFETY: the kernel passes two pointer arguments.
+    let (args, out) = unsafe { (*ctx as *const NameKey, *ctx.add(1) as *mut FuseEntryOut) };
+    try_lookup(args, out)
+}
+
+#[inline(always)]
+fn try_lookup(args: *const NameKey, out: *mut FuseEntryOut) -> i32 {
+    let mut key = core::mem::MaybeUninit::<NameKey>::uninit();
+    // SAFETY: copies the kernel's lookup arguments (same layout) to the stack.
+    let r =
+        unsafe { bpf_probe_read_kernel(key.as_mut_ptr().cast(), size_of::<NameKey>() as u32, args.cast()) };
+    if r != 0 {
+        return ASK_DAEMON;
+    }
+    // SAFETY: fully written by the read above.
+    let key = unsafe { key.assume_init_ref() };
+    // SAFETY: map values stay valid under the RCU read lock programs run in.
+    let Some(v) = (unsafe { ENTRIES.get(key) }) else {
+        count(CTR_LOOKUP_MISS);
+        report_miss(OP_LOOKUP, key);
+        return ASK_DAEMON;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (Some(entry_left), Some(attr_left)) = (left(now, v.entry_deadline_ns), left(now, v.attr_deadline_ns))
+    else {
+        count(CTR_EXPIRED);
+        count(CTR_LOOKUP_MISS);
+        report_miss(OP_LOOKUP, key);
+        return ASK_DAEMON;
+    };
+    let nodeid = v.out.nodeid;
+    if !add_lookup(nodeid) {
+        count(CTR_LOOKUPS_FULL);
+        count(CTR_LOOKUP_MISS);
+        return ASK_DAEMON;
+    }
+    // The daemon deletes entries before it reads counts: if the entry is
+    // still here, the count above is one it will see.
+    // SAFETY: as above.
+    match unsafe { ENTRIES.get(key) } {
+        Some(v2) if v2.out.nodeid == nodeid => {}
+        _ => {
+            sub_lookup(nodeid);
+            count(CTR_RACES);
+            count(CTR_LOOKUP_MISS);
+            return ASK_DAEMON;
+        }
+    }
+    let (es, ens) = split_ns(entry_left);
+    let (as_, ans) = split_ns(attr_left);
+    // SAFETY: `out` is the kernel's answer struct, writable by this program.
+    unsafe {
+        (*out).nodeid = nodeid;
+        (*out).generation = v.out.generation;
+        (*out).entry_valid = es;
+        (*out).entry_valid_nsec = ens;
+        (*out).attr_valid = as_;
+        (*out).attr_valid_nsec = ans;
+        (*out).attr = v.out.attr;
+    }
+    count(CTR_LOOKUP_HIT);
+    ANSWERED
+}
+
+/// `fuse_bpf_ops.getattr(struct fuse_bpf_getattr_args *args, struct fuse_attr_out *out)`.
+///
+/// # Safety
+/// Called by the kernel with its argument array.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tp_btf/efuse_getattr")]
+pub unsafe extern "C" fn efuse_getattr(ctx: *const u64) -> i32 {
+    // SAFETY: the kernel passes two pointer arguments.
+    let (args, out) = unsafe { (*ctx as *const u64, *ctx.add(1) as *mut FuseAttrOut) };
+    // SAFETY: `args` points at struct fuse_bpf_getattr_args { u64 nodeid }.
+    let nodeid = unsafe { *args };
+    // SAFETY: as in efuse_lookup.
+    let Some(v) = (unsafe { ATTRS.get(&nodeid) }) else {
+        count(CTR_GETATTR_MISS);
+        let key = NameKey {
+            parent: nodeid,
+            namelen: 0,
+            _pad: 0,
+            name: [0; efuse_common::ops::NAME_MAX],
+        };
+        report_miss(OP_GETATTR, &key);
+        return ASK_DAEMON;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(attr_left) = left(now, v.deadline_ns) else {
+        count(CTR_EXPIRED);
+        count(CTR_GETATTR_MISS);
+        return ASK_DAEMON;
+    };
+    let (s, ns) = split_ns(attr_left);
+    // SAFETY: `out` is the kernel's answer struct, writable by this program.
+    unsafe {
+        (*out).attr_valid = s;
+        (*out).attr_valid_nsec = ns;
+        (*out).attr = v.out.attr;
+    }
+    count(CTR_GETATTR_HIT);
+    ANSWERED
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
