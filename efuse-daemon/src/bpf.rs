@@ -218,8 +218,12 @@ pub fn attach(
     let off = data_off + ops.member("dev")?.offset as usize;
     kvalue[off..off + 4].copy_from_slice(&dev.to_ne_bytes());
 
-    let ops_map = sys::create_struct_ops_map("efuse_ops", value.id, value.size)
-        .context("creating the fuse_bpf_ops struct_ops map")?;
+    let ops_map = sys::create_struct_ops_map("efuse_ops", value.id, value.size).with_context(|| {
+        format!(
+            "creating the fuse_bpf_ops struct_ops map (value type {OPS_VALUE_STRUCT} id {}, {} bytes)",
+            value.id, value.size
+        )
+    })?;
     sys::update_struct_ops_map(&ops_map, &kvalue).context("filling the fuse_bpf_ops struct_ops map")?;
     // The map holds the programs now.
     drop(progs);

@@ -12,6 +12,8 @@
 //! (MNT_DETACH never blocks), aborts the FUSE connection so no thread stays
 //! stuck in a request, then kills and reaps the daemon.
 
+pub mod vm;
+
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;

@@ -1,7 +1,9 @@
-//! Project chores: `cargo xtask setup | build | test | demo`.
+//! Project chores: `cargo xtask setup | build | test | demo | bench | kernel | vm`.
 //!
 //! Every command installs what it needs first and is safe to run again:
 //! `setup` checks each prerequisite and installs only what is missing.
+
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -38,6 +40,21 @@ enum Cmd {
         /// Output directory for results.md, results.json and plots.
         #[arg(long, default_value = "bench-out")]
         out: PathBuf,
+    },
+    /// Build the patched test kernel (Linux 6.12 + kernel/patches, a small
+    /// config; cached by the hash of patches, config and source version)
+    /// and print the bzImage path.
+    Kernel,
+    /// Boot the test kernel under qemu with an initramfs holding busybox,
+    /// efuse and the given files, run a shell command as root, and exit
+    /// with its status.
+    Vm {
+        /// Files to put into the VM's /bin (e.g. a test binary).
+        #[arg(long = "add")]
+        add: Vec<PathBuf>,
+        /// Shell command to run inside the VM.
+        #[arg(trailing_var_arg = true, required = true)]
+        cmd: Vec<String>,
     },
 }
 
@@ -163,6 +180,28 @@ unsafe extern "C" {
     fn libc_geteuid() -> u32;
 }
 
+/// Install what is missing from `packages`.
+fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("apt-get").arg("update").arg("-q"))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
@@ -178,7 +217,9 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         run(cargo().args(["fmt", "--all", "--check"]))?;
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     }
-    run(cargo().arg("test").args(args))?;
+    // The bpf tier's tests boot the patched kernel under qemu.
+    let image = vm::kernel()?;
+    run(cargo().arg("test").args(args).env("EFUSE_VM_KERNEL", &image))?;
     Ok(())
 }
 
@@ -241,5 +282,24 @@ fn main() -> anyhow::Result<()> {
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Bench { quick, out } => bench(quick, &out),
+        Cmd::Kernel => {
+            let image = vm::kernel()?;
+            println!("{}", image.display());
+            Ok(())
+        }
+        Cmd::Vm { add, cmd } => {
+            setup()?;
+            run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+            let image = vm::kernel()?;
+            let mut files = vec![root().join("target/debug/efuse")];
+            files.extend(add);
+            let code = vm::run_in_vm(
+                &image,
+                &files,
+                &cmd.join(" "),
+                std::time::Duration::from_secs(1800),
+            )?;
+            std::process::exit(code)
+        }
     }
 }

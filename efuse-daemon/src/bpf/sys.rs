@@ -13,6 +13,7 @@ use aya_obj::generated::bpf_insn;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_BTF_LOAD: libc::c_long = 18;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 const BPF_PROG_TYPE_STRUCT_OPS: u32 = 27;
@@ -112,10 +113,34 @@ pub fn load_struct_ops_prog(
     }
 }
 
+/// Load a minimal program BTF (one `int`). The kernel wants a program BTF
+/// with every struct_ops map (libbpf passes the object's); ours carries no
+/// information the map uses.
+fn load_stub_btf() -> io::Result<OwnedFd> {
+    let strings = b"\0int\0";
+    let mut blob = Vec::new();
+    blob.extend_from_slice(&0xeb9fu16.to_le_bytes());
+    blob.extend_from_slice(&[1, 0]);
+    // hdr_len, type_off, type_len, str_off, str_len
+    for v in [24u32, 0, 16, 16, strings.len() as u32] {
+        blob.extend_from_slice(&v.to_le_bytes());
+    }
+    // [1] int: name "int", kind INT, 4 bytes, 32 bits signed
+    for v in [1u32, 1 << 24, 4, (1 << 24) | 32] {
+        blob.extend_from_slice(&v.to_le_bytes());
+    }
+    blob.extend_from_slice(strings);
+    let mut a = Attr::new();
+    a.u64(0, blob.as_ptr() as u64).u32(16, blob.len() as u32);
+    bpf(BPF_BTF_LOAD, &mut a)
+}
+
 /// Create a struct_ops map for the value type `value_type_id` (vmlinux
 /// `bpf_struct_ops_<name>`) of `value_size` bytes, to be linked.
 pub fn create_struct_ops_map(name: &str, value_type_id: u32, value_size: u32) -> io::Result<OwnedFd> {
+    let btf = load_stub_btf()?;
     let mut a = Attr::new();
+    a.u32(48, btf.as_raw_fd() as u32);
     a.u32(0, BPF_MAP_TYPE_STRUCT_OPS)
         .u32(4, 4)
         .u32(8, value_size)
