@@ -153,6 +153,30 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
             c.hits, c.misses, c.prefetches, c.prefetched_entries
         );
     }
+    let b = &s.bpf;
+    if b.attached || b.lookup_hits + b.getattr_hits > 0 {
+        let _ = writeln!(
+            out,
+            "bpf tier{}: answered in the kernel: {} lookups, {} getattrs; sent to the daemon: {} lookups, {} getattrs; \
+             maps hold {} entries, {} attrs; {} miss events ({} dropped), {} directories prefetched, \
+             {} races, {} expired, {} refused by full maps",
+            if b.attached { "" } else { " (detached)" },
+            b.lookup_hits,
+            b.getattr_hits,
+            b.lookup_misses,
+            b.getattr_misses,
+            b.entries,
+            b.attrs,
+            b.events,
+            b.events_dropped,
+            b.prefetches,
+            b.races,
+            b.expired,
+            b.map_full + b.lookups_map_full
+        );
+    } else if let Some(r) = &b.reason {
+        let _ = writeln!(out, "bpf tier not attached: {r}");
+    }
     out
 }
 

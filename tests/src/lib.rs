@@ -466,3 +466,44 @@ pub fn eventually(d: Duration, mut f: impl FnMut() -> bool) -> bool {
 pub fn settle() {
     std::thread::sleep(Duration::from_millis(300));
 }
+
+/// Names of the BPF programs (`progs`) or maps loaded in the kernel now,
+/// from the bpf(2) id iterators (what `bpftool prog/map list` shows).
+pub fn bpf_objects(progs: bool) -> Vec<String> {
+    // Commands and struct offsets from include/uapi/linux/bpf.h.
+    let (next_cmd, fd_cmd, name_off) = if progs { (11, 13, 64) } else { (12, 14, 24) };
+    const GET_INFO: libc::c_long = 15;
+    let sys = |cmd: libc::c_long, attr: &mut [u8; 128]| -> i64 {
+        // SAFETY: a zeroed bpf_attr-sized buffer, valid for the call.
+        unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), 128u32) }
+    };
+    let mut names = Vec::new();
+    let mut id = 0u32;
+    loop {
+        let mut a = [0u8; 128];
+        a[0..4].copy_from_slice(&id.to_ne_bytes());
+        if sys(next_cmd, &mut a) < 0 {
+            break;
+        }
+        id = u32::from_ne_bytes(a[4..8].try_into().unwrap());
+        let mut a = [0u8; 128];
+        a[0..4].copy_from_slice(&id.to_ne_bytes());
+        let fd = sys(fd_cmd, &mut a);
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: a descriptor we own from here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut info = [0u8; 256];
+        let mut a = [0u8; 128];
+        a[0..4].copy_from_slice(&(fd.as_raw_fd() as u32).to_ne_bytes());
+        a[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
+        a[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
+        if sys(GET_INFO, &mut a) == 0 {
+            let raw = &info[name_off..name_off + 16];
+            let end = raw.iter().position(|&c| c == 0).unwrap_or(16);
+            names.push(String::from_utf8_lossy(&raw[..end]).into_owned());
+        }
+    }
+    names
+}

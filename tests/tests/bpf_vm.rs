@@ -1,0 +1,516 @@
+//! The `bpf` tier, tested in a VM running the patched kernel.
+//!
+//! The host's kernel has no `fuse_bpf_ops` hook, so this test binary (no
+//! libtest harness) boots the kernel built by `cargo xtask kernel` under
+//! qemu with itself and the efuse binary in the initramfs, and runs its
+//! scenarios there (`EFUSE_IN_VM=1`). Each scenario mounts for real over a
+//! tmpfs backing directory and compares results with the backing directory;
+//! the host test fails unless every scenario passed in the guest.
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use efuse_tests::{TestMount, daemon_count, efuse, efuse_bin, eventually, mount_stats, settle, upcalls};
+
+const NAME: &str = "bpf_vm";
+
+type Scenario = (&'static str, fn());
+
+const SCENARIOS: &[Scenario] = &[
+    ("programs_attach_and_answer", programs_attach_and_answer),
+    ("cold_walk_after_prefetch", cold_walk_after_prefetch),
+    ("changes_are_never_served_stale", changes_are_never_served_stale),
+    ("lookup_counts_balance", lookup_counts_balance),
+    ("detach_under_load", detach_under_load),
+    ("two_mounts_are_isolated", two_mounts_are_isolated),
+    (
+        "full_maps_fall_back_to_the_daemon",
+        full_maps_fall_back_to_the_daemon,
+    ),
+];
+
+fn main() {
+    if std::env::var_os("EFUSE_IN_VM").is_some() {
+        std::process::exit(guest());
+    }
+    // Behave like a libtest binary towards `cargo test <filter>` and `--list`.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.iter().any(|a| a == "--list") {
+        println!("{NAME}: test");
+        return;
+    }
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    if !filters.is_empty() && !filters.iter().any(|f| NAME.contains(f.as_str())) {
+        return;
+    }
+    host();
+}
+
+/// Boot the patched kernel and run the scenarios in it.
+fn host() {
+    let kernel = match std::env::var_os("EFUSE_VM_KERNEL") {
+        Some(k) => PathBuf::from(k),
+        None => newest_kernel().unwrap_or_else(|| {
+            panic!("no patched kernel: run `cargo xtask kernel` (or set EFUSE_VM_KERNEL)")
+        }),
+    };
+    let me = std::env::current_exe().expect("current exe");
+    let exe = me.file_name().unwrap().to_string_lossy().into_owned();
+    let cmd = format!("EFUSE_IN_VM=1 EFUSE_LOG=warn /bin/{exe}");
+    eprintln!("{NAME}: booting {} with the scenarios", kernel.display());
+    let started = Instant::now();
+    let r = efuse_tests::vm::run(&kernel, &[me, efuse_bin()], &cmd, Duration::from_secs(900))
+        .expect("run the VM");
+    eprintln!("{NAME}: VM run took {:.1?}", started.elapsed());
+    let passed = r.console.lines().filter(|l| l.starts_with("PASS ")).count();
+    assert_eq!(
+        r.code,
+        Some(0),
+        "bpf tier scenarios failed in the VM ({passed}/{} passed); console above",
+        SCENARIOS.len()
+    );
+    assert_eq!(passed, SCENARIOS.len(), "not every scenario reported");
+}
+
+fn newest_kernel() -> Option<PathBuf> {
+    fs::read_dir("/var/cache/efuse/kernel")
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("bzImage-"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+        .map(|e| e.path())
+}
+
+fn guest() -> i32 {
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    let mut failed = 0;
+    for (name, f) in SCENARIOS {
+        if !only.is_empty() && !only.iter().any(|o| name.contains(o.as_str())) {
+            continue;
+        }
+        let t = Instant::now();
+        match std::panic::catch_unwind(f) {
+            Ok(()) => println!("PASS {name} ({:.1?})", t.elapsed()),
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                println!("FAIL {name}: {msg}");
+                failed += 1;
+            }
+        }
+    }
+    i32::from(failed > 0)
+}
+
+fn bpf_mount() -> TestMount {
+    TestMount::with_args(&["--offload", "bpf"])
+}
+
+fn prefetch(p: &Path) -> u64 {
+    let (code, out, err) = efuse(&[OsStr::new("prefetch"), p.as_os_str()]);
+    assert_eq!(code, 0, "efuse prefetch failed: {err}");
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("prefetch output: {out}"))
+}
+
+fn bpf(v: &serde_json::Value, key: &str) -> u64 {
+    v["bpf"][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no bpf.{key} in stats"))
+}
+
+fn offload(m: &TestMount, tier: &str) {
+    let (code, _, err) = efuse(&[OsStr::new("offload"), m.mnt().as_os_str(), OsStr::new(tier)]);
+    assert_eq!(code, 0, "efuse offload {tier}: {err}");
+}
+
+/// What stat(2) must agree on between the mount and the backing directory.
+fn stat_key(p: &Path) -> std::io::Result<(u32, u64, u64, u32, u32, i64, i64, i64)> {
+    let m = fs::symlink_metadata(p)?;
+    Ok((
+        m.mode(),
+        m.size(),
+        m.nlink(),
+        m.uid(),
+        m.gid(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+    ))
+}
+
+fn drop_caches() {
+    fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop_caches");
+}
+
+/// `dirs` directories of `per_dir` files each, plus the directories.
+fn make_tree(root: &Path, dirs: usize, per_dir: usize) -> Vec<PathBuf> {
+    let mut rel = Vec::new();
+    for d in 0..dirs {
+        let dir = PathBuf::from(format!("d{d:03}"));
+        fs::create_dir_all(root.join(&dir)).unwrap();
+        rel.push(dir.clone());
+        for f in 0..per_dir {
+            let p = dir.join(format!("f{f:03}"));
+            fs::write(root.join(&p), vec![b'x'; (d * 7 + f) % 97]).unwrap();
+            rel.push(p);
+        }
+    }
+    rel
+}
+
+fn walk(m: &TestMount, paths: &[PathBuf]) {
+    for p in paths {
+        assert_eq!(
+            stat_key(&m.m(p)).unwrap(),
+            stat_key(&m.b(p)).unwrap(),
+            "stat of {}",
+            p.display()
+        );
+    }
+}
+
+fn lookups_and_getattrs(v: &serde_json::Value) -> (u64, u64) {
+    (
+        upcalls(v, "LOOKUP") + upcalls(v, "GETATTR"),
+        daemon_count(v, "LOOKUP") + daemon_count(v, "GETATTR"),
+    )
+}
+
+fn programs_attach_and_answer() {
+    let m = bpf_mount();
+    m.seed_file("a/b", b"hello");
+    settle();
+    let s = mount_stats(&m.mnt());
+    assert_eq!(s["offload"], "bpf");
+    assert!(
+        s["bpf"]["attached"].as_bool().unwrap(),
+        "programs not attached: {}",
+        s["bpf"]
+    );
+    assert!(prefetch(&m.mnt()) >= 1);
+    let before = mount_stats(&m.mnt());
+    assert_eq!(stat_key(&m.m("a")).unwrap(), stat_key(&m.b("a")).unwrap());
+    let after = mount_stats(&m.mnt());
+    assert_eq!(bpf(&after, "lookup_hits"), bpf(&before, "lookup_hits") + 1);
+    assert_eq!(daemon_count(&after, "LOOKUP"), daemon_count(&before, "LOOKUP"));
+    assert_eq!(fs::read(m.m("a/b")).unwrap(), b"hello");
+    // Names the kernel will not ask BPF about still work.
+    let long = "n".repeat(255);
+    fs::write(m.b(&long), b"long").unwrap();
+    assert_eq!(fs::read(m.m(&long)).unwrap(), b"long");
+    assert_eq!(
+        fs::metadata(m.m("n".repeat(256))).unwrap_err().raw_os_error(),
+        Some(libc::ENAMETOOLONG)
+    );
+}
+
+fn cold_walk_after_prefetch() {
+    let tiers = ["kernel", "bpf"];
+    let mut counts = BTreeMap::new();
+    for tier in tiers {
+        let m = TestMount::with_args(&["--offload", tier]);
+        // 100 directories x 99 files + the directories = 10,000 entries.
+        let paths = make_tree(&m.backing(), 100, 99);
+        assert_eq!(paths.len(), 10_000);
+        settle();
+        if tier == "bpf" {
+            let t = Instant::now();
+            let n = prefetch(&m.mnt());
+            println!("prefetched {n} entries in {:.1?}", t.elapsed());
+            assert_eq!(n, 10_000);
+        }
+        let before = mount_stats(&m.mnt());
+        let t = Instant::now();
+        walk(&m, &paths);
+        let took = t.elapsed();
+        let after = mount_stats(&m.mnt());
+        let (k0, d0) = lookups_and_getattrs(&before);
+        let (k1, d1) = lookups_and_getattrs(&after);
+        println!(
+            "cold walk of 10000 entries, {tier} tier: {} LOOKUP+GETATTR upcalls (tracepoints), {} (daemon), {:.1?}; bpf answers {}",
+            k1 - k0,
+            d1 - d0,
+            took,
+            bpf(&after, "lookup_hits") + bpf(&after, "getattr_hits")
+        );
+        counts.insert(tier, (k1 - k0, d1 - d0));
+    }
+    let (kk, kd) = counts["kernel"];
+    let (bk, bd) = counts["bpf"];
+    assert!(
+        kk >= 10_000 && kd >= 10_000,
+        "kernel tier walk made {kk}/{kd} upcalls"
+    );
+    assert!(
+        bk * 10 <= kk,
+        "bpf tier: {bk} upcalls vs {kk} on the kernel tier (tracepoints)"
+    );
+    assert!(
+        bd * 10 <= kd,
+        "bpf tier: {bd} upcalls vs {kd} on the kernel tier (daemon)"
+    );
+    println!(
+        "bpf tier saves {:.1}% of LOOKUP+GETATTR upcalls on a cold walk",
+        100.0 * (1.0 - bk as f64 / kk as f64)
+    );
+}
+
+fn changes_are_never_served_stale() {
+    let m = bpf_mount();
+    m.seed_file("dir/f", b"12345");
+    m.seed_file("dir/g", b"g");
+    settle();
+    prefetch(&m.mnt());
+    let hits = bpf(&mount_stats(&m.mnt()), "lookup_hits");
+    assert_eq!(stat_key(&m.m("dir/f")).unwrap(), stat_key(&m.b("dir/f")).unwrap());
+    assert!(
+        bpf(&mount_stats(&m.mnt()), "lookup_hits") > hits,
+        "not answered by BPF"
+    );
+
+    // Metadata changed behind the mount: seen once the watch fires, and
+    // never reverted by a later BPF answer.
+    fs::set_permissions(m.b("dir/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::write(m.b("dir/f"), b"1234567890").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || stat_key(&m.m("dir/f")).ok()
+            == stat_key(&m.b("dir/f")).ok()),
+        "metadata change behind the mount not seen"
+    );
+    for _ in 0..3 {
+        drop_caches();
+        assert_eq!(stat_key(&m.m("dir/f")).unwrap(), stat_key(&m.b("dir/f")).unwrap());
+    }
+
+    // Entries changed behind the mount.
+    fs::remove_file(m.b("dir/g")).unwrap();
+    fs::write(m.b("dir/new"), b"n").unwrap();
+    fs::rename(m.b("dir/f"), m.b("dir/f2")).unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            fs::metadata(m.m("dir/g")).is_err()
+                && fs::metadata(m.m("dir/f")).is_err()
+                && fs::read(m.m("dir/new")).ok().as_deref() == Some(b"n")
+                && fs::read(m.m("dir/f2")).ok().as_deref() == Some(b"1234567890")
+        }),
+        "entry changes behind the mount not seen"
+    );
+    drop_caches();
+    assert_eq!(
+        fs::metadata(m.m("dir/g")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+
+    // Through the mount: visible at once, no waiting.
+    prefetch(&m.mnt());
+    fs::set_permissions(m.m("dir/f2"), fs::Permissions::from_mode(0o640)).unwrap();
+    assert_eq!(
+        stat_key(&m.m("dir/f2")).unwrap(),
+        stat_key(&m.b("dir/f2")).unwrap()
+    );
+    fs::write(m.m("dir/f2"), b"abc").unwrap();
+    drop_caches();
+    assert_eq!(
+        stat_key(&m.m("dir/f2")).unwrap(),
+        stat_key(&m.b("dir/f2")).unwrap()
+    );
+    fs::rename(m.m("dir/f2"), m.m("dir/f3")).unwrap();
+    drop_caches();
+    assert_eq!(
+        fs::metadata(m.m("dir/f2")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    assert_eq!(fs::read(m.m("dir/f3")).unwrap(), b"abc");
+    fs::remove_file(m.m("dir/f3")).unwrap();
+    drop_caches();
+    assert_eq!(
+        fs::metadata(m.m("dir/f3")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    fs::hard_link(m.m("dir/new"), m.m("dir/link")).unwrap();
+    drop_caches();
+    assert_eq!(
+        stat_key(&m.m("dir/new")).unwrap(),
+        stat_key(&m.b("dir/new")).unwrap()
+    );
+    assert_eq!(fs::metadata(m.m("dir/new")).unwrap().nlink(), 2);
+}
+
+fn lookup_counts_balance() {
+    let m = bpf_mount();
+    let paths = make_tree(&m.backing(), 5, 40);
+    settle();
+    prefetch(&m.mnt());
+    for _ in 0..3 {
+        walk(&m, &paths);
+        drop_caches();
+    }
+    let s = mount_stats(&m.mnt());
+    assert!(
+        bpf(&s, "lookup_hits") >= 3 * paths.len() as u64 / 2,
+        "BPF answered too little: {}",
+        s["bpf"]
+    );
+    assert!(
+        daemon_count(&s, "FORGET") + daemon_count(&s, "BATCH_FORGET") > 0,
+        "no FORGET arrived"
+    );
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            drop_caches();
+            mount_stats(&m.mnt())["inodes"][1] == 0
+        }),
+        "the kernel still holds inodes: {}",
+        mount_stats(&m.mnt())["inodes"]
+    );
+    let s = mount_stats(&m.mnt());
+    assert_eq!(s["excess_forgets"], 0, "a FORGET exceeded the counted lookups");
+    assert!(bpf(&s, "reconciled") > 0, "no BPF lookup was taken over");
+    // The files are still served after all those forgets.
+    walk(&m, &paths);
+    let st = m.unmount();
+    assert!(st.success(), "daemon exit {st}");
+}
+
+/// Programs and maps of the bpf tier loaded in the kernel now.
+fn loaded_objects() -> (usize, usize) {
+    let progs = efuse_tests::bpf_objects(true)
+        .into_iter()
+        .filter(|n| n.starts_with("efuse_lookup") || n.starts_with("efuse_getattr"))
+        .count();
+    let maps = efuse_tests::bpf_objects(false)
+        .into_iter()
+        .filter(|n| n.starts_with("EFUSE_ENTRIES") || n.starts_with("efuse_ops"))
+        .count();
+    (progs, maps)
+}
+
+fn detach_under_load() {
+    assert_eq!(loaded_objects(), (0, 0));
+    let m = bpf_mount();
+    let paths = make_tree(&m.backing(), 4, 50);
+    settle();
+    prefetch(&m.mnt());
+    assert_eq!(loaded_objects(), (2, 2));
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for r in 0..2 {
+        let (stop, done) = (stop.clone(), done.clone());
+        let (mnt, back, paths) = (m.mnt(), m.backing(), paths.clone());
+        readers.push(std::thread::spawn(move || {
+            let mut i = r;
+            while !stop.load(Ordering::Relaxed) {
+                let p = &paths[i % paths.len()];
+                let a = stat_key(&mnt.join(p)).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
+                assert_eq!(a, stat_key(&back.join(p)).unwrap(), "{}", p.display());
+                if i % 50 == 0 {
+                    drop_caches();
+                }
+                i += 7;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300));
+        offload(&m, "kernel");
+        assert_eq!(loaded_objects().0, 0, "programs left after detach");
+        std::thread::sleep(Duration::from_millis(300));
+        offload(&m, "bpf");
+        prefetch(&m.mnt());
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    offload(&m, "off");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.join().expect("a reader failed while the tier switched");
+    }
+    assert!(done.load(Ordering::Relaxed) > 100, "readers made no progress");
+    let s = mount_stats(&m.mnt());
+    assert_eq!(s["offload"], "off");
+    assert!(!s["bpf"]["attached"].as_bool().unwrap());
+    assert_eq!(s["excess_forgets"], 0);
+    let st = m.unmount();
+    assert!(st.success(), "daemon exit {st}");
+    assert!(
+        eventually(Duration::from_secs(5), || loaded_objects() == (0, 0)),
+        "programs or maps leaked: {:?}",
+        loaded_objects()
+    );
+}
+
+fn two_mounts_are_isolated() {
+    let a = bpf_mount();
+    let b = bpf_mount();
+    let c = TestMount::with_args(&["--offload", "kernel"]);
+    for (i, m) in [&a, &b, &c].into_iter().enumerate() {
+        for n in 0..20 {
+            fs::write(m.b(format!("same{n}")), vec![b'z'; i * 100 + n]).unwrap();
+        }
+    }
+    settle();
+    prefetch(&a.mnt());
+    prefetch(&b.mnt());
+    let hits = |m: &TestMount| bpf(&mount_stats(&m.mnt()), "lookup_hits");
+    let (a0, b0) = (hits(&a), hits(&b));
+    for n in 0..20 {
+        let p = format!("same{n}");
+        assert_eq!(stat_key(&a.m(&p)).unwrap(), stat_key(&a.b(&p)).unwrap());
+    }
+    assert_eq!(hits(&a), a0 + 20, "mount a's programs answered a's lookups");
+    assert_eq!(hits(&b), b0, "mount b's programs answered for mount a");
+    for n in 0..20 {
+        let p = format!("same{n}");
+        assert_eq!(stat_key(&b.m(&p)).unwrap(), stat_key(&b.b(&p)).unwrap());
+        assert_eq!(stat_key(&c.m(&p)).unwrap(), stat_key(&c.b(&p)).unwrap());
+    }
+    assert_eq!(hits(&b), b0 + 20);
+    assert_eq!(hits(&a), a0 + 20, "mount a's programs answered for b or c");
+    assert!(!mount_stats(&c.mnt())["bpf"]["attached"].as_bool().unwrap());
+}
+
+fn full_maps_fall_back_to_the_daemon() {
+    let m = TestMount::with_config(
+        "[bpf]\nentries = 16\nattrs = 16\nlookups = 16\n",
+        &["--offload", "bpf"],
+    );
+    let paths = make_tree(&m.backing(), 2, 30);
+    settle();
+    let n = prefetch(&m.mnt());
+    assert_eq!(n, paths.len() as u64, "every entry is offered");
+    let s = mount_stats(&m.mnt());
+    assert!(bpf(&s, "entries") <= 16, "{}", s["bpf"]);
+    assert!(bpf(&s, "map_full") > 0, "{}", s["bpf"]);
+    for _ in 0..2 {
+        walk(&m, &paths);
+        drop_caches();
+    }
+    let s = mount_stats(&m.mnt());
+    assert!(
+        daemon_count(&s, "LOOKUP") > 0,
+        "the daemon answered what did not fit"
+    );
+    assert!(bpf(&s, "lookup_hits") > 0, "what fit was answered by BPF");
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            drop_caches();
+            mount_stats(&m.mnt())["inodes"][1] == 0
+        }),
+        "inodes still held"
+    );
+    assert_eq!(mount_stats(&m.mnt())["excess_forgets"], 0);
+}
