@@ -135,8 +135,11 @@ fn offload(m: &TestMount, tier: &str) {
     assert_eq!(code, 0, "efuse offload {tier}: {err}");
 }
 
-/// What stat(2) must agree on between the mount and the backing directory.
-fn stat_key(p: &Path) -> std::io::Result<(u32, u64, u64, u32, u32, i64, i64, i64)> {
+/// What stat(2) must agree on between the mount and the backing directory:
+/// mode, size, nlink, uid, gid, mtime (s, ns), ctime.
+type StatKey = (u32, u64, u64, u32, u32, i64, i64, i64);
+
+fn stat_key(p: &Path) -> std::io::Result<StatKey> {
     let m = fs::symlink_metadata(p)?;
     Ok((
         m.mode(),
