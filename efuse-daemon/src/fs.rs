@@ -1131,6 +1131,109 @@ mod tests {
         )
     }
 
+    /// A `bpf`-tier filesystem over an in-memory tree with a model of the
+    /// kernel maps attached.
+    fn bpf_fs(capacity: usize) -> (EfuseFs, Arc<crate::offload::ModelMaps>) {
+        let fs = EfuseFs::new(
+            Arc::new(MemBackend::new()),
+            Offload::Bpf,
+            KernelTierConfig::default(),
+        );
+        let maps = Arc::new(crate::offload::ModelMaps {
+            capacity,
+            ..Default::default()
+        });
+        fs.mirror.attach(maps.clone());
+        (fs, maps)
+    }
+
+    fn file(fs: &EfuseFs, name: &str) -> u64 {
+        let (e, o) = fs
+            .create(Caller::default(), 1, OsStr::new(name), 0o644, libc::O_RDWR)
+            .unwrap();
+        fs.release(o.fh);
+        fs.forget(e.attr.ino, 1);
+        e.attr.ino
+    }
+
+    #[test]
+    fn bpf_answered_lookups_are_counted_before_forgets() {
+        let (fs, maps) = bpf_fs(0);
+        let ino = file(&fs, "f");
+        assert_eq!(fs.lookup(1, OsStr::new("f")).unwrap().attr.ino, ino);
+        assert!(
+            maps.entries.lock().contains_key(&(1, b"f".to_vec())),
+            "lookup reply offered to the map"
+        );
+        // The kernel's dentry goes; two lookups are then answered by BPF.
+        fs.forget(ino, 1);
+        assert_eq!(maps.bpf_lookup(1, "f"), Some(ino));
+        assert_eq!(maps.bpf_lookup(1, "f"), Some(ino));
+        // The kernel forgets them: the daemon had never seen them, yet the
+        // counts balance and the inode stays usable while the map names it.
+        fs.forget(ino, 2);
+        assert_eq!(fs.inodes().excess_forgets(), 0);
+        assert_eq!(fs.inodes().totals(), (0, 0));
+        assert!(fs.getattr(ino).is_ok(), "inode freed while a map entry names it");
+        // Removing the name removes the entry, and then the inode.
+        fs.unlink(1, OsStr::new("f")).unwrap();
+        assert!(maps.entries.lock().is_empty());
+        assert_eq!(fs.inodes().len(), 0);
+    }
+
+    #[test]
+    fn changes_leave_the_maps_before_the_reply() {
+        let (fs, maps) = bpf_fs(0);
+        let ino = file(&fs, "f");
+        fs.lookup(1, OsStr::new("f")).unwrap();
+        fs.getattr(ino).unwrap();
+        assert!(maps.attrs.lock().contains_key(&ino));
+        let set = SetAttr {
+            mode: Some(0o600),
+            ..Default::default()
+        };
+        fs.setattr(ino, None, &set).unwrap();
+        assert!(
+            !maps.attrs.lock().contains_key(&ino),
+            "stale attributes left in the map"
+        );
+        assert!(
+            maps.entries.lock().is_empty(),
+            "entry with stale attributes left in the map"
+        );
+        // A lookup whose backend call started before a change is not offered.
+        let epoch = fs.mirror.epoch();
+        let a = fs.fuse_attr(fs.backend.getattr(fs.b(ino)).unwrap());
+        fs.modified(ino);
+        fs.mirror.put_entry(
+            epoch,
+            1,
+            OsStr::new("f"),
+            &a,
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+            false,
+        );
+        assert!(maps.entries.lock().is_empty(), "raced insert accepted");
+        fs.forget(ino, 1);
+    }
+
+    #[test]
+    fn a_full_map_is_not_an_error() {
+        let (fs, maps) = bpf_fs(1);
+        file(&fs, "a");
+        file(&fs, "b");
+        let a = fs.lookup(1, OsStr::new("a")).unwrap();
+        let b = fs.lookup(1, OsStr::new("b")).unwrap();
+        assert_eq!(maps.entries.lock().len(), 1);
+        assert_eq!(fs.bpf_stats().map_full, 1);
+        fs.forget(a.attr.ino, 1);
+        fs.forget(b.attr.ino, 1);
+        // Detaching releases every map reference.
+        drop(fs.mirror.detach());
+        assert_eq!(fs.inodes().len(), 0);
+    }
+
     struct Collect(Vec<(u64, String)>, usize);
     impl DirPlusReplier for Collect {
         fn add(&mut self, e: &Entry, _next: u64, name: &OsStr) -> bool {

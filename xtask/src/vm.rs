@@ -32,7 +32,11 @@ const KERNEL_PACKAGES: &[&str] = &[
 ];
 
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
-const CACHE: &str = "/var/cache/efuse/kernel";
+/// Where builds are cached (`EFUSE_KERNEL_CACHE` overrides).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("EFUSE_KERNEL_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/efuse/kernel"), PathBuf::from)
+}
 
 /// FNV-1a, 64 bits: a stable cache key (std's hasher may change).
 fn fnv(data: &[u8], mut h: u64) -> u64 {
@@ -71,7 +75,8 @@ fn cache_key() -> anyhow::Result<String> {
 pub fn kernel() -> anyhow::Result<PathBuf> {
     apt_install(KERNEL_PACKAGES)?;
     let key = cache_key()?;
-    let cache = Path::new(CACHE);
+    let cache_dir = cache_dir();
+    let cache = cache_dir.as_path();
     let image = cache.join(format!("bzImage-{key}"));
     if image.exists() {
         eprintln!("xtask: kernel {} (cached)", image.display());
