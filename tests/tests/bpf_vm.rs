@@ -25,6 +25,7 @@ type Scenario = (&'static str, fn());
 const SCENARIOS: &[Scenario] = &[
     ("programs_attach_and_answer", programs_attach_and_answer),
     ("cold_walk_after_prefetch", cold_walk_after_prefetch),
+    ("misses_prefetch_their_directory", misses_prefetch_their_directory),
     ("changes_are_never_served_stale", changes_are_never_served_stale),
     ("lookup_counts_balance", lookup_counts_balance),
     ("detach_under_load", detach_under_load),
@@ -268,6 +269,33 @@ fn cold_walk_after_prefetch() {
         "bpf tier saves {:.1}% of LOOKUP+GETATTR upcalls on a cold walk",
         100.0 * (1.0 - bk as f64 / kk as f64)
     );
+}
+
+fn misses_prefetch_their_directory() {
+    let m = bpf_mount();
+    let paths = make_tree(&m.backing(), 1, 50);
+    settle();
+    // No explicit prefetch: the first lookup in d000 misses in BPF, the
+    // miss event makes the daemon load the whole directory.
+    assert_eq!(stat_key(&m.m("d000/f000")).unwrap(), stat_key(&m.b("d000/f000")).unwrap());
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let s = mount_stats(&m.mnt());
+            bpf(&s, "prefetches") >= 2 && bpf(&s, "entries") >= 50
+        }),
+        "miss events did not prefetch: {}",
+        mount_stats(&m.mnt())["bpf"]
+    );
+    let before = mount_stats(&m.mnt());
+    walk(&m, &paths[2..]);
+    let after = mount_stats(&m.mnt());
+    assert!(bpf(&before, "events") >= 1);
+    assert_eq!(
+        daemon_count(&after, "LOOKUP"),
+        daemon_count(&before, "LOOKUP"),
+        "siblings of a missed name still went to the daemon"
+    );
+    assert_eq!(bpf(&after, "lookup_hits") - bpf(&before, "lookup_hits"), 48);
 }
 
 fn changes_are_never_served_stale() {

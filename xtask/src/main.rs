@@ -30,7 +30,7 @@ enum Cmd {
         #[arg(trailing_var_arg = true)]
         args: Vec<String>,
     },
-    /// Mount a demo directory with efuse, show it working, then run the quick latency comparison.
+    /// Mount a demo directory with efuse (best tier: bpf on the patched kernel, else kernel), show it working, then run the quick latency comparison.
     Demo,
     /// Run the latency comparison (efuse bench) with a release build.
     Bench {
@@ -241,7 +241,7 @@ fn demo() -> anyhow::Result<()> {
         .arg("mount")
         .arg(&src)
         .arg(&mnt)
-        .args(["--offload", "kernel"]))?;
+        .args(["--offload", "auto"]))?;
     let res = (|| -> anyhow::Result<()> {
         run(Command::new("ls").arg("-la").arg(mnt.join("docs")))?;
         run(Command::new("cat").arg(mnt.join("docs/hello.txt")))?;
