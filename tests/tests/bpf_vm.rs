@@ -277,7 +277,10 @@ fn misses_prefetch_their_directory() {
     settle();
     // No explicit prefetch: the first lookup in d000 misses in BPF, the
     // miss event makes the daemon load the whole directory.
-    assert_eq!(stat_key(&m.m("d000/f000")).unwrap(), stat_key(&m.b("d000/f000")).unwrap());
+    assert_eq!(
+        stat_key(&m.m("d000/f000")).unwrap(),
+        stat_key(&m.b("d000/f000")).unwrap()
+    );
     assert!(
         eventually(Duration::from_secs(5), || {
             let s = mount_stats(&m.mnt());
@@ -295,7 +298,7 @@ fn misses_prefetch_their_directory() {
         daemon_count(&before, "LOOKUP"),
         "siblings of a missed name still went to the daemon"
     );
-    assert_eq!(bpf(&after, "lookup_hits") - bpf(&before, "lookup_hits"), 48);
+    assert_eq!(bpf(&after, "lookup_hits") - bpf(&before, "lookup_hits"), 49);
 }
 
 fn changes_are_never_served_stale() {
