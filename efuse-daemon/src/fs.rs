@@ -761,6 +761,9 @@ impl EfuseFs {
 
     /// Open a file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        // Reads of this open may not reach the daemon (passthrough) but
+        // change the atime: the next GETATTR must come here, not from a map.
+        self.mirror.drop_attr(ino);
         let p = self.policy();
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
         let stage = p.passthrough && read_only && self.staging.get().is_some();

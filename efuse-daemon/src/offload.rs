@@ -456,6 +456,17 @@ impl BpfMirror {
         m.stats.attrs = m.attrs.len() as u64;
     }
 
+    /// Drop the attributes of `ino` from the attribute map (not its entries).
+    pub fn drop_attr(&self, ino: u64) {
+        let mut m = self.inner.lock();
+        if let Some(maps) = m.maps.clone()
+            && m.attrs.remove(&ino)
+        {
+            maps.del_attr(ino);
+            m.stats.attrs = m.attrs.len() as u64;
+        }
+    }
+
     /// Drop everything from the maps (invalidate-all, or a change of unknown extent).
     pub fn clear(&self) {
         let mut m = self.inner.lock();

@@ -154,6 +154,31 @@ fn stat_key(p: &Path) -> std::io::Result<StatKey> {
     ))
 }
 
+/// statx(2) with AT_STATX_FORCE_SYNC: mode, size, mtime.
+fn statx_sync(p: &Path) -> (u32, u64, i64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: zeroed plain-data out struct.
+    let mut sx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out pointer.
+    let rc = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_STATX_FORCE_SYNC,
+            libc::STATX_BASIC_STATS,
+            &mut sx,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "statx {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+    (u32::from(sx.stx_mode), sx.stx_size, sx.stx_mtime.tv_sec)
+}
+
 fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop_caches");
 }
@@ -209,6 +234,14 @@ fn programs_attach_and_answer() {
     let after = mount_stats(&m.mnt());
     assert_eq!(bpf(&after, "lookup_hits"), bpf(&before, "lookup_hits") + 1);
     assert_eq!(daemon_count(&after, "LOOKUP"), daemon_count(&before, "LOOKUP"));
+    // A GETATTR the kernel must send (statx with AT_STATX_FORCE_SYNC) is
+    // answered from the attribute map.
+    let before = mount_stats(&m.mnt());
+    let want = stat_key(&m.b("a")).unwrap();
+    assert_eq!(statx_sync(&m.m("a")), (want.0, want.1, want.5));
+    let after = mount_stats(&m.mnt());
+    assert_eq!(bpf(&after, "getattr_hits"), bpf(&before, "getattr_hits") + 1);
+    assert_eq!(daemon_count(&after, "GETATTR"), daemon_count(&before, "GETATTR"));
     assert_eq!(fs::read(m.m("a/b")).unwrap(), b"hello");
     // Names the kernel will not ask BPF about still work.
     let long = "n".repeat(255);
