@@ -122,6 +122,9 @@ pub fn kernel() -> anyhow::Result<PathBuf> {
         .arg("bzImage"))?;
     eprintln!("xtask: kernel built in {:.0?}", started.elapsed());
     std::fs::copy(tree.join("arch/x86/boot/bzImage"), &image)?;
+    // A tree is only reused for the same key, whose image is now cached:
+    // give the 2 GB back.
+    let _ = std::fs::remove_dir_all(&tree);
     Ok(image)
 }
 
