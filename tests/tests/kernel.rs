@@ -514,3 +514,15 @@ fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
         );
     }
 }
+
+#[test]
+fn prefetch_needs_the_bpf_tier() {
+    let m = kernel_mount(&[]);
+    fs::create_dir_all(m.b("d")).unwrap();
+    let (code, _, err) = efuse(&[std::ffi::OsStr::new("prefetch"), m.m("d").as_os_str()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("bpf") && err.contains("kernel"), "{err}");
+    let (code, _, err) = efuse(&[std::ffi::OsStr::new("prefetch"), std::ffi::OsStr::new("/proc")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not inside an efuse mount"), "{err}");
+}
