@@ -458,12 +458,13 @@ fn spawn_daemon(args: &MountArgs, cfg: &MountConfig, mp: &Path) -> anyhow::Resul
     File::from(rd).read_to_string(&mut msg).ok();
     let msg = msg.trim();
     if msg == "ready" {
+        let tier = read_record(&mp).map_or_else(|| cfg.offload.to_string(), |r| r.offload);
         println!(
             "efuse: mounted {} on {} (backend {}, offload {}, pid {}, log {})",
             args.source.display(),
             mp.display(),
             cfg.backend_label(),
-            cfg.offload,
+            tier,
             child.id(),
             log.display()
         );
@@ -604,7 +605,8 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             .map(|s| s.display().to_string())
             .unwrap_or_default(),
         backend: kind,
-        offload: cfg.offload.to_string(),
+        // The tier in effect: `auto` resolved, a failed bpf attach fallen back.
+        offload: fs.tier().to_string(),
         pid: std::process::id(),
         connection: dev,
         started: SystemTime::now()
