@@ -458,7 +458,7 @@ fn spawn_daemon(args: &MountArgs, cfg: &MountConfig, mp: &Path) -> anyhow::Resul
     File::from(rd).read_to_string(&mut msg).ok();
     let msg = msg.trim();
     if msg == "ready" {
-        let tier = read_record(&mp).map_or_else(|| cfg.offload.to_string(), |r| r.offload);
+        let tier = read_record(mp).map_or_else(|| cfg.offload.to_string(), |r| r.offload);
         println!(
             "efuse: mounted {} on {} (backend {}, offload {}, pid {}, log {})",
             args.source.display(),
