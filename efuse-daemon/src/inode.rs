@@ -132,6 +132,12 @@ impl InodeTable {
     /// Count one more kernel reference to FUSE inode `ino`, handed out as
     /// `name` in `parent`; returns its generation.
     pub fn remember(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
+        self.add_ref(ino, parent, name, |k| k.nlookup += 1)
+    }
+
+    /// Find or create `ino` (named `name` in `parent`), let `count` add a
+    /// reference, and return its generation. The root is never counted.
+    fn add_ref(&self, ino: u64, parent: u64, name: &OsStr, count: impl FnOnce(&mut Known)) -> u64 {
         if ino == FUSE_ROOT {
             return 0;
         }
@@ -139,7 +145,7 @@ impl InodeTable {
         let k = known
             .entry(ino)
             .or_insert_with(|| Known::new(self.next_generation.fetch_add(1, Ordering::Relaxed)));
-        k.nlookup += 1;
+        count(k);
         k.add_name(parent, name);
         k.generation
     }
@@ -147,16 +153,7 @@ impl InodeTable {
     /// Count one more BPF map entry naming `ino` (as `name` in `parent`);
     /// returns its generation. The caller holds a backend pin for it.
     pub fn map_ref(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
-        if ino == FUSE_ROOT {
-            return 0;
-        }
-        let mut known = self.known.lock();
-        let k = known
-            .entry(ino)
-            .or_insert_with(|| Known::new(self.next_generation.fetch_add(1, Ordering::Relaxed)));
-        k.maprefs += 1;
-        k.add_name(parent, name);
-        k.generation
+        self.add_ref(ino, parent, name, |k| k.maprefs += 1)
     }
 
     /// One BPF map entry naming `ino` is gone (call [`Self::reconcile`]
