@@ -113,25 +113,7 @@ fn setup() -> anyhow::Result<()> {
     if unsafe { libc_geteuid() } != 0 {
         bail!("setup needs root (apt-get, mounting tracefs/bpffs); run it with sudo");
     }
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| {
-            let out = Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output();
-            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
-        .collect();
-    if missing.is_empty() {
-        eprintln!("xtask: apt packages present");
-    } else {
-        run(Command::new("apt-get").arg("update").arg("-q"))?;
-        run(Command::new("apt-get")
-            .args(["install", "-y", "-q", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"))?;
-    }
+    apt_install(APT_PACKAGES)?;
     if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
     }
@@ -193,6 +175,7 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         })
         .collect();
     if missing.is_empty() {
+        eprintln!("xtask: apt packages present");
         return Ok(());
     }
     run(Command::new("apt-get").arg("update").arg("-q"))?;
