@@ -150,6 +150,15 @@ struct Response {
     prefetched: Option<usize>,
 }
 
+impl Response {
+    fn failed(error: String) -> Self {
+        Self {
+            error: Some(error),
+            ..Default::default()
+        }
+    }
+}
+
 /// Result of a tier switch.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Switched {
@@ -289,10 +298,7 @@ fn handle(state: &ControlState, conn: UnixStream) {
                     switched: Some(s),
                     ..Default::default()
                 },
-                Err(e) => Response {
-                    error: Some(format!("{e:#}")),
-                    ..Default::default()
-                },
+                Err(e) => Response::failed(format!("{e:#}")),
             },
             Ok(Request::Prefetch { path, max }) => match state.prefetch(&path, max) {
                 Ok(n) => Response {
@@ -300,15 +306,9 @@ fn handle(state: &ControlState, conn: UnixStream) {
                     prefetched: Some(n),
                     ..Default::default()
                 },
-                Err(e) => Response {
-                    error: Some(format!("{e:#}")),
-                    ..Default::default()
-                },
+                Err(e) => Response::failed(format!("{e:#}")),
             },
-            Err(e) => Response {
-                error: Some(format!("bad request: {e}")),
-                ..Default::default()
-            },
+            Err(e) => Response::failed(format!("bad request: {e}")),
         };
         let mut text = serde_json::to_string(&resp).unwrap_or_else(|_| "{\"ok\":false}".into());
         text.push('\n');
