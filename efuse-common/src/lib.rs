@@ -222,10 +222,9 @@ pub mod ops {
     /// Number of counters.
     pub const COUNTERS: u32 = 8;
 
-    /// FUSE opcodes carried in [`MissEvent::opcode`].
+    /// FUSE opcode carried in [`MissEvent::opcode`] (only lookups are
+    /// reported: a GETATTR miss reaches the daemon, whose reply fills the map).
     pub const OP_LOOKUP: u32 = 1;
-    /// See [`OP_LOOKUP`].
-    pub const OP_GETATTR: u32 = 3;
 
     /// Key of the entry map; also the kernel's lookup arguments, byte for byte.
     #[repr(C)]
@@ -360,7 +359,7 @@ pub mod ops {
     #[repr(C)]
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub struct MissEvent {
-        /// [`OP_LOOKUP`] or [`OP_GETATTR`].
+        /// The FUSE opcode that missed ([`OP_LOOKUP`]).
         pub opcode: u32,
         /// Padding, always zero.
         pub _pad: u32,

@@ -311,8 +311,9 @@ impl EfuseFs {
         self.mirror.stats()
     }
 
-    /// A miss event from the programs: fill the maps so the next access is
-    /// answered in the kernel.
+    /// A lookup miss of the programs: load the name's whole directory, so
+    /// its siblings are answered in the kernel (the missed LOOKUP itself
+    /// reaches the daemon and fills its own entry).
     fn miss(&self, ev: efuse_common::ops::MissEvent) {
         self.mirror.event();
         match ev.opcode {
@@ -320,16 +321,6 @@ impl EfuseFs {
                 let every = Duration::from_millis(self.bpf_cfg.prefetch_every_ms);
                 if self.mirror.should_prefetch(ev.key.parent, every) {
                     self.prefetch_dir(ev.key.parent);
-                }
-            }
-            efuse_common::ops::OP_GETATTR => {
-                let ino = ev.key.parent;
-                if self.inodes.generation(ino).is_some() {
-                    let epoch = self.mirror.epoch();
-                    if let Ok(a) = self.backend.getattr(self.b(ino)) {
-                        self.mirror
-                            .put_attr(epoch, &self.fuse_attr(a), self.policy().attr_ttl);
-                    }
                 }
             }
             op => tracing::debug!(op, "unknown miss event"),

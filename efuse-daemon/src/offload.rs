@@ -53,7 +53,7 @@ pub enum MapError {
 }
 
 /// The kernel maps of the bpf tier, as the daemon writes them. Implemented
-/// by [`crate::bpf::BpfOffload`]; tests use an in-memory model.
+/// by [`crate::bpf::BpfMaps`]; tests use an in-memory model.
 pub trait KernelMaps: Send + Sync {
     /// Insert or overwrite an entry.
     fn put_entry(&self, key: &NameKey, value: &EntryValue) -> Result<(), MapError>;

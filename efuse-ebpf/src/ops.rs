@@ -38,7 +38,7 @@ use aya_ebpf::{
 use efuse_common::ops::{
     AttrValue, COUNTERS, CTR_EVENTS_DROPPED, CTR_EXPIRED, CTR_GETATTR_HIT, CTR_GETATTR_MISS, CTR_LOOKUP_HIT,
     CTR_LOOKUP_MISS, CTR_LOOKUPS_FULL, CTR_RACES, DEFAULT_ATTRS, DEFAULT_ENTRIES, DEFAULT_LOOKUPS,
-    EntryValue, FuseAttrOut, FuseEntryOut, MISSES_BYTES, MissEvent, NameKey, OP_GETATTR, OP_LOOKUP, split_ns,
+    EntryValue, FuseAttrOut, FuseEntryOut, MISSES_BYTES, MissEvent, NameKey, OP_LOOKUP, split_ns,
 };
 
 #[map(name = "EFUSE_ENTRIES")]
@@ -212,15 +212,10 @@ pub unsafe extern "C" fn efuse_getattr(ctx: *const u64) -> i32 {
     // SAFETY: `args` points at struct fuse_bpf_getattr_args { u64 nodeid }.
     let nodeid = unsafe { *args };
     // SAFETY: as in efuse_lookup.
+    // No miss event: the GETATTR itself goes to the daemon, whose reply
+    // fills the attribute map.
     let Some(v) = (unsafe { ATTRS.get(&nodeid) }) else {
         count(CTR_GETATTR_MISS);
-        let key = NameKey {
-            parent: nodeid,
-            namelen: 0,
-            _pad: 0,
-            name: [0; efuse_common::ops::NAME_MAX],
-        };
-        report_miss(OP_GETATTR, &key);
         return ASK_DAEMON;
     };
     // SAFETY: a helper without arguments.
