@@ -250,6 +250,13 @@ impl MountArgs {
                 cfg.options.push(o);
             }
         }
+        // Records and `efuse status` show the source as given to mount(8)
+        // would: absolute, whatever the caller's directory was.
+        if cfg.backend != BackendKind::Mem
+            && let Some(src) = &cfg.source
+        {
+            cfg.source = Some(crate::daemon::absolute(src)?);
+        }
         cfg.validate()?;
         Ok(cfg)
     }

@@ -226,6 +226,12 @@ impl MountConfig {
             }
         }
         self.sim.validate()?;
+        if self.kernel.zero_open && self.offload == Offload::Off {
+            bail!(
+                "-o zero_open removes OPEN messages in the kernel tier; with --offload off every open \
+                 reaches the daemon and it would have no effect: use --offload kernel (or auto), or drop it"
+            );
+        }
         if self.kernel.zero_open && self.kernel.passthrough {
             bail!(
                 "kernel.zero_open and kernel.passthrough exclude each other (-o zero_open implies nopassthrough)"

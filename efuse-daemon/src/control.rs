@@ -132,6 +132,7 @@ impl ControlState {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
 enum Request {
+    Ping,
     Stats,
     Offload { tier: Offload },
     Prefetch { path: PathBuf, max: usize },
@@ -287,6 +288,10 @@ fn handle(state: &ControlState, conn: UnixStream) {
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
         let resp = match serde_json::from_str::<Request>(&line) {
+            Ok(Request::Ping) => Response {
+                ok: true,
+                ..Default::default()
+            },
             Ok(Request::Stats) => Response {
                 ok: true,
                 stats: Some(state.stats()),
@@ -316,6 +321,23 @@ fn handle(state: &ControlState, conn: UnixStream) {
             return;
         }
     }
+}
+
+/// True if the daemon of mount `mp` answers its control socket within `d`
+/// (a check that never touches the mount).
+pub fn ping(mp: &Path, d: Duration) -> bool {
+    let Ok(mut s) = UnixStream::connect(socket_path(mp)) else {
+        return false;
+    };
+    if s.set_read_timeout(Some(d)).is_err() || s.set_write_timeout(Some(d)).is_err() {
+        return false;
+    }
+    if s.write_all(b"{\"cmd\":\"ping\"}\n").is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).is_ok()
+        && serde_json::from_str::<Response>(&line).is_ok_and(|r| r.ok)
 }
 
 /// Ask the daemon of mount `mp` for its statistics.

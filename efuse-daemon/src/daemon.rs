@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use fuser::{MountOption, SessionACL};
+use fuser::SessionACL;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::SharedBackend;
@@ -207,9 +207,11 @@ fn pid_alive(pid: u32) -> bool {
     }
 }
 
-/// True if the mount at `mp` has lost its daemon.
+/// True if the efuse mount at `mp` has lost its daemon. Decided from the
+/// record and /proc, never by a call on the mount (a stalled backend would
+/// block it).
 fn connection_dead(mp: &Path) -> bool {
-    matches!(fs::metadata(mp), Err(e) if e.raw_os_error() == Some(libc::ENOTCONN))
+    read_record(mp).as_ref().and_then(daemon_pid).is_none()
 }
 
 /// Checks before mounting, each failing with what to do about it.
@@ -270,6 +272,14 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Detach the mount at `mp` if it is still the one of connection `dev`
+/// (never another mount made at the same path since).
+fn detach_own(mp: &Path, dev: u32) {
+    if dev != 0 && connection_of(mp) == Some(dev) {
+        let _ = lazy_unmount(mp);
+    }
+}
+
 fn lazy_unmount(mp: &Path) -> anyhow::Result<()> {
     nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH)
         .with_context(|| format!("cannot detach {}", mp.display()))
@@ -327,7 +337,7 @@ pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
     })
 }
 
-fn fuse_config(cfg: &MountConfig) -> fuser::Config {
+fn fuse_config(cfg: &MountConfig) -> (fuser::Config, crate::mount::MountSpec) {
     let mut c = fuser::Config::default();
     let source = match cfg.backend {
         BackendKind::Mem => "efuse-mem".to_string(),
@@ -337,50 +347,27 @@ fn fuse_config(cfg: &MountConfig) -> fuser::Config {
             .map(|s| s.display().to_string())
             .unwrap_or_else(|| "efuse".into()),
     };
-    c.mount_options = vec![
-        MountOption::FSName(source),
-        // fuser gives Subtype only to fusermount; the kernel takes it directly
-        // and then lists the mount as `fuse.efuse`.
-        MountOption::CUSTOM("subtype=efuse".into()),
-    ];
     c.acl = SessionACL::Owner;
     for o in &cfg.options {
-        let m = match o.as_str() {
-            "ro" => MountOption::RO,
-            "rw" => MountOption::RW,
-            "noatime" => MountOption::NoAtime,
-            "atime" => MountOption::Atime,
-            "nosuid" => MountOption::NoSuid,
-            "suid" => MountOption::Suid,
-            "nodev" => MountOption::NoDev,
-            "dev" => MountOption::Dev,
-            "noexec" => MountOption::NoExec,
-            "exec" => MountOption::Exec,
-            "sync" => MountOption::Sync,
-            "async" => MountOption::Async,
-            "dirsync" => MountOption::DirSync,
-            "allow_other" => {
-                c.acl = SessionACL::All;
-                continue;
-            }
-            "allow_root" => {
-                c.acl = SessionACL::RootAndOwner;
-                continue;
-            }
-            _ => continue,
-        };
-        c.mount_options.push(m);
+        match o.as_str() {
+            "allow_other" => c.acl = SessionACL::All,
+            "allow_root" => c.acl = SessionACL::RootAndOwner,
+            _ => {}
+        }
     }
     // The daemon runs as root. When other users may use the mount, the
     // kernel checks modes itself (default_permissions). When only the
     // mounting user can (the default), the kernel's check would add a
     // GETATTR per directory crossed whenever attributes are not cached;
     // the daemon answers ACCESS instead.
-    if c.acl != SessionACL::Owner {
-        c.mount_options.push(MountOption::DefaultPermissions);
-    }
+    let spec = crate::mount::MountSpec {
+        source,
+        flags: crate::mount::flags_for(&cfg.options),
+        allow_other: c.acl != SessionACL::Owner,
+        default_permissions: c.acl != SessionACL::Owner,
+    };
     c.n_threads = Some(cfg.threads);
-    c
+    (c, spec)
 }
 
 /// `efuse mount`.
@@ -544,9 +531,18 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let metrics = Arc::new(Metrics::default());
     let adapter = FuseAdapter::new(fs.clone(), metrics.clone());
     let started = Instant::now();
-    let session = fuser::Session::new(adapter, mp, &fuse_config(cfg))
-        .with_context(|| format!("cannot mount on {}", mp.display()))?;
+    let (fuse_cfg, spec) = fuse_config(cfg);
+    let fd =
+        crate::mount::mount_fuse(mp, &spec).with_context(|| format!("cannot mount on {}", mp.display()))?;
     let dev = connection_of(mp).unwrap_or(0);
+    let session = match fuser::Session::from_fd(adapter, fd, fuse_cfg.acl, fuse_cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            // The kernel mounted but INIT failed: leave no dead mount behind.
+            detach_own(mp, dev);
+            return Err(e).with_context(|| format!("FUSE_INIT on {} failed", mp.display()));
+        }
+    };
     fs.set_notifier(Arc::new(session.notifier()));
     fs.set_connection(dev);
     if cfg.offload == Offload::Bpf
@@ -649,6 +645,17 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         r.write_all(b"ready\n")?;
     }
     let res = session.run();
+    // The session ends when the mount is gone (ENODEV), was aborted
+    // (ECONNABORTED) or on an error; in the last case nobody unmounted:
+    // detach what is still ours so no dead mount stays behind.
+    detach_own(mp, dev);
+    let res = match res {
+        Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => {
+            tracing::info!("the FUSE connection was aborted");
+            Ok(())
+        }
+        r => r,
+    };
     // Take over the programs' lookup counts before the numbers are final.
     fs.detach_bpf();
     let excess = fs.inodes().excess_forgets();
@@ -731,7 +738,55 @@ pub fn prefetch(args: &crate::cli::PrefetchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `efuse umount`.
+/// Wait until process `pid` has exited entirely (every thread gone, so
+/// every descriptor it held, backing files included, is closed), at most
+/// `d`. True if it has. A zombie leader whose other threads still run is
+/// not gone yet: the pidfd becomes readable only once the thread group is
+/// empty.
+pub fn wait_exit(pid: u32, d: Duration) -> bool {
+    // SAFETY: pidfd_open has no memory arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        // ESRCH: already gone. Anything else (pre-5.3 kernel): poll /proc.
+        if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            return true;
+        }
+        let deadline = Instant::now() + d;
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        return !pid_alive(pid);
+    }
+    // SAFETY: a descriptor we own from here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let deadline = Instant::now() + d;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+        if n > 0 {
+            return true;
+        }
+        if n == 0 || (n < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR)) {
+            return false;
+        }
+    }
+}
+
+/// The daemon pid of a record, if that process still is an efuse daemon
+/// (not a reused pid).
+fn daemon_pid(r: &MountRecord) -> Option<u32> {
+    let comm = fs::read_to_string(format!("/proc/{}/comm", r.pid)).ok()?;
+    let comm = comm.trim_end();
+    (pid_alive(r.pid) && (comm.starts_with("efuse") || comm.starts_with("mount.fuse"))).then_some(r.pid)
+}
+
+/// `efuse umount`: unmount, then return only once the daemon has exited.
 pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
     let mp = absolute(&args.mountpoint)?;
     let Some(m) = mounted_at(&mp)? else {
@@ -744,7 +799,7 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
             m.fstype
         );
     }
-    let record = read_record(&mp);
+    let pid = read_record(&mp).as_ref().and_then(daemon_pid);
     if args.force {
         let abort = format!("/sys/fs/fuse/connections/{}/abort", m.dev);
         match fs::write(&abort, b"1") {
@@ -758,22 +813,41 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
         nix::mount::MntFlags::empty()
     };
     if let Err(e) = nix::mount::umount2(&mp, flags) {
-        if e == nix::errno::Errno::EBUSY {
+        // An aborted daemon may have detached its mount itself meanwhile:
+        // what counts is that this connection's mount is gone.
+        let gone = connection_of(&mp) != Some(m.dev);
+        if !gone {
+            if e == nix::errno::Errno::EBUSY {
+                bail!(
+                    "{} is busy (a process has a file open or its cwd there); close it or use --lazy",
+                    mp.display()
+                );
+            }
+            return Err(e).with_context(|| format!("cannot unmount {}", mp.display()));
+        }
+    }
+    if let Some(pid) = pid
+        && !args.lazy
+    {
+        let exited = if args.force {
+            // The connection is aborted: nothing the daemon still does can
+            // matter. Give it a moment to exit, then make it.
+            wait_exit(pid, Duration::from_millis(500)) || {
+                tracing::warn!(pid, "the daemon did not exit after the abort; killing it");
+                let _ =
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
+                wait_exit(pid, Duration::from_millis(400))
+            }
+        } else {
+            wait_exit(pid, Duration::from_secs(30))
+        };
+        if !exited {
             bail!(
-                "{} is busy (a process has a file open or its cwd there); close it or use --lazy",
+                "{} is unmounted but its daemon (pid {pid}) has not exited; `efuse umount --force` is no                  longer possible, kill it with `kill -9 {pid}`",
                 mp.display()
             );
         }
-        return Err(e).with_context(|| format!("cannot unmount {}", mp.display()));
-    }
-    if let Some(r) = record {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while pid_alive(r.pid) && Instant::now() < deadline && !args.lazy {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !pid_alive(r.pid) {
-            let _ = fs::remove_file(record_path(&mp));
-        }
+        let _ = fs::remove_file(record_path(&mp));
     }
     println!("efuse: unmounted {}", mp.display());
     Ok(())
@@ -796,7 +870,14 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for m in mountinfo()?.into_iter().filter(|m| m.fstype == "fuse.efuse") {
         let rec = read_record(&m.mountpoint);
-        let alive = rec.as_ref().is_some_and(|r| pid_alive(r.pid)) && !connection_dead(&m.mountpoint);
+        // Never touch the mount itself: a stalled backend would block us.
+        // The record names the daemon; its control socket answers at once
+        // (a thread of its own, no backend call) or within the timeout.
+        let state = match rec.as_ref().and_then(daemon_pid) {
+            None => "dead (run efuse umount)",
+            Some(_) if crate::control::ping(&m.mountpoint, Duration::from_millis(500)) => "running",
+            Some(_) => "not responding",
+        };
         rows.push(StatusRow {
             source: rec.as_ref().map(|r| r.source.clone()).unwrap_or(m.source.clone()),
             backend: rec
@@ -809,11 +890,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "?".into()),
             pid: rec.as_ref().map(|r| r.pid),
             connection: m.dev,
-            state: if alive {
-                "running"
-            } else {
-                "dead (run efuse umount)"
-            },
+            state,
             mountpoint: m.mountpoint,
         });
     }

@@ -126,7 +126,9 @@ pub trait DirPlusReplier {
 pub trait KernelNotifier: Send + Sync {
     /// Forget the name `name` in directory `parent`.
     fn inval_entry(&self, parent: u64, name: &OsStr);
-    /// Forget the attributes and cached data of `ino`.
+    /// Forget the attributes of `ino`, so the kernel asks again (and then
+    /// drops its cached data if mtime or size changed). Never waits for
+    /// the page cache: see the adapter's implementation.
     fn inval_inode(&self, ino: u64);
 }
 

@@ -79,6 +79,17 @@ pub struct FuseAdapter {
     pool: Option<tokio::runtime::Runtime>,
 }
 
+impl Drop for FuseAdapter {
+    fn drop(&mut self) {
+        // The session is over: do not wait for backend calls still running
+        // on the pool (a stalled backend would keep the daemon alive after
+        // its mount is gone); their replies have nowhere to go.
+        if let Some(rt) = self.pool.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
 /// The adapter's state, shared with the requests in flight on the pool.
 struct Inner {
     fs: SharedFs,
@@ -352,7 +363,14 @@ impl crate::fs::KernelNotifier for fuser::Notifier {
         }
     }
     fn inval_inode(&self, ino: u64) {
-        if let Err(e) = fuser::Notifier::inval_inode(self, INodeNo(ino), 0, 0) {
+        // Offset -1: attributes only. Invalidating the page cache from here
+        // would launder dirty pages (a shared-mmap writer's) and wait for
+        // their WRITE, which only this daemon can answer: a daemon killed
+        // meanwhile never exits and its mount hangs instead of failing with
+        // ENOTCONN. The kernel drops stale pages itself, in the reader's
+        // context: on the next read or getattr that sees a new mtime or size
+        // (FUSE_AUTO_INVAL_DATA), and at every open without FOPEN_KEEP_CACHE.
+        if let Err(e) = fuser::Notifier::inval_inode(self, INodeNo(ino), -1, 0) {
             tracing::debug!(ino, "inval_inode: {e}");
         }
     }
@@ -399,13 +417,19 @@ impl Filesystem for FuseAdapter {
         let start = Instant::now();
         let k = self.inner.fs.kernel_cfg().clone();
         let kernel_start = self.inner.fs.tier() != crate::config::Offload::Off;
-        // Same defaults libfuse3 asks for: parallel lookups in one directory,
-        // O_TRUNC handled in open. READDIRPLUS and AUTO_INVAL_DATA are asked
-        // for in every tier so the tier can change at run time; with zero
-        // TTLs (off) the kernel trusts none of it.
+        // Parallel lookups in one directory. READDIRPLUS and AUTO_INVAL_DATA
+        // are asked for in every tier so the tier can change at run time;
+        // with zero TTLs (off) the kernel trusts none of it.
+        //
+        // Not FUSE_ATOMIC_O_TRUNC: with it the daemon truncates during OPEN,
+        // before the kernel's last checks (ETXTBSY of a running executable
+        // opened O_RDONLY|O_TRUNC, IMA, the LSM truncate hook), so an open
+        // the kernel then refuses would already have emptied the file.
+        // Without it the kernel sends the truncation as a SETATTR once every
+        // check has passed: one more round trip per O_TRUNC open, and a
+        // refused open changes nothing.
         let mut want = vec![
             ("parallel dirops", InitFlags::FUSE_PARALLEL_DIROPS),
-            ("atomic O_TRUNC", InitFlags::FUSE_ATOMIC_O_TRUNC),
             ("READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
             ("auto page-cache invalidation", InitFlags::FUSE_AUTO_INVAL_DATA),
         ];

@@ -21,6 +21,7 @@ pub mod fuse;
 pub mod inode;
 pub mod logging;
 pub mod metrics;
+pub mod mount;
 pub mod offload;
 pub mod plot;
 pub mod staging;

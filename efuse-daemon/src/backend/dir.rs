@@ -88,6 +88,30 @@ fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
 }
 
+/// Flags to reopen a pinned inode with for a caller's open(2).
+///
+/// The kernel has resolved the path and applied every flag that concerns
+/// the name or the checks before OPEN is sent: `O_NOFOLLOW` (a symlink never
+/// reaches OPEN; and `/proc/self/fd/N` is itself a symlink, so passing it on
+/// fails every open with ELOOP), `O_CREAT`/`O_EXCL`, `O_NOCTTY`, `O_PATH` (no
+/// OPEN at all) and `O_TRUNC` (sent as SETATTR after the kernel's own checks,
+/// see `fuse::FuseAdapter::init`). `O_APPEND` goes too: the kernel chooses
+/// every write's offset (end of file for an append), and a backing descriptor
+/// opened with it would move page-cache writebacks to the end. `O_DIRECT`
+/// goes: the kernel serves it without the page cache whatever the backing
+/// descriptor, whose alignment rules would only add EINVALs. What stays is
+/// what changes how the backing file does its I/O: the access mode,
+/// `O_SYNC`/`O_DSYNC`, `O_NOATIME`, `O_NONBLOCK`, `O_LARGEFILE`.
+pub(crate) fn reopen_flags(flags: i32) -> i32 {
+    let keep = libc::O_ACCMODE
+        | libc::O_SYNC
+        | libc::O_DSYNC
+        | libc::O_NOATIME
+        | libc::O_NONBLOCK
+        | libc::O_LARGEFILE;
+    (flags & keep) | libc::O_CLOEXEC
+}
+
 fn check(op: &'static str, rc: libc::c_int) -> Result<libc::c_int> {
     if rc < 0 {
         Err(BackendError::last_os(op))
@@ -587,10 +611,18 @@ impl Backend for DirBackend {
     fn open(&self, ino: Ino, flags: i32) -> Result<Fh> {
         let fd = self.fd(ino)?;
         let path = proc_path(fd.as_raw_fd());
-        let flags =
-            (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_CLOEXEC;
+        let flags = reopen_flags(flags);
         // SAFETY: valid C string; the fd is owned below.
-        let f = unsafe { libc::open(path.as_ptr(), flags) };
+        let mut f = unsafe { libc::open(path.as_ptr(), flags) };
+        if f < 0
+            && flags & libc::O_NOATIME != 0
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        {
+            // The kernel already checked the caller may ask for O_NOATIME;
+            // a daemon that is not root may not, for others' files.
+            // SAFETY: as above.
+            f = unsafe { libc::open(path.as_ptr(), flags & !libc::O_NOATIME) };
+        }
         let f = check("open", f)?;
         // SAFETY: freshly opened, not owned elsewhere.
         let file = Arc::new(unsafe { File::from_raw_fd(f) });
@@ -603,8 +635,13 @@ impl Backend for DirBackend {
         check_name(name)?;
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
-        let flags =
-            (flags & !(libc::O_NOCTTY | libc::O_DIRECT)) | libc::O_CREAT | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+        // O_TRUNC stays: the kernel sends CREATE only for a name it found
+        // absent, and should another process create it first, O_CREAT|O_TRUNC
+        // empties it as on a local filesystem. O_APPEND goes: see reopen_flags.
+        let flags = (flags & !(libc::O_NOCTTY | libc::O_DIRECT | libc::O_APPEND))
+            | libc::O_CREAT
+            | libc::O_NOFOLLOW
+            | libc::O_CLOEXEC;
         // SAFETY: valid dirfd and C string; the fd is owned below.
         let f = unsafe { libc::openat(pfd.as_raw_fd(), c.as_ptr(), flags, mode) };
         let f = check("openat(O_CREAT)", f)?;

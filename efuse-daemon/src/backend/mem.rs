@@ -465,12 +465,15 @@ impl Backend for MemBackend {
         let mut st = self.state.lock();
         let n = st.node_mut(ino)?;
         match n.content {
-            Content::File(ref mut d)
-                if flags & libc::O_TRUNC != 0 && flags & libc::O_ACCMODE != libc::O_RDONLY =>
-            {
+            // As on ext4: O_TRUNC empties the file whatever the access mode
+            // (O_RDONLY|O_TRUNC too) and sets mtime and ctime.
+            Content::File(ref mut d) if flags & libc::O_TRUNC != 0 => {
                 d.clear();
                 n.attr.size = 0;
                 update_blocks(&mut n.attr);
+                let now = SystemTime::now();
+                n.attr.mtime = now;
+                n.attr.ctime = now;
             }
             Content::Dir { .. } if flags & libc::O_ACCMODE != libc::O_RDONLY => {
                 return Err(BackendError::errno("open", libc::EISDIR));
@@ -681,17 +684,46 @@ impl Backend for MemBackend {
     }
 
     fn fallocate(&self, fh: Fh, offset: u64, len: u64, mode: i32) -> Result<()> {
-        if mode & !libc::FALLOC_FL_KEEP_SIZE != 0 {
+        // What ext4 offers for files that are all data (no extents here):
+        // allocation (which only extends), hole punching and range zeroing
+        // (both write zeros). Collapse/insert range are not offered.
+        let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let op = mode & !libc::FALLOC_FL_KEEP_SIZE;
+        let (punch, zero) = (op == libc::FALLOC_FL_PUNCH_HOLE, op == libc::FALLOC_FL_ZERO_RANGE);
+        if op != 0 && !punch && !zero {
             return Err(BackendError::Unsupported);
         }
+        if punch && !keep {
+            // As the kernel requires: a punched hole never changes the size.
+            return Err(BackendError::errno("fallocate", libc::EOPNOTSUPP));
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| len > 0 && e <= i64::MAX as u64)
+            .ok_or_else(|| {
+                BackendError::errno("fallocate", if len == 0 { libc::EINVAL } else { libc::EFBIG })
+            })?;
+        let (offset, end) = (usize::try_from(offset), usize::try_from(end));
+        let (Ok(offset), Ok(end)) = (offset, end) else {
+            return Err(BackendError::errno("fallocate", libc::EFBIG));
+        };
         self.with_file(fh, |n| match &mut n.content {
             Content::File(d) => {
-                let end = (offset + len) as usize;
-                if mode & libc::FALLOC_FL_KEEP_SIZE == 0 && d.len() < end {
+                let now = SystemTime::now();
+                if punch || zero {
+                    let stop = end.min(d.len());
+                    if offset < stop {
+                        d[offset..stop].fill(0);
+                    }
+                    n.attr.mtime = now;
+                }
+                if !keep && d.len() < end {
                     d.resize(end, 0);
                     n.attr.size = end as u64;
                     update_blocks(&mut n.attr);
+                    n.attr.mtime = now;
                 }
+                n.attr.ctime = now;
                 Ok(())
             }
             _ => Err(BackendError::errno("fallocate", libc::ENODEV)),

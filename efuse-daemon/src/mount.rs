@@ -1,0 +1,119 @@
+//! mount(2) of a FUSE connection, done by efuse itself.
+//!
+//! fuser's `Session::new` mounts and, when its session ends, unmounts
+//! again by *path*. By then `efuse umount` (or the signal thread) has
+//! already unmounted, so the second umount fails ("Failed to umount
+//! filesystem: Invalid argument") or, worse, hits whatever was mounted at
+//! the same path meanwhile. So efuse opens `/dev/fuse`, mounts it with
+//! mount(2), and hands the descriptor to fuser (`Session::from_fd`), which
+//! then never unmounts: unmounting is the job of whoever asks for it
+//! (`efuse umount`, SIGTERM, umount(8)), and the daemon only detaches a
+//! mount it still finds under its own connection when its session ends on
+//! an error.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use nix::mount::MsFlags;
+
+/// What to mount: the kernel's share of the mount options.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountSpec {
+    /// The source shown in mountinfo (`fsname`).
+    pub source: String,
+    /// mount(2) flags (ro, nosuid, nodev, noexec, noatime, sync, dirsync).
+    pub flags: MsFlags,
+    /// Let users other than root use the mount.
+    pub allow_other: bool,
+    /// Let the kernel check permissions (`default_permissions`).
+    pub default_permissions: bool,
+}
+
+/// Open `/dev/fuse` and mount it at `mp` as `fuse.efuse`. Returns the
+/// connection's descriptor; the kernel sends FUSE_INIT on it next.
+pub fn mount_fuse(mp: &Path, spec: &MountSpec) -> anyhow::Result<OwnedFd> {
+    // SAFETY: a constant C string; the fd is owned below.
+    let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("cannot open /dev/fuse");
+    }
+    // SAFETY: just opened, owned from here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut data = format!(
+        "fd={},rootmode=40000,user_id={},group_id={}",
+        fd.as_raw_fd(),
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    if spec.allow_other {
+        data.push_str(",allow_other");
+    }
+    if spec.default_permissions {
+        data.push_str(",default_permissions");
+    }
+    // fsname may hold a comma or a space; the kernel takes the source
+    // argument as it is.
+    let source = CString::new(spec.source.as_bytes()).context("source contains NUL")?;
+    let target = CString::new(mp.as_os_str().as_bytes()).context("mountpoint contains NUL")?;
+    let data = CString::new(data).expect("no NUL in numbers");
+    // SAFETY: valid C strings for the duration of the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            c"fuse.efuse".as_ptr(),
+            spec.flags.bits(),
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENODEV) {
+            bail!("the kernel has no FUSE filesystem type (modprobe fuse): {e}");
+        }
+        return Err(e).with_context(|| format!("mount(2) of {} failed", mp.display()));
+    }
+    Ok(fd)
+}
+
+/// mount(2) flags for the options efuse passes to the kernel, with the
+/// defaults efuse mounts with (nosuid, nodev unless asked otherwise).
+pub fn flags_for(options: &[String]) -> MsFlags {
+    let mut f = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    for o in options {
+        match o.as_str() {
+            "ro" => f |= MsFlags::MS_RDONLY,
+            "rw" => f &= !MsFlags::MS_RDONLY,
+            "nosuid" => f |= MsFlags::MS_NOSUID,
+            "suid" => f &= !MsFlags::MS_NOSUID,
+            "nodev" => f |= MsFlags::MS_NODEV,
+            "dev" => f &= !MsFlags::MS_NODEV,
+            "noexec" => f |= MsFlags::MS_NOEXEC,
+            "exec" => f &= !MsFlags::MS_NOEXEC,
+            "noatime" => f |= MsFlags::MS_NOATIME,
+            "atime" => f &= !MsFlags::MS_NOATIME,
+            "sync" => f |= MsFlags::MS_SYNCHRONOUS,
+            "async" => f &= !MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => f |= MsFlags::MS_DIRSYNC,
+            _ => {}
+        }
+    }
+    f
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_default_to_nosuid_nodev_and_follow_the_last_word() {
+        let o = |v: &[&str]| flags_for(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(o(&[]), MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        assert_eq!(o(&["ro", "rw"]), MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        assert_eq!(o(&["dev", "suid", "noexec"]), MsFlags::MS_NOEXEC);
+        assert!(o(&["noatime"]).contains(MsFlags::MS_NOATIME));
+    }
+}
