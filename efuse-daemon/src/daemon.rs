@@ -535,6 +535,9 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let fd =
         crate::mount::mount_fuse(mp, &spec).with_context(|| format!("cannot mount on {}", mp.display()))?;
     let dev = connection_of(mp).unwrap_or(0);
+    let notify_fd = fd
+        .try_clone()
+        .context("cannot duplicate the /dev/fuse descriptor")?;
     let session = match fuser::Session::from_fd(adapter, fd, fuse_cfg.acl, fuse_cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -543,7 +546,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             return Err(e).with_context(|| format!("FUSE_INIT on {} failed", mp.display()));
         }
     };
-    fs.set_notifier(Arc::new(session.notifier()));
+    fs.set_notifier(Arc::new(crate::fuse::Notify::new(session.notifier(), notify_fd)));
     fs.set_connection(dev);
     if cfg.offload == Offload::Bpf
         && let Err(e) = fs.attach_bpf()

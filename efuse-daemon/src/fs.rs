@@ -124,8 +124,13 @@ pub trait DirPlusReplier {
 /// Tells the kernel to drop what it cached (FUSE notify). Implemented by
 /// the FUSE adapter; the filesystem only names what changed.
 pub trait KernelNotifier: Send + Sync {
-    /// Forget the name `name` in directory `parent`.
+    /// The name `name` in directory `parent` may have changed: the kernel
+    /// must look it up again before trusting it (the dentry is expired,
+    /// not unhashed, so a process whose cwd it is keeps a working getcwd).
     fn inval_entry(&self, parent: u64, name: &OsStr);
+    /// Drop the name `name` in directory `parent` from the kernel's cache
+    /// altogether, so that its inode can be forgotten once unused.
+    fn drop_entry(&self, parent: u64, name: &OsStr);
     /// Forget the attributes of `ino`, so the kernel asks again (and then
     /// drops its cached data if mtime or size changed). Never waits for
     /// the page cache: see the adapter's implementation.
@@ -871,7 +876,7 @@ impl EfuseFs {
             .spawn(move || {
                 for (_, names) in known.into_iter().take(take) {
                     for (parent, name) in names {
-                        n.inval_entry(parent, &name);
+                        n.drop_entry(parent, &name);
                     }
                 }
             });

@@ -356,9 +356,62 @@ fn negative_attr() -> FileAttr {
     }
 }
 
-impl crate::fs::KernelNotifier for fuser::Notifier {
+/// The kernel notifications efuse sends: fuser's, plus entry expiry,
+/// which fuser does not offer, written on a duplicate of the connection's
+/// descriptor.
+pub struct Notify {
+    fuser: fuser::Notifier,
+    dev: std::os::fd::OwnedFd,
+}
+
+impl Notify {
+    /// Notifications over `dev` (a duplicate of the connection's /dev/fuse
+    /// descriptor) and fuser's notifier of the same session.
+    pub fn new(fuser: fuser::Notifier, dev: std::os::fd::OwnedFd) -> Self {
+        Self { fuser, dev }
+    }
+
+    /// FUSE_NOTIFY_INVAL_ENTRY with FUSE_EXPIRE_ONLY (Linux 6.2+): the
+    /// dentry stays hashed but must be revalidated by its next user, so a
+    /// process whose working directory it is keeps a working getcwd() (a
+    /// plain invalidation unhashes it: getcwd then fails with ENOENT, which
+    /// broke git in a directory created through the mount). A kernel before
+    /// 6.2 ignores the flag and invalidates fully.
+    fn expire_entry(&self, parent: u64, name: &OsStr) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::ffi::OsStrExt;
+        const FUSE_NOTIFY_INVAL_ENTRY: i32 = 3;
+        const FUSE_EXPIRE_ONLY: u32 = 1;
+        let name = name.as_bytes();
+        let len = 16 + 16 + name.len() + 1;
+        let mut msg = Vec::with_capacity(len);
+        // fuse_out_header: len, error (the notify code), unique 0.
+        msg.extend_from_slice(&(len as u32).to_ne_bytes());
+        msg.extend_from_slice(&FUSE_NOTIFY_INVAL_ENTRY.to_ne_bytes());
+        msg.extend_from_slice(&0u64.to_ne_bytes());
+        // fuse_notify_inval_entry_out: parent, namelen, flags; then the name and a NUL.
+        msg.extend_from_slice(&parent.to_ne_bytes());
+        msg.extend_from_slice(&(name.len() as u32).to_ne_bytes());
+        msg.extend_from_slice(&FUSE_EXPIRE_ONLY.to_ne_bytes());
+        msg.extend_from_slice(name);
+        msg.push(0);
+        // SAFETY: a valid descriptor and a buffer of msg.len() bytes.
+        let n = unsafe { libc::write(self.dev.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+impl crate::fs::KernelNotifier for Notify {
     fn inval_entry(&self, parent: u64, name: &OsStr) {
-        if let Err(e) = fuser::Notifier::inval_entry(self, INodeNo(parent), name) {
+        if let Err(e) = self.expire_entry(parent, name) {
+            tracing::debug!(parent, ?name, "inval_entry (expire): {e}");
+        }
+    }
+    fn drop_entry(&self, parent: u64, name: &OsStr) {
+        if let Err(e) = fuser::Notifier::inval_entry(&self.fuser, INodeNo(parent), name) {
             tracing::debug!(parent, ?name, "inval_entry: {e}");
         }
     }
@@ -370,7 +423,7 @@ impl crate::fs::KernelNotifier for fuser::Notifier {
         // ENOTCONN. The kernel drops stale pages itself, in the reader's
         // context: on the next read or getattr that sees a new mtime or size
         // (FUSE_AUTO_INVAL_DATA), and at every open without FOPEN_KEEP_CACHE.
-        if let Err(e) = fuser::Notifier::inval_inode(self, INodeNo(ino), -1, 0) {
+        if let Err(e) = fuser::Notifier::inval_inode(&self.fuser, INodeNo(ino), -1, 0) {
             tracing::debug!(ino, "inval_inode: {e}");
         }
     }

@@ -507,3 +507,68 @@ pub fn bpf_objects(progs: bool) -> Vec<String> {
     }
     names
 }
+
+/// Tears down a daemonized mount (`efuse mount` without `--foreground`)
+/// whatever happens to the test: abort, detach, kill the daemon.
+pub struct Daemonized {
+    /// The mount point.
+    pub mnt: PathBuf,
+}
+
+impl Drop for Daemonized {
+    fn drop(&mut self) {
+        let pid = status_pid(&self.mnt);
+        if let Some(conn) = mount_connection(&self.mnt) {
+            let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
+            lazy_unmount(&self.mnt);
+        }
+        if let Some(pid) = pid {
+            // SAFETY: a signal to a pid; at worst ESRCH.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    }
+}
+
+/// The daemon pid `efuse status` shows for a mount point.
+pub fn status_pid(mnt: &Path) -> Option<u32> {
+    let (_, out, _) = efuse(&[std::ffi::OsStr::new("status"), std::ffi::OsStr::new("--json")]);
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
+    rows.iter()
+        .find(|r| r["mountpoint"] == mnt.to_str().unwrap_or_default())
+        .and_then(|r| r["pid"].as_u64())
+        .map(|p| p as u32)
+}
+
+/// True once no thread of process `pid` is left (a zombie whose threads
+/// are all gone counts as exited: it holds no descriptor any more).
+pub fn process_gone(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/status")) {
+        Err(_) => true,
+        Ok(s) => {
+            let zombie = s.lines().any(|l| l.starts_with("State:") && l.contains('Z'));
+            let threads = s
+                .lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse::<u32>().ok())
+                .unwrap_or(1);
+            let fds = fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+            zombie && threads <= 1 && fds == 0
+        }
+    }
+}
+
+/// Run a shell command (`sh -c`), returning (exit code, stdout, stderr).
+pub fn sh(cmd: &str, dir: &Path) -> (i32, String, String) {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sh");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

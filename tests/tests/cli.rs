@@ -6,23 +6,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use efuse_tests::{efuse, efuse_bin, mount_connection};
-
-/// Tears down a daemonized mount whatever happens to the test.
-struct Daemonized {
-    mnt: PathBuf,
-}
-
-impl Drop for Daemonized {
-    fn drop(&mut self) {
-        if let Some(conn) = mount_connection(&self.mnt) {
-            let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
-            let c = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap();
-            // SAFETY: valid C string; MNT_DETACH never blocks.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
-}
+use efuse_tests::{Daemonized, efuse, efuse_bin, mount_connection};
 
 fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
     let t = tempfile::tempdir().unwrap();
