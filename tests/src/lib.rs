@@ -111,9 +111,19 @@ impl TestMount {
 
     /// Mount with extra arguments and environment variables for the daemon.
     pub fn with_args_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::with_args_env_in(&std::env::temp_dir(), extra, env)
+    }
+
+    /// Mount with extra arguments, with the backing directory, the twin and
+    /// the mount point under `base` (say, a [`Tmpfs`]).
+    pub fn with_args_in(base: &Path, extra: &[&str]) -> Self {
+        Self::with_args_env_in(base, extra, &[])
+    }
+
+    fn with_args_env_in(base: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("efuse-test")
-            .tempdir()
+            .tempdir_in(base)
             .expect("tempdir");
         // The mount point sits one level deeper than the backing dir, so a
         // relative symlink resolves differently on the two sides.
@@ -571,4 +581,50 @@ pub fn sh(cmd: &str, dir: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A tmpfs mounted for one test, detached on drop: a filesystem other than
+/// the one under /tmp (for cross-filesystem moves), and cheap fsync.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mount a fresh tmpfs (world-searchable, for tests that switch users).
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("efuse-tmpfs")
+            .tempdir()
+            .expect("tempdir");
+        let c = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).expect("path");
+        // SAFETY: valid C strings.
+        let rc = unsafe {
+            libc::mount(
+                c"efuse-test".as_ptr(),
+                c.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                c"mode=0755".as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "mount tmpfs: {}", io::Error::last_os_error());
+        Self { dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Default for Tmpfs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        lazy_unmount(self.dir.path());
+    }
 }

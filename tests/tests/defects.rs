@@ -317,7 +317,10 @@ fn o_trunc_and_fallocate_set_times_and_punch_holes_on_mem_as_on_ext4() {
 fn mmap_writer(p: &Path) -> std::process::Child {
     let script = r#"
 import mmap, os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
+# Created by the writer itself: a handle from CREATE has no passthrough,
+# so the mapping lives in the FUSE inode's page cache.
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+os.ftruncate(fd, 1 << 20)
 m = mmap.mmap(fd, 1 << 20, mmap.MAP_SHARED)
 i = 0
 while True:
@@ -345,10 +348,13 @@ fn a_killed_kernel_tier_daemon_under_a_shared_mmap_writer_leaves_enotconn() {
     // the backing file changes behind it (so the daemon invalidates that
     // inode), then the daemon dies by SIGKILL. It must exit and leave a
     // mount that fails with ENOTCONN at once.
-    for round in 0..4 {
+    for round in 0..6 {
         let mut m = TestMount::with_args(&["--offload", "kernel"]);
-        fs::write(m.m("f"), vec![0u8; 1 << 20]).unwrap();
         let mut writer = mmap_writer(&m.m("f"));
+        assert!(efuse_tests::eventually(Duration::from_secs(10), || fs::metadata(
+            m.b("f")
+        )
+        .is_ok_and(|md| md.len() == 1 << 20)));
         let behind = m.b("f");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let toucher = {
@@ -530,6 +536,7 @@ fn force_umount_of_a_healthy_mount_succeeds_every_time() {
 #[test]
 fn zero_open_without_the_kernel_tier_is_refused_and_status_shows_absolute_sources() {
     let (t, src, mnt) = dirs();
+    let _guard = Daemonized { mnt: mnt.clone() };
     let (code, _, err) = efuse(&[
         OsStr::new("mount"),
         src.as_os_str(),
@@ -546,7 +553,6 @@ fn zero_open_without_the_kernel_tier_is_refused_and_status_shows_absolute_source
     );
     assert!(mount_connection(&mnt).is_none());
     // A relative source is recorded absolute.
-    let _guard = Daemonized { mnt: mnt.clone() };
     let out = Command::new(efuse_tests::efuse_bin())
         .args(["mount", "src", "mnt"])
         .current_dir(t.path())

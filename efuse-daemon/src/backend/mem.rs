@@ -650,6 +650,14 @@ impl Backend for MemBackend {
     }
 
     fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
+        // POSIX ACLs are not plain attributes: on a filesystem that keeps
+        // them, setting system.posix_acl_access changes the mode too. This
+        // backend has none, so it says so as such filesystems do, and tools
+        // (cp -a, tar, rsync -A) fall back to chmod instead of believing the
+        // mode was set.
+        if name.as_bytes().starts_with(b"system.posix_acl_") {
+            return Err(BackendError::errno("setxattr", libc::EOPNOTSUPP));
+        }
         let mut st = self.state.lock();
         let n = st.node_mut(ino)?;
         let exists = n.xattrs.contains_key(name);
