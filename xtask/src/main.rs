@@ -32,6 +32,10 @@ enum Cmd {
     },
     /// Mount a demo directory with efuse (best tier: bpf on the patched kernel, else kernel), show it working, then run the quick latency comparison.
     Demo,
+    /// Heavier runs: the conformance suites ten times longer than `test`
+    /// (fsx 1,000,000 operations a setup, pjdfstest 30 runs a tier,
+    /// stress-ng 60 s a tier), then the real-tool and defect suites.
+    Soak,
     /// Run the latency comparison (efuse bench) with a release build.
     Bench {
         /// Small dataset, under 2 minutes.
@@ -72,7 +76,16 @@ const APT_PACKAGES: &[&str] = &[
     "bindfs",
     "libfuse3-dev",
     "fonts-dejavu-core",
+    // The real-workload and conformance suites (tests/tools.rs, tests/conformance.rs).
+    "git",
+    "rsync",
+    "sqlite3",
+    "stress-ng",
+    "python3",
 ];
+
+/// Test tools from crates.io, pinned: (binary, crate, version).
+const CARGO_TOOLS: &[(&str, &str, &str)] = &[("fsx", "fsx", "0.3.2"), ("pjdfstest", "pjdfstest", "0.2.2")];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -134,6 +147,15 @@ fn setup() -> anyhow::Result<()> {
                 "llvm-22",
             ])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22"))?;
+    }
+    for (bin, krate, version) in CARGO_TOOLS {
+        let have = Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(version));
+        if !have {
+            run(Command::new("cargo").args(["install", "--locked", &format!("{krate}@{version}")]))?;
+        }
     }
     for (path, fstype) in [
         ("/sys/kernel/tracing", "tracefs"),
@@ -264,6 +286,21 @@ fn main() -> anyhow::Result<()> {
         Cmd::Build => run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"])),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
+        Cmd::Soak => {
+            setup()?;
+            run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+            run(cargo()
+                .args([
+                    "test",
+                    "--test",
+                    "conformance",
+                    "--test",
+                    "tools",
+                    "--test",
+                    "defects",
+                ])
+                .env("EFUSE_SOAK", "1"))
+        }
         Cmd::Bench { quick, out } => bench(quick, &out),
         Cmd::Kernel => {
             let image = vm::kernel()?;
