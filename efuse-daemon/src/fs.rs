@@ -655,6 +655,43 @@ impl EfuseFs {
         Ok((self.fuse_attr(a), self.policy().attr_ttl))
     }
 
+    /// After a write, truncate, fallocate or chown by `who`: clear the
+    /// set-group-ID bit where Linux would and FUSE does not.
+    ///
+    /// The kernel kills S_ISUID, and S_ISGID of a group-executable file,
+    /// itself (a SETATTR of the mode) when the caller lacks CAP_FSETID. Its
+    /// FUSE emulation of that rule predates the VFS's current one, which
+    /// also clears S_ISGID of a file that is not group-executable when the
+    /// caller is not in the file's group (setattr_should_drop_sgid): that
+    /// case is left to the server. Only callers other than root can hit it,
+    /// so root's requests cost nothing here.
+    pub fn drop_sgid(&self, ino: u64, who: Caller) {
+        if who.uid == 0 {
+            return;
+        }
+        let Ok(a) = self.backend.getattr(self.b(ino)) else {
+            return;
+        };
+        let sgid = libc::S_ISGID as u16;
+        if a.kind != FileKind::File || a.perm & sgid == 0 || a.perm & libc::S_IXGRP as u16 != 0 {
+            return;
+        }
+        if crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID) {
+            return;
+        }
+        let set = SetAttr {
+            mode: Some((a.perm & !sgid) as u32),
+            ..Default::default()
+        };
+        if self.setattr(ino, None, &set).is_ok()
+            && let Some(n) = self.notifier.get()
+        {
+            // The kernel caches the old mode; a write only invalidates size
+            // and times.
+            n.inval_inode(ino);
+        }
+    }
+
     /// access(2): check `mask` (R_OK/W_OK/X_OK bits) for a caller against
     /// the mode bits, as the kernel's generic_permission does.
     pub fn access(&self, ino: u64, mask: i32, uid: u32, gid: u32) -> FsResult<()> {

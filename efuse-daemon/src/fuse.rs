@@ -559,7 +559,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -575,6 +575,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        let who = caller(req);
         self.run(move |me| {
             let t = Instant::now();
             let set = SetAttr {
@@ -585,7 +586,17 @@ impl Filesystem for FuseAdapter {
                 atime: set_time(atime),
                 mtime: set_time(mtime),
             };
-            let res = me.fs.setattr(ino.0, fh.map(|f| f.0), &set);
+            let mut res = me.fs.setattr(ino.0, fh.map(|f| f.0), &set);
+            if res.is_ok()
+                && who.uid != 0
+                && (size.is_some() || uid.is_some() || gid.is_some())
+                && mode.is_none()
+            {
+                me.fs.drop_sgid(ino.0, who);
+                if let Ok(a) = me.fs.getattr(ino.0) {
+                    res = Ok(a);
+                }
+            }
             me.finish(op::SETATTR, t, res, reply, |r, (a, ttl)| {
                 r.attr(&ttl, &file_attr(&a))
             });
@@ -728,7 +739,7 @@ impl Filesystem for FuseAdapter {
 
     fn write(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -739,11 +750,15 @@ impl Filesystem for FuseAdapter {
         reply: ReplyWrite,
     ) {
         let data = data.to_vec();
+        let who = caller(req);
         self.run(move |me| {
             let data = &data[..];
             let t = Instant::now();
             let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.write(h, offset, data));
             me.fs.modified(ino.0);
+            if res.is_ok() {
+                me.fs.drop_sgid(ino.0, who);
+            }
             me.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
         });
     }
@@ -949,7 +964,7 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         fh: FileHandle,
         offset: u64,
@@ -957,12 +972,16 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        let who = caller(req);
         self.run(move |me| {
             let t = Instant::now();
             let res = me
                 .fs
                 .with_io(ino.0, fh.0, |h| me.fs.fallocate(h, offset, length, mode));
             me.fs.modified(ino.0);
+            if res.is_ok() {
+                me.fs.drop_sgid(ino.0, who);
+            }
             me.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
         });
     }

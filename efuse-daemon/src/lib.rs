@@ -15,6 +15,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod creds;
 pub mod daemon;
 pub mod fs;
 pub mod fuse;

@@ -335,19 +335,32 @@ impl DirBackend {
     }
 
     /// Give newly created `name` under `parent_fd` to the caller.
-    fn chown_new(&self, who: Caller, parent_fd: RawFd, name: &CString) -> Result<()> {
-        if self.is_root_user && (who.uid != 0 || who.gid != 0) {
-            // SAFETY: valid dirfd and C string.
-            let rc = unsafe {
-                libc::fchownat(
-                    parent_fd,
-                    name.as_ptr(),
-                    who.uid,
-                    who.gid,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
-            };
-            check("fchownat", rc)?;
+    /// Give a new object its creator as owner, as the kernel's
+    /// inode_init_owner() would have: the caller's uid, and the caller's gid
+    /// unless the directory is set-group-ID, where the backing filesystem
+    /// (creating as root) has already given it the directory's group (and a
+    /// directory the set-group-ID bit). `mode` is the mode a non-directory
+    /// was created with: a chown clears S_ISUID/S_ISGID of a non-directory,
+    /// which is right for chown(2) but not for a create, so they are put back.
+    fn chown_new(&self, who: Caller, parent_fd: RawFd, name: &CString, mode: Option<u32>) -> Result<()> {
+        if !self.is_root_user {
+            return Ok(());
+        }
+        let inherit = fstat_fd(parent_fd)?.st_mode & libc::S_ISGID != 0;
+        let gid = if inherit { u32::MAX } else { who.gid };
+        if who.uid == 0 && (inherit || who.gid == 0) {
+            return Ok(());
+        }
+        // SAFETY: valid dirfd and C string.
+        let rc = unsafe { libc::fchownat(parent_fd, name.as_ptr(), who.uid, gid, libc::AT_SYMLINK_NOFOLLOW) };
+        check("fchownat", rc)?;
+        if let Some(m) = mode
+            && m & (libc::S_ISUID | libc::S_ISGID) != 0
+        {
+            // SAFETY: valid dirfd and C string; the name is no symlink.
+            check("fchmodat", unsafe {
+                libc::fchmodat(parent_fd, name.as_ptr(), m & 0o7777, 0)
+            })?;
         }
         Ok(())
     }
@@ -523,7 +536,7 @@ impl Backend for DirBackend {
         // SAFETY: valid dirfd and C string.
         let rc = unsafe { libc::mknodat(pfd.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t) };
         check("mknodat", rc)?;
-        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        self.chown_new(who, pfd.as_raw_fd(), &c, Some(mode))?;
         self.pin_child(pfd.as_raw_fd(), name)
     }
 
@@ -535,7 +548,7 @@ impl Backend for DirBackend {
         check("mkdirat", unsafe {
             libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), mode)
         })?;
-        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        self.chown_new(who, pfd.as_raw_fd(), &c, None)?;
         self.pin_child(pfd.as_raw_fd(), name)
     }
 
@@ -548,7 +561,7 @@ impl Backend for DirBackend {
         check("symlinkat", unsafe {
             libc::symlinkat(t.as_ptr(), pfd.as_raw_fd(), c.as_ptr())
         })?;
-        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        self.chown_new(who, pfd.as_raw_fd(), &c, None)?;
         self.pin_child(pfd.as_raw_fd(), name)
     }
 
@@ -647,7 +660,7 @@ impl Backend for DirBackend {
         let f = check("openat(O_CREAT)", f)?;
         // SAFETY: freshly opened, not owned elsewhere.
         let file = Arc::new(unsafe { File::from_raw_fd(f) });
-        self.chown_new(who, pfd.as_raw_fd(), &c)?;
+        self.chown_new(who, pfd.as_raw_fd(), &c, Some(mode))?;
         let attr = self.pin_child(pfd.as_raw_fd(), name)?;
         let fh = self.new_fh();
         self.files.write().insert(fh, file);

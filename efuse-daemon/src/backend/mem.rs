@@ -145,6 +145,17 @@ impl State {
         self.next_ino += 1;
         attr.ino = ino;
         let is_dir = matches!(content, Content::Dir { .. });
+        // inode_init_owner(): in a set-group-ID directory a new object takes
+        // the directory's group, and a new directory its set-group-ID bit.
+        // (The kernel has already stripped S_ISGID from a new file's mode
+        // where its creator may not have it.)
+        let pattr = self.node(parent)?.attr;
+        if pattr.perm & libc::S_ISGID as u16 != 0 {
+            attr.gid = pattr.gid;
+            if is_dir {
+                attr.perm |= libc::S_ISGID as u16;
+            }
+        }
         self.nodes.insert(
             ino,
             Node {
