@@ -666,21 +666,11 @@ impl EfuseFs {
     /// case is left to the server. Only callers other than root can hit it,
     /// so root's requests cost nothing here.
     pub fn drop_sgid(&self, ino: u64, who: Caller) {
-        if who.uid == 0 {
-            return;
-        }
-        let Ok(a) = self.backend.getattr(self.b(ino)) else {
+        let Some(perm) = self.sgid_at_risk(ino, who) else {
             return;
         };
-        let sgid = libc::S_ISGID as u16;
-        if a.kind != FileKind::File || a.perm & sgid == 0 || a.perm & libc::S_IXGRP as u16 != 0 {
-            return;
-        }
-        if crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID) {
-            return;
-        }
         let set = SetAttr {
-            mode: Some((a.perm & !sgid) as u32),
+            mode: Some((perm & !(libc::S_ISGID as u16)) as u32),
             ..Default::default()
         };
         if self.setattr(ino, None, &set).is_ok()
@@ -690,6 +680,20 @@ impl EfuseFs {
             // and times.
             n.inval_inode(ino);
         }
+    }
+
+    /// The permission bits of `ino` if a write by `who` must clear its
+    /// S_ISGID (see [`Self::drop_sgid`]); `None` otherwise.
+    pub fn sgid_at_risk(&self, ino: u64, who: Caller) -> Option<u16> {
+        if who.uid == 0 {
+            return None;
+        }
+        let a = self.backend.getattr(self.b(ino)).ok()?;
+        let sgid = libc::S_ISGID as u16;
+        if a.kind != FileKind::File || a.perm & sgid == 0 || a.perm & libc::S_IXGRP as u16 != 0 {
+            return None;
+        }
+        (!crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID)).then_some(a.perm)
     }
 
     /// access(2): check `mask` (R_OK/W_OK/X_OK bits) for a caller against

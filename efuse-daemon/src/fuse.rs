@@ -152,7 +152,11 @@ impl FuseAdapter {
 impl Inner {
     /// Reply to an open: passthrough when wanted, granted and consistent
     /// with the inode's other opens; else a cached open.
-    fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen) {
+    /// Reply to an open. `sgid_writer`: a writer whose writes must clear the
+    /// file's S_ISGID (see `EfuseFs::drop_sgid`); should the inode have to
+    /// stay in passthrough (other opens use it), the bit is cleared now,
+    /// since no write of this open will reach the daemon.
+    fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen, sgid_writer: Option<Caller>) {
         let mut b = self.backing.lock();
         let live_staged = b
             .by_ino
@@ -173,6 +177,11 @@ impl Inner {
                 && !has_cached
                 && self.negotiated.passthrough.load(Ordering::Relaxed)
                 && !self.negotiated.passthrough_refused.load(Ordering::Relaxed));
+        if let Some(who) = sgid_writer
+            && live.is_some()
+        {
+            self.fs.drop_sgid(ino, who);
+        }
         if want && let Some(file) = o.backing.as_ref() {
             let id = match live {
                 Some(id) => Ok(id),
@@ -703,7 +712,8 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let who = caller(req);
         self.run(move |me| {
             let t = Instant::now();
             if me.zero_open() {
@@ -713,8 +723,18 @@ impl Filesystem for FuseAdapter {
                 me.metrics.record(op::OPEN, t, false);
                 return;
             }
-            me.finish(op::OPEN, t, me.fs.open(ino.0, flags.0), reply, |r, o| {
-                me.reply_open(ino.0, o, r)
+            let res = me.fs.open(ino.0, flags.0).map(|mut o| {
+                // Writes to a file whose S_ISGID this caller's first write
+                // must clear go through the daemon, which clears it
+                // (passthrough writes would keep it).
+                let at_risk = o.writable && me.fs.sgid_at_risk(ino.0, who).is_some();
+                if at_risk {
+                    o.flags.passthrough = false;
+                }
+                (o, at_risk)
+            });
+            me.finish(op::OPEN, t, res, reply, |r, (o, at_risk)| {
+                me.reply_open(ino.0, o, r, at_risk.then_some(who))
             });
         });
     }

@@ -1,0 +1,107 @@
+//! The POSIX rules a FUSE server applies itself, checked as root and as an
+//! unprivileged user against the same steps on a plain directory:
+//! clearing set-user-ID/set-group-ID on write, truncate and fallocate,
+//! group and set-group-ID inheritance in set-group-ID directories, and
+//! the modes a create keeps.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use efuse_tests::TestMount;
+
+const SETUPS: &[&[&str]] = &[
+    &["--offload", "off", "-o", "allow_other"],
+    &["--offload", "kernel", "-o", "allow_other"],
+    &["--offload", "kernel", "-o", "allow_other", "--backend", "mem"],
+];
+
+/// `U cmd...` runs a command as nobody:nogroup with no other groups and
+/// umask 0; `S path...` prints mode, owner and group.
+const PRELUDE: &str = r#"
+set -u
+U() { setpriv --reuid=65534 --regid=65534 --clear-groups sh -c "umask 0; $*"; echo "U[$*] exit $?"; }
+S() { for p in "$@"; do stat -c '%n %A %u %g' "$p" | sed "s|^$R/||"; [ -f "$p" ] && stat -c 'size %s' "$p"; done; }
+"#;
+
+fn compare(setup: &[&str], script: &str) {
+    let m = TestMount::with_args(setup);
+    for p in [m.scratch(), &m.scratch().join("mounts"), &m.twin(), &m.mnt()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let run = |root: &Path| {
+        let o = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{PRELUDE}\ncd \"$R\"\n{script}"))
+            .env("R", root)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            String::from_utf8_lossy(&o.stdout).replace(root.to_str().unwrap(), "$R"),
+            String::from_utf8_lossy(&o.stderr).replace(root.to_str().unwrap(), "$R"),
+        )
+    };
+    let (plain, plain_err) = run(&m.twin());
+    let (mount, mount_err) = run(&m.mnt());
+    assert!(
+        !plain
+            .lines()
+            .any(|l| l.starts_with("U[") && !l.ends_with("exit 0")),
+        "the script fails on the plain directory:\n{plain}{plain_err}"
+    );
+    assert_eq!(
+        mount, plain,
+        "{setup:?}: efuse (left) and the plain directory (right) differ\n{mount_err}"
+    );
+}
+
+#[test]
+fn write_truncate_and_fallocate_clear_setid_bits_as_on_a_local_filesystem() {
+    let script = r#"
+for f in sgid sgid_x suid both own; do echo data > $f; done
+chmod 2666 sgid; chmod 2676 sgid_x; chmod 4666 suid; chmod 6676 both
+U "echo more >> $R/sgid"; U "echo more >> $R/sgid_x"; U "echo more >> $R/suid"; U "echo more >> $R/both"
+S sgid sgid_x suid both
+for f in t_sgid t_suid f_sgid f_suid; do echo data > $f; done
+chmod 2666 t_sgid f_sgid; chmod 4666 t_suid f_suid
+U "truncate -s 1 $R/t_sgid"; U "truncate -s 2 $R/t_suid"
+U "fallocate -l 65536 $R/f_sgid"; U "fallocate -l 65536 $R/f_suid"
+S t_sgid t_suid f_sgid f_suid
+# Root writes (CAP_FSETID): nothing is cleared.
+echo x > r; chmod 6666 r; echo more >> r; truncate -s 1 r; S r
+# The owner's own group: a member keeps S_ISGID on write.
+mkdir ud; chmod 0777 ud
+U "echo mine > $R/ud/own2 && chmod 2666 $R/ud/own2 && echo more >> $R/ud/own2"; S ud/own2
+"#;
+    for setup in SETUPS {
+        compare(setup, script);
+    }
+}
+
+#[test]
+fn creates_in_a_setgid_directory_take_its_group_and_bit() {
+    let script = r#"
+mkdir sg; chmod 2777 sg; chgrp 4 sg
+U "touch $R/sg/f"; U "mkdir $R/sg/sub"; U "mkdir -m 0700 $R/sg/private"
+U "python3 -c 'import os; os.close(os.open(\"$R/sg/g\", os.O_CREAT | os.O_WRONLY, 0o2775))'"
+U "python3 -c 'import os; os.close(os.open(\"$R/sg/h\", os.O_CREAT | os.O_WRONLY, 0o2755))'"
+U "mknod $R/sg/fifo p"; U "ln -s f $R/sg/link"
+U "touch $R/sg/sub/deeper"; U "mkdir $R/sg/sub/deeper-dir"
+S sg sg/f sg/sub sg/private sg/g sg/h sg/fifo sg/sub/deeper sg/sub/deeper-dir
+stat -c '%n %u %g' sg/link | sed "s|^$R/||"
+# Root creating there: same inheritance.
+touch sg/rootfile; mkdir sg/rootdir; S sg/rootfile sg/rootdir
+# Without the bit: the creator's group.
+mkdir plain; chmod 0777 plain; U "touch $R/plain/f"; U "mkdir $R/plain/d"; S plain/f plain/d
+# A create keeps the set-ID bits its mode asks for.
+mkdir own; chmod 0777 own
+U "python3 -c 'import os; os.close(os.open(\"$R/own/s\", os.O_CREAT | os.O_WRONLY, 0o6755))'"
+python3 -c "import os; os.close(os.open('own/r', os.O_CREAT | os.O_WRONLY, 0o6755))"
+U "mkdir -m 2755 $R/own/d"
+S own/s own/r own/d
+"#;
+    for setup in SETUPS {
+        compare(setup, script);
+    }
+}
