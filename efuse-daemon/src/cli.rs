@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{BackendKind, IGNORED_OPTIONS, MountConfig, Offload};
+use crate::config::{BackendKind, MountConfig, Offload, ignored_option};
 
 const MOUNT_HEADING: &str = "Mount options";
 const BACKEND_HEADING: &str = "Backend options";
@@ -143,6 +143,9 @@ pub struct MountArgs {
     /// Stay in the foreground (for systemd); logs go to stderr.
     #[arg(short = 'f', long, help_heading = MOUNT_HEADING)]
     pub foreground: bool,
+    /// Print nothing on success (as a mount helper run by mount(8)).
+    #[arg(long, hide = true)]
+    pub quiet: bool,
     /// TOML config file with the same settings; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -189,7 +192,7 @@ impl MountArgs {
         let mut kernel_kv: Vec<(&'static str, u64)> = Vec::new();
         for o in &self.options {
             let o = o.trim();
-            if o.is_empty() || IGNORED_OPTIONS.contains(&o) {
+            if o.is_empty() || ignored_option(o) {
                 continue;
             }
             match o.split_once('=') {
@@ -317,6 +320,31 @@ pub fn mount_helper_args(args: &[OsString]) -> anyhow::Result<Vec<OsString>> {
     if positional.len() != 2 {
         bail!("usage: mount.fuse.efuse SOURCE MOUNTPOINT [-o options]");
     }
+    // mount(8) applies its own defaults (suid, dev, exec) and passes only
+    // the flags that differ from them, so a helper takes the absence of
+    // nosuid/nodev as suid/dev, as mount.fuse3 does for root.
+    let given: Vec<String> = out
+        .iter()
+        .filter_map(|a| a.to_str())
+        .flat_map(|a| a.split(','))
+        .map(str::to_string)
+        .collect();
+    let mut defaults = Vec::new();
+    // A remount changes only what it names (mount(8) passes the current
+    // flags back with it).
+    let remount = given.iter().any(|g| g == "remount");
+    for (off, on) in [("nosuid", "suid"), ("nodev", "dev")] {
+        if !remount && !given.iter().any(|g| g == off) {
+            defaults.push(on);
+        }
+    }
+    if !defaults.is_empty() {
+        // Before the given options, so that they win.
+        out.insert(2, "-o".into());
+        out.insert(3, defaults.join(",").into());
+    }
+    // A helper is silent on success, as mount(8) is.
+    out.push("--quiet".into());
     out.extend(positional);
     Ok(out)
 }
@@ -378,7 +406,30 @@ mod tests {
             .collect();
         let out = mount_helper_args(&a).unwrap();
         let out: Vec<_> = out.iter().map(|s| s.to_str().unwrap()).collect();
-        assert_eq!(out, ["efuse", "mount", "-o", "rw,offload=off", "/src", "/dst"]);
+        assert_eq!(
+            out,
+            [
+                "efuse",
+                "mount",
+                "-o",
+                "suid,dev",
+                "-o",
+                "rw,offload=off",
+                "--quiet",
+                "/src",
+                "/dst"
+            ]
+        );
+        let a: Vec<OsString> = ["mount.fuse.efuse", "/src", "/dst", "-o", "nosuid,nodev"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        let out = mount_helper_args(&a).unwrap();
+        let out: Vec<_> = out.iter().map(|s| s.to_str().unwrap()).collect();
+        assert_eq!(
+            out,
+            ["efuse", "mount", "-o", "nosuid,nodev", "--quiet", "/src", "/dst"]
+        );
         assert!(mount_helper_args(&a[..2]).is_err());
     }
 }

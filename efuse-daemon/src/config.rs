@@ -274,20 +274,67 @@ const KNOWN_OPTIONS: &[&str] = &[
     "allow_root",
     "nonempty",
     "default_permissions",
+    "relatime",
+    "norelatime",
+    "strictatime",
+    "nostrictatime",
+    "lazytime",
+    "nolazytime",
+    "nosymfollow",
+    "symfollow",
+    "remount",
 ];
 
 /// Options mount(8) and fstab pass that have no meaning for the filesystem.
 pub const IGNORED_OPTIONS: &[&str] = &[
-    "defaults", "auto", "noauto", "user", "nouser", "users", "_netdev", "nofail",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "nouser",
+    "users",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+    "loud",
+    "silent",
+    "iversion",
+    "noiversion",
+    "mand",
+    "nomand",
+    "diratime",
+    "nodiratime",
 ];
+
+/// Prefixes of options to ignore: userspace ones (`x-`, `comment=`), and
+/// the FUSE kernel's own (`user_id=`...), which mount(8) passes back on a
+/// remount as mountinfo lists them.
+const IGNORED_PREFIXES: &[&str] = &[
+    "x-",
+    "comment=",
+    "user_id=",
+    "group_id=",
+    "rootmode=",
+    "fd=",
+    "max_read=",
+    "blksize=",
+    "fsname=",
+    "subtype=",
+];
+
+/// True for an option efuse accepts and ignores (logged at debug level).
+pub fn ignored_option(opt: &str) -> bool {
+    let ignored = IGNORED_OPTIONS.contains(&opt) || IGNORED_PREFIXES.iter().any(|p| opt.starts_with(p));
+    if ignored {
+        tracing::debug!(option = opt, "mount option ignored: it does not apply to efuse");
+    }
+    ignored
+}
 
 /// Refuse an option efuse does not know, with the list it does.
 pub fn mount_option_known(opt: &str) -> anyhow::Result<()> {
-    if KNOWN_OPTIONS.contains(&opt)
-        || IGNORED_OPTIONS.contains(&opt)
-        || opt.starts_with("x-")
-        || opt.starts_with("fsname=")
-    {
+    if KNOWN_OPTIONS.contains(&opt) || ignored_option(opt) {
         Ok(())
     } else {
         bail!(

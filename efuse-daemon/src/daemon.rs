@@ -327,7 +327,9 @@ pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
                     .source
                     .as_ref()
                     .context("the dir backend needs a source directory")?;
-                DirBackend::new_shared(src)?
+                // noatime: reads through the mount leave the backing
+                // files' atimes alone too.
+                DirBackend::new_shared(src, cfg.options.iter().any(|o| o == "noatime"))?
             }
         })
     };
@@ -370,8 +372,87 @@ fn fuse_config(cfg: &MountConfig) -> (fuser::Config, crate::mount::MountSpec) {
     (c, spec)
 }
 
+/// Per-mount and superblock flags of the mount at `mp` now, from
+/// mountinfo, as mount(2) flags.
+fn current_flags(mp: &Path) -> anyhow::Result<nix::mount::MsFlags> {
+    use nix::mount::MsFlags;
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(mp))
+        .with_context(|| format!("{} is not mounted", mp.display()))?;
+    let f: Vec<&str> = line.split(' ').collect();
+    let sep = f.iter().position(|x| *x == "-").context("bad mountinfo line")?;
+    let mut flags = MsFlags::empty();
+    let words = f[5]
+        .split(',')
+        .chain(f.get(sep + 3).copied().unwrap_or("").split(','));
+    for w in words {
+        flags |= match w {
+            "ro" => MsFlags::MS_RDONLY,
+            "nosuid" => MsFlags::MS_NOSUID,
+            "nodev" => MsFlags::MS_NODEV,
+            "noexec" => MsFlags::MS_NOEXEC,
+            "noatime" => MsFlags::MS_NOATIME,
+            "nodiratime" => MsFlags::MS_NODIRATIME,
+            "relatime" => MsFlags::MS_RELATIME,
+            "sync" => MsFlags::MS_SYNCHRONOUS,
+            "dirsync" => MsFlags::MS_DIRSYNC,
+            "nosymfollow" => crate::mount::MS_NOSYMFOLLOW,
+            "lazytime" => MsFlags::MS_LAZYTIME,
+            _ => MsFlags::empty(),
+        };
+    }
+    Ok(flags)
+}
+
+/// `mount -o remount,...` (mount(8) runs the helper with it): change the
+/// flags the kernel can change on a live FUSE mount (ro/rw, nosuid, nodev,
+/// noexec, the atime modes, nosymfollow, sync, dirsync) without touching
+/// the daemon. A remount to ro makes every write fail with EROFS at once.
+fn remount(args: &MountArgs) -> anyhow::Result<()> {
+    let mp = absolute(&args.mountpoint)?;
+    match mounted_at(&mp)? {
+        Some(m) if m.fstype == "fuse.efuse" => {}
+        Some(m) => bail!("{} is a {} mount, not efuse", mp.display(), m.fstype),
+        None => bail!(
+            "{} is not mounted; remount needs a mounted efuse filesystem",
+            mp.display()
+        ),
+    }
+    let mut flags = current_flags(&mp)?;
+    for o in &args.options {
+        let o = o.trim();
+        if o == "remount" || o.is_empty() {
+            continue;
+        }
+        if !crate::mount::apply_flag(&mut flags, o) {
+            crate::config::mount_option_known(o)?;
+            if !crate::config::ignored_option(o) {
+                tracing::info!(
+                    option = o,
+                    "mount option not changed by a remount; it applies at mount time"
+                );
+            }
+        }
+    }
+    nix::mount::mount(
+        None::<&str>,
+        &mp,
+        None::<&str>,
+        nix::mount::MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .with_context(|| format!("cannot remount {}", mp.display()))?;
+    Ok(())
+}
+
 /// `efuse mount`.
 pub fn mount(args: &MountArgs) -> anyhow::Result<()> {
+    if args.options.iter().any(|o| o.trim() == "remount") {
+        return remount(args);
+    }
     let cfg = match std::env::var(CONFIG_ENV) {
         // Re-executed by our own parent: the merged config travels whole.
         Ok(json) if args.foreground => serde_json::from_str(&json).context("bad inherited config")?,
@@ -445,6 +526,9 @@ fn spawn_daemon(args: &MountArgs, cfg: &MountConfig, mp: &Path) -> anyhow::Resul
     File::from(rd).read_to_string(&mut msg).ok();
     let msg = msg.trim();
     if msg == "ready" {
+        if args.quiet {
+            return Ok(());
+        }
         let tier = read_record(mp).map_or_else(|| cfg.offload.to_string(), |r| r.offload);
         println!(
             "efuse: mounted {} on {} (backend {}, offload {}, pid {}, log {})",

@@ -79,29 +79,49 @@ pub fn mount_fuse(mp: &Path, spec: &MountSpec) -> anyhow::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// `MS_NOSYMFOLLOW` (Linux 5.10), which nix does not name.
+pub const MS_NOSYMFOLLOW: MsFlags = MsFlags::from_bits_retain(256);
+
 /// mount(2) flags for the options efuse passes to the kernel, with the
 /// defaults efuse mounts with (nosuid, nodev unless asked otherwise).
 pub fn flags_for(options: &[String]) -> MsFlags {
     let mut f = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     for o in options {
-        match o.as_str() {
-            "ro" => f |= MsFlags::MS_RDONLY,
-            "rw" => f &= !MsFlags::MS_RDONLY,
-            "nosuid" => f |= MsFlags::MS_NOSUID,
-            "suid" => f &= !MsFlags::MS_NOSUID,
-            "nodev" => f |= MsFlags::MS_NODEV,
-            "dev" => f &= !MsFlags::MS_NODEV,
-            "noexec" => f |= MsFlags::MS_NOEXEC,
-            "exec" => f &= !MsFlags::MS_NOEXEC,
-            "noatime" => f |= MsFlags::MS_NOATIME,
-            "atime" => f &= !MsFlags::MS_NOATIME,
-            "sync" => f |= MsFlags::MS_SYNCHRONOUS,
-            "async" => f &= !MsFlags::MS_SYNCHRONOUS,
-            "dirsync" => f |= MsFlags::MS_DIRSYNC,
-            _ => {}
-        }
+        apply_flag(&mut f, o);
     }
     f
+}
+
+/// Apply one mount(8) flag option to `f`; false if `o` is not one.
+pub fn apply_flag(f: &mut MsFlags, o: &str) -> bool {
+    // remove()/difference(), never `& !x`: bitflags' `!` drops the bits it
+    // has no name for, MS_NOSYMFOLLOW among them.
+    let atime = MsFlags::MS_NOATIME | MsFlags::MS_RELATIME | MsFlags::MS_STRICTATIME;
+    match o {
+        "ro" => *f |= MsFlags::MS_RDONLY,
+        "rw" => f.remove(MsFlags::MS_RDONLY),
+        "nosuid" => *f |= MsFlags::MS_NOSUID,
+        "suid" => f.remove(MsFlags::MS_NOSUID),
+        "nodev" => *f |= MsFlags::MS_NODEV,
+        "dev" => f.remove(MsFlags::MS_NODEV),
+        "noexec" => *f |= MsFlags::MS_NOEXEC,
+        "exec" => f.remove(MsFlags::MS_NOEXEC),
+        "noatime" => *f = f.difference(atime) | MsFlags::MS_NOATIME,
+        "atime" => f.remove(MsFlags::MS_NOATIME),
+        "relatime" => *f = f.difference(atime) | MsFlags::MS_RELATIME,
+        "norelatime" => f.remove(MsFlags::MS_RELATIME),
+        "strictatime" => *f = f.difference(atime) | MsFlags::MS_STRICTATIME,
+        "nostrictatime" => f.remove(MsFlags::MS_STRICTATIME),
+        "lazytime" => *f |= MsFlags::MS_LAZYTIME,
+        "nolazytime" => f.remove(MsFlags::MS_LAZYTIME),
+        "nosymfollow" => *f |= MS_NOSYMFOLLOW,
+        "symfollow" => f.remove(MS_NOSYMFOLLOW),
+        "sync" => *f |= MsFlags::MS_SYNCHRONOUS,
+        "async" => f.remove(MsFlags::MS_SYNCHRONOUS),
+        "dirsync" => *f |= MsFlags::MS_DIRSYNC,
+        _ => return false,
+    }
+    true
 }
 
 #[cfg(test)]

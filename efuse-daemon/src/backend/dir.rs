@@ -70,6 +70,8 @@ pub struct DirBackend {
     root_ino: Ino,
     dev: u64,
     is_root_user: bool,
+    /// Open backing files with O_NOATIME (a `noatime` mount).
+    noatime: std::sync::atomic::AtomicBool,
     /// Lock order: `nodes` before `files` before `dirs`; no call holds two.
     nodes: RwLock<HashMap<Ino, Node>>,
     files: RwLock<HashMap<Fh, Arc<File>>>,
@@ -208,6 +210,68 @@ impl DirBackend {
         }
         // SAFETY: `fd` was just returned by open and is not owned elsewhere.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        Self::from_root_fd(root, fd)
+    }
+
+    /// Open `root` for a `noatime` mount: through a private, detached
+    /// copy of its mount with the noatime attribute (open_tree and
+    /// mount_setattr, Linux 5.12+), so that nothing done through efuse
+    /// updates a backing atime, passthrough reads and executed files
+    /// included (the kernel reads those through the backing file's own
+    /// mount, whatever flags the daemon's descriptors have). Falls back to
+    /// the plain tree, opening files O_NOATIME, on older kernels.
+    pub fn new_noatime(root: &Path) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
+        const OPEN_TREE_CLONE: libc::c_uint = 1;
+        const MOUNT_ATTR_NOATIME: u64 = 0x10;
+        const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
+        // SAFETY: valid C string; the returned fd is owned below.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+            )
+        };
+        let tree = if fd >= 0 {
+            // SAFETY: a descriptor we own from here.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+            // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
+            let attr: [u64; 4] = [MOUNT_ATTR_NOATIME, MOUNT_ATTR_ATIME_MASK, 0, 0];
+            // SAFETY: valid fd, empty C string, and a mount_attr of the size passed.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    fd.as_raw_fd(),
+                    c"".as_ptr(),
+                    libc::AT_EMPTY_PATH as libc::c_uint,
+                    attr.as_ptr(),
+                    std::mem::size_of_val(&attr),
+                )
+            };
+            (rc == 0).then_some(fd)
+        } else {
+            None
+        };
+        let b = match tree {
+            Some(fd) => Self::from_root_fd(root, fd)?,
+            None => {
+                tracing::warn!(
+                    "noatime: cannot make a noatime view of {} ({}; needs open_tree and mount_setattr,                      Linux 5.12+): opening backing files O_NOATIME instead, but passthrough reads and                      executed files still update backing atimes",
+                    root.display(),
+                    std::io::Error::last_os_error()
+                );
+                Self::new(root)?
+            }
+        };
+        b.noatime.store(true, Ordering::Relaxed);
+        Ok(b)
+    }
+
+    fn from_root_fd(root: &Path, fd: OwnedFd) -> anyhow::Result<Self> {
+        use anyhow::Context;
         let st = fstat_fd(fd.as_raw_fd())
             .with_context(|| format!("cannot stat backend directory {}", root.display()))?;
         let mut nodes = HashMap::new();
@@ -223,6 +287,7 @@ impl DirBackend {
             root_ino: st.st_ino,
             dev: st.st_dev,
             is_root_user: nix::unistd::geteuid().is_root(),
+            noatime: std::sync::atomic::AtomicBool::new(false),
             nodes: RwLock::new(nodes),
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
@@ -234,8 +299,12 @@ impl DirBackend {
 
     /// Open `root` as a shared backend. The backend keeps a weak reference
     /// to itself so its watcher thread can reach it without keeping it alive.
-    pub fn new_shared(root: &Path) -> anyhow::Result<Arc<Self>> {
-        let b = Arc::new(Self::new(root)?);
+    pub fn new_shared(root: &Path, noatime: bool) -> anyhow::Result<Arc<Self>> {
+        let b = Arc::new(if noatime {
+            Self::new_noatime(root)?
+        } else {
+            Self::new(root)?
+        });
         *b.self_weak.lock() = Some(Arc::downgrade(&b));
         Ok(b)
     }
@@ -624,7 +693,10 @@ impl Backend for DirBackend {
     fn open(&self, ino: Ino, flags: i32) -> Result<Fh> {
         let fd = self.fd(ino)?;
         let path = proc_path(fd.as_raw_fd());
-        let flags = reopen_flags(flags);
+        let mut flags = reopen_flags(flags);
+        if self.noatime.load(Ordering::Relaxed) {
+            flags |= libc::O_NOATIME;
+        }
         // SAFETY: valid C string; the fd is owned below.
         let mut f = unsafe { libc::open(path.as_ptr(), flags) };
         if f < 0
@@ -717,7 +789,14 @@ impl Backend for DirBackend {
             libc::openat(
                 fd.as_raw_fd(),
                 c".".as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+                libc::O_RDONLY
+                    | libc::O_DIRECTORY
+                    | libc::O_CLOEXEC
+                    | if self.noatime.load(Ordering::Relaxed) {
+                        libc::O_NOATIME
+                    } else {
+                        0
+                    },
             )
         };
         let d = check("opendir", d)?;
