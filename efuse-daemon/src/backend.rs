@@ -161,6 +161,9 @@ pub struct Caller {
     pub gid: u32,
     /// Process id.
     pub pid: u32,
+    /// The caller's umask, for creates (0 where the kernel already applied
+    /// it; applying it again changes nothing).
+    pub umask: u32,
 }
 
 /// Filesystem statistics.
@@ -291,6 +294,12 @@ pub trait Backend: Send + Sync + 'static {
     /// without a round trip.
     fn pin(&self, _ino: Ino) -> Result<()> {
         Err(BackendError::Unsupported)
+    }
+    /// True when the backend keeps POSIX ACLs as `system.posix_acl_*`
+    /// attributes and applies them (mode interplay, default ACLs on
+    /// create), so that the kernel may enforce them (FUSE_POSIX_ACL).
+    fn posix_acl(&self) -> bool {
+        false
     }
     /// True when a metadata round trip is expensive (a remote store), so
     /// that batching and caching metadata in the daemon pays off.

@@ -64,6 +64,7 @@ mod tests {
             uid: 1000,
             gid: 7,
             pid: 0,
+            umask: 0,
         };
         assert!(in_group_or_capable(who, 7, CAP_FSETID));
         assert!(!in_group_or_capable(who, 8, CAP_FSETID));

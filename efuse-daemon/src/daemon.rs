@@ -612,6 +612,11 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             }
         }
     }
+    fs.set_posix_acl(
+        cfg.options
+            .iter()
+            .any(|o| o == "allow_other" || o == "allow_root"),
+    );
     let metrics = Arc::new(Metrics::default());
     let adapter = FuseAdapter::new(fs.clone(), metrics.clone());
     let started = Instant::now();

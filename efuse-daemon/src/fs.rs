@@ -202,6 +202,8 @@ const READDIR_BATCH: usize = 256;
 /// The filesystem.
 pub struct EfuseFs {
     backend: SharedBackend,
+    /// Ask the kernel to enforce POSIX ACLs (see [`EfuseFs::posix_acl`]).
+    posix_acl: std::sync::atomic::AtomicBool,
     inodes: Arc<InodeTable>,
     kernel_cfg: KernelTierConfig,
     /// What the bpf tier's maps hold (inactive unless attached).
@@ -255,6 +257,7 @@ impl EfuseFs {
             tier: parking_lot::RwLock::new((tier, policy)),
             inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
             handle_clock: std::sync::atomic::AtomicU64::new(0),
+            posix_acl: std::sync::atomic::AtomicBool::new(false),
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
             notifier: std::sync::OnceLock::new(),
@@ -516,6 +519,18 @@ impl EfuseFs {
         }
         n.inval_inode(crate::inode::FUSE_ROOT);
         count
+    }
+
+    /// Offer POSIX ACLs to the kernel if the mount lets other users in
+    /// (`allow_other`/`allow_root`) and the backend keeps ACLs.
+    pub fn set_posix_acl(&self, others_may_use: bool) {
+        let on = others_may_use && self.backend.posix_acl();
+        self.posix_acl.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether INIT asks for FUSE_POSIX_ACL.
+    pub fn posix_acl(&self) -> bool {
+        self.posix_acl.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Settings of the kernel tier.
@@ -1318,6 +1333,7 @@ mod tests {
             uid: 1000,
             gid: 1000,
             pid: 1,
+            umask: 0,
         };
         let (e, o) = fs.create(who, 1, OsStr::new("f"), 0o640, libc::O_RDWR).unwrap();
         fs.release(o.fh);

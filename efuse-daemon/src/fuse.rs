@@ -443,6 +443,16 @@ fn caller(req: &Request) -> Caller {
         uid: req.uid(),
         gid: req.gid(),
         pid: req.pid(),
+        umask: 0,
+    }
+}
+
+/// The caller of a create, with the umask the kernel sent (with
+/// FUSE_DONT_MASK it has not applied it).
+fn creator(req: &Request, umask: u32) -> Caller {
+    Caller {
+        umask: umask & 0o777,
+        ..caller(req)
     }
 }
 
@@ -497,6 +507,16 @@ impl Filesystem for FuseAdapter {
         ];
         if kernel_start {
             want.push(("symlink caching", InitFlags::FUSE_CACHE_SYMLINKS));
+        }
+        // POSIX ACLs, enforced by the kernel, where the backend keeps them
+        // and other users may use the mount (the kernel then checks
+        // permissions itself; for the mounting user alone, root, ACLs
+        // grant nothing more). With them the kernel leaves the umask to the
+        // server (the backing filesystem skips it where a default ACL
+        // applies, as on a local filesystem).
+        if self.inner.fs.posix_acl() {
+            want.push(("POSIX ACLs", InitFlags::FUSE_POSIX_ACL));
+            want.push(("unmasked create modes", InitFlags::FUSE_DONT_MASK));
         }
         if k.writeback_cache {
             want.push(("writeback cache", InitFlags::FUSE_WRITEBACK_CACHE));
@@ -625,11 +645,11 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let who = caller(req);
+        let who = creator(req, umask);
         let name = name.to_owned();
         self.run(move |me| {
             let name = name.as_os_str();
@@ -639,8 +659,8 @@ impl Filesystem for FuseAdapter {
         });
     }
 
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        let who = caller(req);
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
+        let who = creator(req, umask);
         let name = name.to_owned();
         self.run(move |me| {
             let name = name.as_os_str();
@@ -959,11 +979,11 @@ impl Filesystem for FuseAdapter {
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
-        _umask: u32,
+        umask: u32,
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let who = caller(req);
+        let who = creator(req, umask);
         let name = name.to_owned();
         self.run(move |me| {
             let name = name.as_os_str();

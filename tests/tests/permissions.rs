@@ -24,7 +24,9 @@ U() { setpriv --reuid=65534 --regid=65534 --clear-groups sh -c "umask 0; $*"; ec
 S() { for p in "$@"; do stat -c '%n %A %u %g' "$p" | sed "s|^$R/||"; [ -f "$p" ] && stat -c 'size %s' "$p"; done; }
 "#;
 
-fn compare(setup: &[&str], script: &str) {
+/// `all_ok`: every `U` step succeeds on the plain directory (a check of
+/// the script itself); scripts that test refusals pass false.
+fn compare(setup: &[&str], script: &str, all_ok: bool) {
     let m = TestMount::with_args(setup);
     for p in [m.scratch(), &m.scratch().join("mounts"), &m.twin(), &m.mnt()] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -45,9 +47,10 @@ fn compare(setup: &[&str], script: &str) {
     let (plain, plain_err) = run(&m.twin());
     let (mount, mount_err) = run(&m.mnt());
     assert!(
-        !plain
-            .lines()
-            .any(|l| l.starts_with("U[") && !l.ends_with("exit 0")),
+        !all_ok
+            || !plain
+                .lines()
+                .any(|l| l.starts_with("U[") && !l.ends_with("exit 0")),
         "the script fails on the plain directory:\n{plain}{plain_err}"
     );
     assert_eq!(
@@ -75,7 +78,7 @@ mkdir ud; chmod 0777 ud
 U "echo mine > $R/ud/own2 && chmod 2666 $R/ud/own2 && echo more >> $R/ud/own2"; S ud/own2
 "#;
     for setup in SETUPS {
-        compare(setup, script);
+        compare(setup, script, true);
     }
 }
 
@@ -102,6 +105,34 @@ U "mkdir -m 2755 $R/own/d"
 S own/s own/r own/d
 "#;
     for setup in SETUPS {
-        compare(setup, script);
+        compare(setup, script, true);
+    }
+}
+
+#[test]
+fn posix_acls_are_enforced_inherited_and_follow_chmod() {
+    let script = r#"
+echo secret > f; chmod 600 f
+U "cat $R/f"
+s() { setfacl "$@"; echo "setfacl $* exit $?"; }
+s -m u:nobody:r f
+U "cat $R/f"; U "echo no >> $R/f"
+getfacl -cp f; ls -l f | cut -c1-11
+chmod 640 f; getfacl -cp f
+s -m m::- f; U "cat $R/f"; getfacl -cp f
+s -b f; getfacl -cp f; ls -l f | cut -c1-11
+# Default ACLs: inherited by new files and directories, in place of the umask.
+mkdir dd; s -m u:nobody:rwx dd; s -d -m u:nobody:rwx,g::r-x,o::- dd
+U "umask 077; touch $R/dd/new; mkdir $R/dd/sub; mkdir -m 0700 $R/dd/tight"
+S dd/new dd/sub dd/tight
+getfacl -cp dd/new dd/sub dd/tight
+# A directory's ACL grants traversal.
+mkdir -m 700 locked; echo in > locked/x; U "cat $R/locked/x"
+s -m u:nobody:x locked; U "cat $R/locked/x"
+# Without a default ACL, the umask applies.
+mkdir -m 777 open; U "umask 027; touch $R/open/u; mkdir $R/open/ud"; S open/u open/ud
+"#;
+    for setup in &SETUPS[..2] {
+        compare(setup, script, false);
     }
 }

@@ -82,6 +82,7 @@ const APT_PACKAGES: &[&str] = &[
     "sqlite3",
     "stress-ng",
     "python3",
+    "acl",
 ];
 
 /// Test tools from crates.io, pinned: (binary, crate, version).

@@ -90,6 +90,40 @@ fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
 }
 
+/// Run `f` with the calling thread's umask set to `umask`. Each thread
+/// that creates gets a filesystem context of its own first
+/// (unshare(CLONE_FS), once), so the umask is the caller's for this call
+/// only; the backing filesystem then applies it as for a local create,
+/// which means not at all where the directory has a default ACL.
+///
+/// `f` gets the bits it must still clear from the mode itself: 0 when the
+/// umask is set, the umask when no private context could be had (that
+/// loses only the default-ACL exception).
+fn with_umask<T>(umask: u32, f: impl FnOnce(u32) -> T) -> T {
+    thread_local! {
+        static OWN_FS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if umask == 0 {
+        return f(0);
+    }
+    let own = OWN_FS.with(|o| {
+        if !o.get() {
+            // SAFETY: unshare has no memory arguments.
+            o.set(unsafe { libc::unshare(libc::CLONE_FS) } == 0);
+        }
+        o.get()
+    });
+    if !own {
+        return f(umask);
+    }
+    // SAFETY: umask has no preconditions; this thread's context is its own.
+    unsafe { libc::umask(umask as libc::mode_t) };
+    let r = f(0);
+    // SAFETY: as above.
+    unsafe { libc::umask(0) };
+    r
+}
+
 /// Flags to reopen a pinned inode with for a caller's open(2).
 ///
 /// The kernel has resolved the path and applied every flag that concerns
@@ -603,9 +637,11 @@ impl Backend for DirBackend {
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
         // SAFETY: valid dirfd and C string.
-        let rc = unsafe { libc::mknodat(pfd.as_raw_fd(), c.as_ptr(), mode, rdev as libc::dev_t) };
+        let rc = with_umask(who.umask, |m| unsafe {
+            libc::mknodat(pfd.as_raw_fd(), c.as_ptr(), mode & !m, rdev as libc::dev_t)
+        });
         check("mknodat", rc)?;
-        self.chown_new(who, pfd.as_raw_fd(), &c, Some(mode))?;
+        self.chown_new(who, pfd.as_raw_fd(), &c, Some(mode & !who.umask))?;
         self.pin_child(pfd.as_raw_fd(), name)
     }
 
@@ -613,10 +649,11 @@ impl Backend for DirBackend {
         check_name(name)?;
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
-        // SAFETY: valid dirfd and C string.
-        check("mkdirat", unsafe {
-            libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), mode)
-        })?;
+        let rc = with_umask(who.umask, |m| {
+            // SAFETY: valid dirfd and C string.
+            unsafe { libc::mkdirat(pfd.as_raw_fd(), c.as_ptr(), mode & !m) }
+        });
+        check("mkdirat", rc)?;
         self.chown_new(who, pfd.as_raw_fd(), &c, None)?;
         self.pin_child(pfd.as_raw_fd(), name)
     }
@@ -728,11 +765,13 @@ impl Backend for DirBackend {
             | libc::O_NOFOLLOW
             | libc::O_CLOEXEC;
         // SAFETY: valid dirfd and C string; the fd is owned below.
-        let f = unsafe { libc::openat(pfd.as_raw_fd(), c.as_ptr(), flags, mode) };
+        let f = with_umask(who.umask, |m| unsafe {
+            libc::openat(pfd.as_raw_fd(), c.as_ptr(), flags, mode & !m)
+        });
         let f = check("openat(O_CREAT)", f)?;
         // SAFETY: freshly opened, not owned elsewhere.
         let file = Arc::new(unsafe { File::from_raw_fd(f) });
-        self.chown_new(who, pfd.as_raw_fd(), &c, Some(mode))?;
+        self.chown_new(who, pfd.as_raw_fd(), &c, Some(mode & !who.umask))?;
         let attr = self.pin_child(pfd.as_raw_fd(), name)?;
         let fh = self.new_fh();
         self.files.write().insert(fh, file);
@@ -1023,6 +1062,24 @@ impl Backend for DirBackend {
 
     fn backing_file(&self, fh: Fh) -> Option<Arc<File>> {
         self.file(fh).ok()
+    }
+
+    fn posix_acl(&self) -> bool {
+        // A filesystem without ACLs answers EOPNOTSUPP for the name.
+        let Ok(fd) = self.fd(self.root_ino) else {
+            return false;
+        };
+        let path = proc_path(fd.as_raw_fd());
+        // SAFETY: valid C strings; a size query (null buffer, 0).
+        let n = unsafe {
+            libc::getxattr(
+                path.as_ptr(),
+                c"system.posix_acl_access".as_ptr(),
+                std::ptr::null_mut(),
+                0,
+            )
+        };
+        n >= 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODATA)
     }
 
     fn watch(&self, sink: super::ChangeSink) -> anyhow::Result<bool> {

@@ -181,6 +181,10 @@ impl Backend for SimBackend {
         // A client keeps its inode handles locally: no round trip.
         self.inner.pin(ino)
     }
+    fn posix_acl(&self) -> bool {
+        self.inner.posix_acl()
+    }
+
     fn is_remote(&self) -> bool {
         true
     }
