@@ -295,6 +295,25 @@ pub trait Backend: Send + Sync + 'static {
     fn pin(&self, _ino: Ino) -> Result<()> {
         Err(BackendError::Unsupported)
     }
+    /// What identifies the object `ino` (pinned) beyond its number, for
+    /// export handles: the same bytes for as long as the object exists,
+    /// other bytes for an object that reuses the number. `None` when the
+    /// backend never reuses numbers or cannot tell.
+    fn identity(&self, _ino: Ino) -> Option<Vec<u8>> {
+        None
+    }
+    /// Pin `ino` again, found by number (and `identity`, from
+    /// [`Backend::identity`]) after the filesystem layer let it go: how an
+    /// export handle opens a file the kernel had forgotten. `Stale` once
+    /// the object is gone.
+    fn reopen(&self, ino: Ino, _identity: Option<&[u8]>) -> Result<Attr> {
+        Err(BackendError::Stale(ino))
+    }
+    /// Pin and return the parent directory of directory `dir` (the root's
+    /// parent is the root), for LOOKUP of "..".
+    fn parent(&self, dir: Ino) -> Result<Attr> {
+        Err(BackendError::Stale(dir))
+    }
     /// True when the backend keeps POSIX ACLs as `system.posix_acl_*`
     /// attributes and applies them (mode interplay, default ACLs on
     /// create), so that the kernel may enforce them (FUSE_POSIX_ACL).

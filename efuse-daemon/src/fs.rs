@@ -588,7 +588,10 @@ impl EfuseFs {
     /// Count a backend-pinned attr as a kernel entry named `name` in `parent`.
     fn entry(&self, parent: u64, name: &OsStr, a: Attr) -> Entry {
         let attr = self.fuse_attr(a);
-        let generation = self.inodes.remember(attr.ino, parent, name);
+        let b = a.ino;
+        let generation = self
+            .inodes
+            .remember_again(attr.ino, parent, name, || self.backend.identity(b));
         let p = self.policy();
         Entry {
             attr,
@@ -607,6 +610,15 @@ impl EfuseFs {
 
     /// `lookup(2)` of `name` in `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        // Export handles (FUSE_EXPORT_SUPPORT): the kernel asks for "." of a
+        // node id it no longer holds, and for ".." of a directory.
+        if name == "." {
+            return self.lookup_self(parent);
+        }
+        if name == ".." {
+            let a = self.backend.parent(self.b(parent))?;
+            return Ok(self.entry(self.inodes.to_fuse(a.ino), OsStr::new(".."), a));
+        }
         crate::backend::check_name(name)?;
         if let Some(m) = &self.meta
             && self.tier() != Offload::Off
@@ -631,6 +643,29 @@ impl EfuseFs {
         Ok(e)
     }
 
+    /// LOOKUP of "." in `ino`: the inode itself, pinned once more; for an
+    /// inode the kernel forgot, found again by its backend identity, with
+    /// the generation it had (an object that is gone, or another that
+    /// reuses the number, is ESTALE by generation or here).
+    fn lookup_self(&self, ino: u64) -> FsResult<Entry> {
+        let b = self.b(ino);
+        let known = self.inodes.generation(ino).is_some();
+        let a = if known {
+            self.backend.reopen(b, None)?
+        } else {
+            let id = self.inodes.grave(ino).ok_or(BackendError::Stale(ino))?;
+            self.backend.reopen(b, id.as_deref())?
+        };
+        // Unlinked: nothing in the kernel holds it (or it would not ask),
+        // so, as on a local filesystem, the handle is stale; this also
+        // covers a FORGET still in flight for a file unlinked meanwhile.
+        if a.ino != b || (a.nlink == 0 && a.kind != FileKind::Dir) {
+            self.backend.forget(a.ino, 1);
+            return Err(BackendError::Stale(ino).into());
+        }
+        Ok(self.entry(ino, OsStr::new("."), a))
+    }
+
     /// The file `ino` was modified through the mount: drop the listings
     /// that may hold its old attributes.
     pub fn modified(&self, ino: u64) {
@@ -642,7 +677,13 @@ impl EfuseFs {
 
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
-        let n = self.mirror.forget(ino, n).taken;
+        let f = self.mirror.forget(ino, n);
+        if f.removed {
+            // What identifies the object, while the backend still holds it:
+            // an export handle given out for it keeps working.
+            self.inodes.bury(ino, self.backend.identity(self.b(ino)));
+        }
+        let n = f.taken;
         if n > 0 {
             if self.inodes.nlookup(ino) == 0
                 && let Some((h, _)) = self.inode_handles.lock().remove(&ino)

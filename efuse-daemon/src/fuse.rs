@@ -502,6 +502,10 @@ impl Filesystem for FuseAdapter {
         // refused open changes nothing.
         let mut want = vec![
             ("parallel dirops", InitFlags::FUSE_PARALLEL_DIROPS),
+            // name_to_handle_at/open_by_handle_at and NFS re-export: node
+            // ids are the backing inode numbers, generations survive FORGET
+            // (see InodeTable::graves), LOOKUP answers "." and "..".
+            ("export support", InitFlags::FUSE_EXPORT_SUPPORT),
             ("READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
             ("auto page-cache invalidation", InitFlags::FUSE_AUTO_INVAL_DATA),
         ];

@@ -65,6 +65,10 @@ impl Known {
     }
 
     fn add_name(&mut self, parent: u64, name: &OsStr) {
+        // "." and ".." (export handles) name nothing to invalidate.
+        if name == "." || name == ".." {
+            return;
+        }
         if self.names.len() < MAX_NAMES && !self.names.iter().any(|(p, n)| *p == parent && n == name) {
             self.names.push((parent, name.to_owned()));
         }
@@ -94,7 +98,29 @@ pub struct InodeTable {
     /// each one is a lookup the daemon missed, i.e. an inode it could have
     /// freed while the kernel held it. Zero when the accounting is right.
     excess_forgets: AtomicU64,
+    /// Forgotten inodes: their generation and backend identity, so that an
+    /// export handle the kernel gave out keeps opening the same object
+    /// (same generation) after the kernel forgot it, and a number reused by
+    /// another object gets a new one. Bounded; the oldest go first (their
+    /// handles then answer ESTALE).
+    graves: Mutex<Graves>,
 }
+
+/// A backend identity (see `Backend::identity`); `None`: the backend
+/// never reuses numbers.
+type Identity = Option<Vec<u8>>;
+
+/// See [`InodeTable::graves`].
+#[derive(Debug, Default)]
+struct Graves {
+    /// Generation, and the identity once [`InodeTable::bury`] recorded it
+    /// (`Some(None)`: the backend never reuses numbers).
+    by_ino: HashMap<u64, (u64, Option<Identity>)>,
+    order: std::collections::VecDeque<u64>,
+}
+
+/// Forgotten inodes whose generation is kept for export handles, at most.
+const MAX_GRAVES: usize = 1 << 16;
 
 impl InodeTable {
     /// A table for a backend whose root is `backend_root`.
@@ -104,6 +130,7 @@ impl InodeTable {
             known: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             excess_forgets: AtomicU64::new(0),
+            graves: Mutex::new(Graves::default()),
         }
     }
 
@@ -132,19 +159,69 @@ impl InodeTable {
     /// Count one more kernel reference to FUSE inode `ino`, handed out as
     /// `name` in `parent`; returns its generation.
     pub fn remember(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
-        self.add_ref(ino, parent, name, |k| k.nlookup += 1)
+        self.add_ref(ino, parent, name, |k| k.nlookup += 1, || None)
+    }
+
+    /// As [`Self::remember`], for an inode that may have been forgotten
+    /// before: `identity` gives its backend identity, compared with the one
+    /// it had then, so that the same object gets its old generation back.
+    pub fn remember_again(
+        &self,
+        ino: u64,
+        parent: u64,
+        name: &OsStr,
+        identity: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> u64 {
+        self.add_ref(ino, parent, name, |k| k.nlookup += 1, identity)
+    }
+
+    /// The identity a forgotten inode had (see [`Self::bury`]), if kept.
+    pub fn grave(&self, ino: u64) -> Option<Option<Vec<u8>>> {
+        self.graves
+            .lock()
+            .by_ino
+            .get(&ino)
+            .map(|(_, id)| id.clone().flatten())
+    }
+
+    /// Record the backend identity of `ino`, just forgotten (call before
+    /// the backend lets the object go).
+    pub fn bury(&self, ino: u64, identity: Option<Vec<u8>>) {
+        if let Some(g) = self.graves.lock().by_ino.get_mut(&ino) {
+            g.1 = Some(identity);
+        }
+    }
+
+    fn new_generation(&self, ino: u64, identity: impl FnOnce() -> Option<Vec<u8>>) -> u64 {
+        let grave = self.graves.lock().by_ino.remove(&ino);
+        match grave {
+            // No identity: the backend never reuses numbers. Not yet buried:
+            // a lookup racing the FORGET that is burying it (the backend
+            // still holds the object, so it is the same one).
+            Some((g, Some(None) | None)) => g,
+            Some((g, Some(Some(old)))) if identity().as_ref() == Some(&old) => g,
+            // Another object under the number: a new generation.
+            _ => self.next_generation.fetch_add(1, Ordering::Relaxed),
+        }
     }
 
     /// Find or create `ino` (named `name` in `parent`), let `count` add a
     /// reference, and return its generation. The root is never counted.
-    fn add_ref(&self, ino: u64, parent: u64, name: &OsStr, count: impl FnOnce(&mut Known)) -> u64 {
+    fn add_ref(
+        &self,
+        ino: u64,
+        parent: u64,
+        name: &OsStr,
+        count: impl FnOnce(&mut Known),
+        identity: impl FnOnce() -> Option<Vec<u8>>,
+    ) -> u64 {
         if ino == FUSE_ROOT {
             return 0;
         }
         let mut known = self.known.lock();
         let k = known
             .entry(ino)
-            .or_insert_with(|| Known::new(self.next_generation.fetch_add(1, Ordering::Relaxed)));
+            .or_insert_with(|| Known::new(self.new_generation(ino, identity)));
         count(k);
         k.add_name(parent, name);
         k.generation
@@ -153,7 +230,7 @@ impl InodeTable {
     /// Count one more BPF map entry naming `ino` (as `name` in `parent`);
     /// returns its generation. The caller holds a backend pin for it.
     pub fn map_ref(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
-        self.add_ref(ino, parent, name, |k| k.maprefs += 1)
+        self.add_ref(ino, parent, name, |k| k.maprefs += 1, || None)
     }
 
     /// One BPF map entry naming `ino` is gone (call [`Self::reconcile`]
@@ -254,7 +331,17 @@ impl InodeTable {
         k.nlookup -= taken;
         let removed = k.unused();
         if removed {
+            let g = k.generation;
             known.remove(&ino);
+            let mut graves = self.graves.lock();
+            if graves.by_ino.insert(ino, (g, None)).is_none() {
+                graves.order.push_back(ino);
+            }
+            while graves.order.len() > MAX_GRAVES {
+                if let Some(old) = graves.order.pop_front() {
+                    graves.by_ino.remove(&old);
+                }
+            }
         }
         Forgotten { taken, removed }
     }
@@ -329,8 +416,13 @@ mod tests {
             }
         );
         assert_eq!(t.totals(), (0, 0));
-        // A new life gets a new generation.
-        assert_ne!(t.remember(10, 1, OsStr::new("a")), g);
+        // Buried with its identity: the same object gets its generation
+        // back (export handles), another object under the number a new one.
+        t.bury(10, Some(vec![1, 2]));
+        assert_eq!(t.remember_again(10, 1, OsStr::new("a"), || Some(vec![1, 2])), g);
+        t.forget(10, 1);
+        t.bury(10, Some(vec![1, 2]));
+        assert_ne!(t.remember_again(10, 1, OsStr::new("a"), || Some(vec![3, 4])), g);
     }
 
     #[test]

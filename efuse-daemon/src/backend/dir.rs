@@ -359,6 +359,33 @@ impl DirBackend {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Pin the object `fd` names (an `O_PATH` descriptor just opened).
+    fn pin_fd(&self, fd: OwnedFd) -> Result<Attr> {
+        let st = fstat_fd(fd.as_raw_fd())?;
+        if st.st_dev != self.dev {
+            return Err(BackendError::CrossDevice);
+        }
+        let mut nodes = self.nodes.write();
+        let mut new = false;
+        let node = nodes.entry(st.st_ino).or_insert_with(|| {
+            new = true;
+            Node {
+                fd: Arc::new(fd),
+                pins: 0,
+            }
+        });
+        if st.st_ino != self.root_ino {
+            node.pins += 1;
+        }
+        let fd = node.fd.clone();
+        drop(nodes);
+        let attr = attr_from_stat(&st);
+        if new && attr.kind == FileKind::Dir {
+            self.add_watch(attr.ino, &fd);
+        }
+        Ok(attr)
+    }
+
     /// Open `name` under `parent_fd` as an `O_PATH` node, stat it and pin it.
     fn pin_child(&self, parent_fd: RawFd, name: &OsStr) -> Result<Attr> {
         let c = cstr(name)?;
@@ -1062,6 +1089,99 @@ impl Backend for DirBackend {
 
     fn backing_file(&self, fh: Fh) -> Option<Arc<File>> {
         self.file(fh).ok()
+    }
+
+    fn identity(&self, ino: Ino) -> Option<Vec<u8>> {
+        let fd = self.fd(ino).ok()?;
+        // struct file_handle: handle_bytes, handle_type, then the handle.
+        let mut buf = [0u8; 8 + 128];
+        buf[0..4].copy_from_slice(&128u32.to_ne_bytes());
+        let mut mount_id: libc::c_int = 0;
+        // SAFETY: valid fd, empty C string, a file_handle of 128 handle bytes.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_name_to_handle_at,
+                fd.as_raw_fd(),
+                c"".as_ptr(),
+                buf.as_mut_ptr(),
+                &mut mount_id,
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
+        let n = u32::from_ne_bytes(buf[0..4].try_into().ok()?) as usize;
+        Some(buf[..8 + n.min(128)].to_vec())
+    }
+
+    fn reopen(&self, ino: Ino, identity: Option<&[u8]>) -> Result<Attr> {
+        if let Ok(a) = self
+            .fd(ino)
+            .and_then(|_| self.pin(ino))
+            .and_then(|()| self.getattr(ino))
+        {
+            return Ok(a);
+        }
+        let Some(handle) = identity.filter(|h| h.len() >= 8) else {
+            return Err(BackendError::Stale(ino));
+        };
+        let root = self.fd(self.root_ino)?;
+        // open_by_handle_at takes no O_PATH descriptor for the mount.
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let mfd = unsafe {
+            libc::openat(
+                root.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        let mfd = check("open(root)", mfd)?;
+        // SAFETY: freshly opened, owned from here.
+        let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
+        let mut h = handle.to_vec();
+        // SAFETY: a valid mount fd and file_handle; the fd is owned below.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                mfd.as_raw_fd(),
+                h.as_mut_ptr(),
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(BackendError::Stale(ino));
+        }
+        // SAFETY: freshly opened, owned from here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        let st = fstat_fd(fd.as_raw_fd())?;
+        // The same object, still linked somewhere (an unlinked file is gone
+        // for handles too, as NFS sees it).
+        if st.st_ino != ino || st.st_dev != self.dev || st.st_nlink == 0 {
+            return Err(BackendError::Stale(ino));
+        }
+        self.pin_fd(fd)
+    }
+
+    fn parent(&self, dir: Ino) -> Result<Attr> {
+        if dir == self.root_ino {
+            // The jail: the root's parent is the root.
+            return self.getattr(dir);
+        }
+        let fd = self.fd(dir)?;
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let p = unsafe {
+            libc::openat(
+                fd.as_raw_fd(),
+                c"..".as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if p < 0 {
+            return Err(BackendError::last_os("openat(..)"));
+        }
+        // SAFETY: freshly opened, owned from here.
+        self.pin_fd(unsafe { OwnedFd::from_raw_fd(p) })
     }
 
     fn posix_acl(&self) -> bool {

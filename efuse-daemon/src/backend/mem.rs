@@ -271,6 +271,28 @@ impl Backend for MemBackend {
         Ok(self.state.lock().node(ino)?.attr)
     }
 
+    fn reopen(&self, ino: Ino, _identity: Option<&[u8]>) -> Result<Attr> {
+        // Numbers are never reused: the node, while it is linked, is the object.
+        let mut st = self.state.lock();
+        let n = st.nodes.get_mut(&ino).ok_or(BackendError::Stale(ino))?;
+        if n.attr.nlink == 0 {
+            return Err(BackendError::Stale(ino));
+        }
+        n.pins += 1;
+        Ok(n.attr)
+    }
+
+    fn parent(&self, dir: Ino) -> Result<Attr> {
+        let mut st = self.state.lock();
+        let p = match &st.node(dir)?.content {
+            Content::Dir { parent, .. } => *parent,
+            _ => return Err(BackendError::errno("lookup(..)", libc::ENOTDIR)),
+        };
+        let n = st.node_mut(p)?;
+        n.pins += 1;
+        Ok(n.attr)
+    }
+
     fn setattr(&self, ino: Ino, _fh: Option<Fh>, set: &SetAttr) -> Result<Attr> {
         let mut st = self.state.lock();
         let n = st.node_mut(ino)?;

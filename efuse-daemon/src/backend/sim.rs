@@ -185,6 +185,18 @@ impl Backend for SimBackend {
         self.inner.posix_acl()
     }
 
+    fn identity(&self, ino: Ino) -> Option<Vec<u8>> {
+        self.inner.identity(ino)
+    }
+
+    fn reopen(&self, ino: Ino, identity: Option<&[u8]>) -> Result<Attr> {
+        self.inner.reopen(ino, identity)
+    }
+
+    fn parent(&self, dir: Ino) -> Result<Attr> {
+        self.inner.parent(dir)
+    }
+
     fn is_remote(&self) -> bool {
         true
     }
