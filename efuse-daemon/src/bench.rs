@@ -193,7 +193,11 @@ impl Drop for Target {
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status();
-            } else {
+            }
+            // Whatever happened above (no efuse binary to run, a peer's
+            // mount): abort and detach what is still mounted here.
+            if let Some(dev) = crate::daemon::connection_of(&self.root) {
+                let _ = fs::write(format!("/sys/fs/fuse/connections/{dev}/abort"), b"1");
                 let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
             }
         }

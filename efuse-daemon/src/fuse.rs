@@ -1030,6 +1030,26 @@ impl Filesystem for FuseAdapter {
         });
     }
 
+    /// No ioctl is served: answer ENOTTY, as a local filesystem does for
+    /// commands it does not know (Python's isatty check on every open, the
+    /// terminal ioctls of shells). fuser's default logs a warning per call
+    /// at the default level and answers ENOSYS.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        let t = Instant::now();
+        reply.error(Errno::from_i32(libc::ENOTTY));
+        self.inner.metrics.record(op::IOCTL, t, true);
+    }
+
     fn lseek(
         &self,
         _req: &Request,

@@ -570,3 +570,24 @@ fn zero_open_without_the_kernel_tier_is_refused_and_status_shows_absolute_source
     assert_eq!(code, 0, "{err}");
     let _ = std::io::stdout().flush();
 }
+
+#[test]
+fn terminal_ioctls_on_files_fail_as_on_the_plain_directory() {
+    for setup in SETUPS {
+        let m = TestMount::with_args(setup);
+        for r in [m.mnt(), m.twin()] {
+            fs::write(r.join("f"), b"x").unwrap();
+        }
+        m.both(&format!("{setup:?} TCGETS on a file"), |r| {
+            let f = File::open(r.join("f"))?;
+            // SAFETY: termios is plain data; all zeroes is a valid value.
+            let mut t: libc::termios = unsafe { std::mem::zeroed() };
+            // SAFETY: valid fd and a termios out buffer.
+            if unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, &mut t) } < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+        .unwrap_err();
+    }
+}
