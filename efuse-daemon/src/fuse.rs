@@ -515,13 +515,14 @@ impl Filesystem for FuseAdapter {
         // POSIX ACLs, enforced by the kernel, where the backend keeps them
         // and other users may use the mount (the kernel then checks
         // permissions itself; for the mounting user alone, root, ACLs
-        // grant nothing more). With them the kernel leaves the umask to the
-        // server (the backing filesystem skips it where a default ACL
-        // applies, as on a local filesystem).
+        // grant nothing more).
         if self.inner.fs.posix_acl() {
             want.push(("POSIX ACLs", InitFlags::FUSE_POSIX_ACL));
-            want.push(("unmasked create modes", InitFlags::FUSE_DONT_MASK));
         }
+        // The umask is applied by the backend (the dir backend lets the
+        // backing filesystem apply it, which skips it where a default ACL
+        // applies, as on a local filesystem).
+        want.push(("unmasked create modes", InitFlags::FUSE_DONT_MASK));
         if k.writeback_cache {
             want.push(("writeback cache", InitFlags::FUSE_WRITEBACK_CACHE));
         }

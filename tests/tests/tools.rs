@@ -398,21 +398,24 @@ fn acls_survive_setfacl_cp_tar_and_rsync() {
             setup,
             "acl",
             r#"
+# getfacl of every entry of a tree, in name order (readdir order is the
+# filesystem's own).
+A() { (cd "$1" && find . | sort | while read -r p; do getfacl -p "$p"; done); }
 mkdir "$R/acl"; echo x > "$R/acl/f"; mkdir "$R/acl/d"; echo y > "$R/acl/d/g"
 s setfacl setfacl -m u:nobody:rw,g:daemon:r,m::rw "$R/acl/f"
 s setfacl_default setfacl -d -m u:nobody:rwx "$R/acl/d"
 s inherit sh -c "echo z > '$R/acl/d/new' && mkdir '$R/acl/d/sub'"
-(cd "$R" && getfacl -R -p acl)
+A "$R/acl"
 ls -l "$R/acl/f" | cut -c1-11
 s cp_acl cp -a "$R/acl" "$OUT/acl-cp"
-(cd "$OUT" && getfacl -R -p acl-cp)
+A "$OUT/acl-cp"
 s tar_acl tar --acls -cf "$OUT/acl.tar" -C "$R" acl
 mkdir "$OUT/acl-tar"
 s untar_acl tar --acls -xf "$OUT/acl.tar" -C "$OUT/acl-tar"
-(cd "$OUT/acl-tar" && getfacl -R -p acl)
+A "$OUT/acl-tar/acl"
 s rsync_out rsync -aA "$R/acl/" "$OUT/acl-rs/"
 s rsync_in rsync -aA "$OUT/acl-rs/" "$R/acl-back/"
-(cd "$R" && getfacl -R -p acl-back)
+A "$R/acl-back"
 s setfacl_remove setfacl -b "$R/acl/f"
 (cd "$R" && getfacl -p acl/f)
 rm "$OUT/acl.tar"

@@ -75,7 +75,8 @@ fn new_attr(ino: Ino, kind: FileKind, perm: u32, who: Caller) -> Attr {
         mtime: now,
         ctime: now,
         kind,
-        perm: (perm & 0o7777) as u16,
+        // The kernel leaves the umask to the server (FUSE_DONT_MASK).
+        perm: (perm & 0o7777 & !who.umask) as u16,
         nlink: if kind == FileKind::Dir { 2 } else { 1 },
         uid: who.uid,
         gid: who.gid,
