@@ -400,14 +400,15 @@ mod tests {
 
     #[test]
     fn mount_helper_translation() {
-        let a: Vec<OsString> = ["mount.fuse.efuse", "/src", "/dst", "-o", "rw,offload=off", "-n"]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        let out = mount_helper_args(&a).unwrap();
-        let out: Vec<_> = out.iter().map(|s| s.to_str().unwrap()).collect();
+        let helper = |args: &[&str]| -> anyhow::Result<Vec<String>> {
+            let a: Vec<OsString> = args.iter().map(OsString::from).collect();
+            Ok(mount_helper_args(&a)?
+                .iter()
+                .map(|s| s.to_str().unwrap().to_string())
+                .collect())
+        };
         assert_eq!(
-            out,
+            helper(&["mount.fuse.efuse", "/src", "/dst", "-o", "rw,offload=off", "-n"]).unwrap(),
             [
                 "efuse",
                 "mount",
@@ -420,16 +421,15 @@ mod tests {
                 "/dst"
             ]
         );
-        let a: Vec<OsString> = ["mount.fuse.efuse", "/src", "/dst", "-o", "nosuid,nodev"]
-            .iter()
-            .map(OsString::from)
-            .collect();
-        let out = mount_helper_args(&a).unwrap();
-        let out: Vec<_> = out.iter().map(|s| s.to_str().unwrap()).collect();
+        // mount(8) passes nosuid/nodev only when asked; a remount keeps what it does not name.
         assert_eq!(
-            out,
+            helper(&["mount.fuse.efuse", "/src", "/dst", "-o", "nosuid,nodev"]).unwrap(),
             ["efuse", "mount", "-o", "nosuid,nodev", "--quiet", "/src", "/dst"]
         );
-        assert!(mount_helper_args(&a[..2]).is_err());
+        assert_eq!(
+            helper(&["mount.fuse.efuse", "/src", "/dst", "-o", "remount,ro"]).unwrap(),
+            ["efuse", "mount", "-o", "remount,ro", "--quiet", "/src", "/dst"]
+        );
+        assert!(helper(&["mount.fuse.efuse", "/src"]).is_err());
     }
 }

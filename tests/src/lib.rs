@@ -628,3 +628,13 @@ impl Drop for Tmpfs {
         lazy_unmount(self.dir.path());
     }
 }
+
+/// A temporary directory holding an empty `src` and `mnt`, for tests that
+/// mount with the `efuse` command itself.
+pub fn src_and_mnt() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().expect("tempdir");
+    let (src, mnt) = (t.path().join("src"), t.path().join("mnt"));
+    fs::create_dir(&src).expect("mkdir src");
+    fs::create_dir(&mnt).expect("mkdir mnt");
+    (t, src, mnt)
+}

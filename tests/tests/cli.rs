@@ -3,18 +3,11 @@
 
 use std::ffi::OsStr;
 use std::fs;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use efuse_tests::{Daemonized, efuse, efuse_bin, mount_connection};
 
-fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let (src, mnt) = (t.path().join("src"), t.path().join("mnt"));
-    fs::create_dir(&src).unwrap();
-    fs::create_dir(&mnt).unwrap();
-    (t, src, mnt)
-}
+use efuse_tests::src_and_mnt as dirs;
 
 fn os<'a>(v: &'a [&'a str]) -> Vec<&'a OsStr> {
     v.iter().map(OsStr::new).collect()

@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -390,13 +390,7 @@ fn a_killed_kernel_tier_daemon_under_a_shared_mmap_writer_leaves_enotconn() {
     }
 }
 
-fn dirs() -> (tempfile::TempDir, PathBuf, PathBuf) {
-    let t = tempfile::tempdir().unwrap();
-    let (src, mnt) = (t.path().join("src"), t.path().join("mnt"));
-    fs::create_dir(&src).unwrap();
-    fs::create_dir(&mnt).unwrap();
-    (t, src, mnt)
-}
+use efuse_tests::src_and_mnt as dirs;
 
 fn mount_daemonized(src: &Path, mnt: &Path, extra: &[&str]) {
     let mut args: Vec<&OsStr> = vec![OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()];

@@ -359,7 +359,8 @@ impl DirBackend {
         self.next_fh.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Pin the object `fd` names (an `O_PATH` descriptor just opened).
+    /// Pin the object `fd` names (an `O_PATH` descriptor just opened); the
+    /// root is pinned for the life of the backend already.
     fn pin_fd(&self, fd: OwnedFd) -> Result<Attr> {
         let st = fstat_fd(fd.as_raw_fd())?;
         if st.st_dev != self.dev {
@@ -405,28 +406,7 @@ impl DirBackend {
             });
         }
         // SAFETY: freshly opened, not owned elsewhere.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let st = fstat_fd(fd.as_raw_fd())?;
-        if st.st_dev != self.dev {
-            return Err(BackendError::CrossDevice);
-        }
-        let mut nodes = self.nodes.write();
-        let mut new = false;
-        let node = nodes.entry(st.st_ino).or_insert_with(|| {
-            new = true;
-            Node {
-                fd: Arc::new(fd),
-                pins: 0,
-            }
-        });
-        node.pins += 1;
-        let fd = node.fd.clone();
-        drop(nodes);
-        let attr = attr_from_stat(&st);
-        if new && attr.kind == FileKind::Dir {
-            self.add_watch(attr.ino, &fd);
-        }
-        Ok(attr)
+        self.pin_fd(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 
     fn add_watch(&self, ino: Ino, fd: &OwnedFd) {
