@@ -649,13 +649,16 @@ impl EfuseFs {
     /// reuses the number, is ESTALE by generation or here).
     fn lookup_self(&self, ino: u64) -> FsResult<Entry> {
         let b = self.b(ino);
-        let known = self.inodes.generation(ino).is_some();
-        let a = if known {
-            self.backend.reopen(b, None)?
-        } else {
-            let id = self.inodes.grave(ino).ok_or(BackendError::Stale(ino))?;
-            self.backend.reopen(b, id.as_deref())?
-        };
+        // The identity from the grave, or (the inode still held) from the
+        // backend now: a FORGET handled on another thread may let the
+        // object go between this lookup's checks, and the identity still
+        // finds it then.
+        let id = self
+            .inodes
+            .grave(ino)
+            .flatten()
+            .or_else(|| self.backend.identity(b));
+        let a = self.backend.reopen(b, id.as_deref())?;
         // Unlinked: nothing in the kernel holds it (or it would not ask),
         // so, as on a local filesystem, the handle is stale; this also
         // covers a FORGET still in flight for a file unlinked meanwhile.
