@@ -653,12 +653,17 @@ impl EfuseFs {
         // backend now: a FORGET handled on another thread may let the
         // object go between this lookup's checks, and the identity still
         // finds it then.
+        // A FORGET completing between the two looks leaves the identity in
+        // the grave (it is buried before the backend lets go): look again.
         let id = self
             .inodes
             .grave(ino)
             .flatten()
-            .or_else(|| self.backend.identity(b));
-        let a = self.backend.reopen(b, id.as_deref())?;
+            .or_else(|| self.backend.identity(b))
+            .or_else(|| self.inodes.grave(ino).flatten());
+        let a = self.backend.reopen(b, id.as_deref()).inspect_err(|e| {
+            tracing::debug!(ino, has_identity = id.is_some(), "LOOKUP of '.': {e}");
+        })?;
         // Unlinked: nothing in the kernel holds it (or it would not ask),
         // so, as on a local filesystem, the handle is stale; this also
         // covers a FORGET still in flight for a file unlinked meanwhile.
