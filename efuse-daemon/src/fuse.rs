@@ -182,11 +182,17 @@ impl Inner {
         {
             self.fs.drop_sgid(ino, who);
         }
-        if want && let Some(file) = o.backing.as_ref() {
-            let id = match live {
-                Some(id) => Ok(id),
-                None => reply.open_backing(&**file).map(Arc::new),
-            };
+        // An inode with a live passthrough open must get passthrough for
+        // every open (the kernel fails a cached open of it with EIO), also
+        // for an open that asked for none (the off tier, after a switch):
+        // the live backing id serves it; a backing file is needed only to
+        // register a new one.
+        let id = match (want, live, o.backing.as_ref()) {
+            (true, Some(id), _) => Some(Ok(id)),
+            (true, None, Some(file)) => Some(reply.open_backing(&**file).map(Arc::new)),
+            _ => None,
+        };
+        if let Some(id) = id {
             match id {
                 Ok(id) => {
                     let staged = o.staged || live_staged;
