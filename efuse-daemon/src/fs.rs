@@ -190,7 +190,15 @@ fn fd_budget() -> usize {
     } else {
         1024
     };
-    (cur as usize).saturating_mul(7) / 8
+    // Room for the daemon's own descriptors besides one per inode: BPF
+    // maps and programs, the control socket and its connections, inotify,
+    // /dev/fuse and its notify duplicate, logs, the pool's transient opens.
+    // Under a small limit 1/8 is not enough of it.
+    const RESERVE: usize = 64;
+    let cur = cur as usize;
+    (cur.saturating_mul(7) / 8)
+        .min(cur.saturating_sub(RESERVE))
+        .max(cur / 2)
 }
 
 /// Shared backend handles kept for zero-message opens, at most.

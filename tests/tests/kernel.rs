@@ -100,10 +100,13 @@ fn passthrough_reads_cause_no_read_upcalls() {
 fn without_passthrough_reads_fall_back_to_the_page_cache() {
     let _caches = counting_cached_upcalls();
     // Behaves as a kernel that lacks FUSE passthrough.
-    let m = TestMount::with_args_env(&["--offload", "kernel"], &[("EFUSE_DISABLE_PASSTHROUGH", "1")]);
+    let mut m = TestMount::with_args_env(&["--offload", "kernel"], &[("EFUSE_DISABLE_PASSTHROUGH", "1")]);
     let data = vec![5u8; 1 << 20];
+    // Written while no daemon watches, so that no late change event of
+    // this write invalidates the cache during the counting below.
+    m.kill_daemon();
     fs::write(m.b("f"), &data).unwrap();
-    settle();
+    m.start();
     assert_eq!(fs::read(m.m("f")).unwrap(), data);
     let first = upcalls(&mount_stats(&m.mnt()), "READ");
     assert!(first > 0, "the first read must come from the daemon");
