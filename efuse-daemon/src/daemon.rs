@@ -143,6 +143,8 @@ pub struct MountInfo {
     pub source: String,
     /// Kernel dev_t (major << 20 | minor), the FUSE connection id.
     pub dev: u32,
+    /// Mount options: the per-mount ones, then the superblock's.
+    pub options: Vec<String>,
 }
 
 fn unescape_mountinfo(s: &str) -> PathBuf {
@@ -183,6 +185,12 @@ pub fn mountinfo() -> anyhow::Result<Vec<MountInfo>> {
             fstype: f[sep + 1].to_string(),
             source: f[sep + 2].to_string(),
             dev,
+            options: f[5]
+                .split(',')
+                .chain(f.get(sep + 3).copied().unwrap_or("").split(','))
+                .filter(|o| !o.is_empty())
+                .map(str::to_string)
+                .collect(),
         });
     }
     Ok(out)
@@ -372,56 +380,30 @@ fn fuse_config(cfg: &MountConfig) -> (fuser::Config, crate::mount::MountSpec) {
     (c, spec)
 }
 
-/// Per-mount and superblock flags of the mount at `mp` now, from
-/// mountinfo, as mount(2) flags.
-fn current_flags(mp: &Path) -> anyhow::Result<nix::mount::MsFlags> {
-    use nix::mount::MsFlags;
-    let text = fs::read_to_string("/proc/self/mountinfo")?;
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.split(' ').nth(4).map(unescape_mountinfo).as_deref() == Some(mp))
-        .with_context(|| format!("{} is not mounted", mp.display()))?;
-    let f: Vec<&str> = line.split(' ').collect();
-    let sep = f.iter().position(|x| *x == "-").context("bad mountinfo line")?;
-    let mut flags = MsFlags::empty();
-    let words = f[5]
-        .split(',')
-        .chain(f.get(sep + 3).copied().unwrap_or("").split(','));
-    for w in words {
-        flags |= match w {
-            "ro" => MsFlags::MS_RDONLY,
-            "nosuid" => MsFlags::MS_NOSUID,
-            "nodev" => MsFlags::MS_NODEV,
-            "noexec" => MsFlags::MS_NOEXEC,
-            "noatime" => MsFlags::MS_NOATIME,
-            "nodiratime" => MsFlags::MS_NODIRATIME,
-            "relatime" => MsFlags::MS_RELATIME,
-            "sync" => MsFlags::MS_SYNCHRONOUS,
-            "dirsync" => MsFlags::MS_DIRSYNC,
-            "nosymfollow" => crate::mount::MS_NOSYMFOLLOW,
-            "lazytime" => MsFlags::MS_LAZYTIME,
-            _ => MsFlags::empty(),
-        };
-    }
-    Ok(flags)
-}
-
 /// `mount -o remount,...` (mount(8) runs the helper with it): change the
 /// flags the kernel can change on a live FUSE mount (ro/rw, nosuid, nodev,
 /// noexec, the atime modes, nosymfollow, sync, dirsync) without touching
 /// the daemon. A remount to ro makes every write fail with EROFS at once.
 fn remount(args: &MountArgs) -> anyhow::Result<()> {
     let mp = absolute(&args.mountpoint)?;
-    match mounted_at(&mp)? {
-        Some(m) if m.fstype == "fuse.efuse" => {}
+    let m = match mounted_at(&mp)? {
+        Some(m) if m.fstype == "fuse.efuse" => m,
         Some(m) => bail!("{} is a {} mount, not efuse", mp.display(), m.fstype),
         None => bail!(
             "{} is not mounted; remount needs a mounted efuse filesystem",
             mp.display()
         ),
+    };
+    // The flags in force now (mountinfo lists them as options), then the
+    // ones asked for, each through the same parser.
+    let mut flags = nix::mount::MsFlags::empty();
+    for o in &m.options {
+        if o == "nodiratime" {
+            flags |= nix::mount::MsFlags::MS_NODIRATIME;
+        } else {
+            crate::mount::apply_flag(&mut flags, o);
+        }
     }
-    let mut flags = current_flags(&mp)?;
     for o in &args.options {
         let o = o.trim();
         if o == "remount" || o.is_empty() {
