@@ -737,21 +737,20 @@ impl EfuseFs {
     /// caller is not in the file's group (setattr_should_drop_sgid): that
     /// case is left to the server. Only callers other than root can hit it,
     /// so root's requests cost nothing here.
-    pub fn drop_sgid(&self, ino: u64, who: Caller) {
-        let Some(perm) = self.sgid_at_risk(ino, who) else {
-            return;
-        };
+    /// Returns the attributes after the change, if it made one.
+    pub fn drop_sgid(&self, ino: u64, who: Caller) -> Option<(Attr, Duration)> {
+        let perm = self.sgid_at_risk(ino, who)?;
         let set = SetAttr {
             mode: Some((perm & !(libc::S_ISGID as u16)) as u32),
             ..Default::default()
         };
-        if self.setattr(ino, None, &set).is_ok()
-            && let Some(n) = self.notifier.get()
-        {
+        let a = self.setattr(ino, None, &set).ok()?;
+        if let Some(n) = self.notifier.get() {
             // The kernel caches the old mode; a write only invalidates size
             // and times.
             n.inval_inode(ino);
         }
+        Some(a)
     }
 
     /// The permission bits of `ino` if a write by `who` must clear its

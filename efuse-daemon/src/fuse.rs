@@ -180,7 +180,7 @@ impl Inner {
         if let Some(who) = sgid_writer
             && live.is_some()
         {
-            self.fs.drop_sgid(ino, who);
+            let _ = self.fs.drop_sgid(ino, who);
         }
         // An inode with a live passthrough open must get passthrough for
         // every open (the kernel fails a cached open of it with EIO), also
@@ -632,8 +632,8 @@ impl Filesystem for FuseAdapter {
                 && (size.is_some() || uid.is_some() || gid.is_some())
                 && mode.is_none()
             {
-                me.fs.drop_sgid(ino.0, who);
-                if let Ok(a) = me.fs.getattr(ino.0) {
+                // The reply carries the mode without S_ISGID, when cleared.
+                if let Some(a) = me.fs.drop_sgid(ino.0, who) {
                     res = Ok(a);
                 }
             }
@@ -808,7 +808,7 @@ impl Filesystem for FuseAdapter {
             let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.write(h, offset, data));
             me.fs.modified(ino.0);
             if res.is_ok() {
-                me.fs.drop_sgid(ino.0, who);
+                let _ = me.fs.drop_sgid(ino.0, who);
             }
             me.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
         });
@@ -1031,7 +1031,7 @@ impl Filesystem for FuseAdapter {
                 .with_io(ino.0, fh.0, |h| me.fs.fallocate(h, offset, length, mode));
             me.fs.modified(ino.0);
             if res.is_ok() {
-                me.fs.drop_sgid(ino.0, who);
+                let _ = me.fs.drop_sgid(ino.0, who);
             }
             me.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
         });
