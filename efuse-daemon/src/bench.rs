@@ -159,6 +159,10 @@ pub struct Row {
     vs_fuse: Option<f64>,
     /// Kernel-side upcalls per op (efuse targets, from the tracepoints).
     upcalls_per_op: Option<f64>,
+    /// CPU time the FUSE daemon spent per op (user + system, every thread),
+    /// in ns; FUSE targets only.
+    #[serde(default)]
+    daemon_cpu_ns_per_op: Option<f64>,
 }
 
 /// Whole report.
@@ -180,6 +184,22 @@ struct Target {
     efuse: bool,
     child: Option<Child>,
     mounted: bool,
+    /// The FUSE daemon serving the target.
+    daemon: Option<u32>,
+}
+
+/// On-CPU time of every thread of `pid` so far, ns (schedstat).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let mut sum = 0u64;
+    for t in fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
+        let s = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+        sum += s
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(sum)
 }
 
 impl Drop for Target {
@@ -222,6 +242,17 @@ fn wait_mounted(p: &Path, secs: u64) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     false
+}
+
+/// One timed pass of a workload on a target.
+struct Pass {
+    /// Per-op latencies, ns.
+    samples: Vec<u64>,
+    wall: Duration,
+    /// Kernel-side upcalls during the pass (efuse targets).
+    calls: Option<u64>,
+    /// Daemon CPU time during the pass, ns (FUSE targets).
+    cpu: Option<u64>,
 }
 
 struct Bench {
@@ -297,6 +328,7 @@ impl Bench {
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         }
+        let daemon = crate::daemon::read_record(&mnt).map(|r| r.pid);
         Ok(Target {
             name: name.into(),
             backend,
@@ -304,11 +336,13 @@ impl Bench {
             efuse: true,
             child: None,
             mounted: true,
+            daemon,
         })
     }
 
     fn mount_peer(&self, name: &str, mut cmd: Command, mnt: PathBuf) -> anyhow::Result<Target> {
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
+        let pid = child.id();
         let mut t = Target {
             name: name.into(),
             backend: "dir",
@@ -316,6 +350,7 @@ impl Bench {
             efuse: false,
             child: Some(child),
             mounted: false,
+            daemon: Some(pid),
         };
         if !wait_mounted(&mnt, 10) {
             bail!("{name} did not mount");
@@ -357,13 +392,25 @@ impl Bench {
             efuse: false,
             child: None,
             mounted: false,
+            daemon: None,
         }];
-        let variants: [(&str, &'static str, &str, &[&str]); 6] = [
-            ("efuse-off", "dir", "off", &[]),
-            ("efuse-off-sim", "sim", "off", &[]),
-            ("efuse-kernel", "dir", "kernel", &[]),
-            ("efuse-kernel-zo", "dir", "kernel", &["-o", "zero_open"]),
-            ("efuse-kernel-sim", "sim", "kernel", &[]),
+        // `efuse-off`/`efuse-kernel` use the classic /dev/fuse transport,
+        // the `-uring` targets FUSE-over-io_uring (where the kernel offers it).
+        let classic: &[&str] = &["--transport", "classic"];
+        let uring: &[&str] = &["--transport", "uring"];
+        let variants: [(&str, &'static str, &str, &[&str]); 8] = [
+            ("efuse-off", "dir", "off", classic),
+            ("efuse-off-uring", "dir", "off", uring),
+            ("efuse-off-sim", "sim", "off", classic),
+            ("efuse-kernel", "dir", "kernel", classic),
+            ("efuse-kernel-uring", "dir", "kernel", uring),
+            (
+                "efuse-kernel-zo",
+                "dir",
+                "kernel",
+                &["-o", "zero_open", "--transport", "classic"],
+            ),
+            ("efuse-kernel-sim", "sim", "kernel", classic),
             ("efuse-bpf", "dir", "bpf", &[]),
         ];
         for (name, backend, tier, extra) in variants {
@@ -405,10 +452,12 @@ impl Bench {
 
     /// One timed pass; returns per-op ns samples, the wall time, and the
     /// kernel-side upcalls during the timed part (efuse targets).
-    fn pass(&self, w: Workload, t: &Target) -> anyhow::Result<(Vec<u64>, Duration, Option<u64>)> {
+    fn pass(&self, w: Workload, t: &Target) -> anyhow::Result<Pass> {
         let mut before = None;
+        let mut cpu_before = None;
         let mut begin = || {
             before = upcalls(t);
+            cpu_before = t.daemon.and_then(cpu_ns);
             Instant::now()
         };
         let s = &self.scale;
@@ -547,11 +596,20 @@ impl Bench {
             }
         }
         let wall = start.elapsed();
+        let cpu = match (cpu_before, t.daemon.and_then(cpu_ns)) {
+            (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+            _ => None,
+        };
         let calls = match (before, upcalls(t)) {
             (Some(a), Some(b)) => Some(b.saturating_sub(a)),
             _ => None,
         };
-        Ok((samples, wall, calls))
+        Ok(Pass {
+            samples,
+            wall,
+            calls,
+            cpu,
+        })
     }
 }
 
@@ -651,8 +709,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    // samples[(workload, target index)]
-    let mut samples: BTreeMap<(Workload, usize), (Vec<u64>, Duration, u64)> = BTreeMap::new();
+    // samples[(workload, target index)]: latencies, wall, upcalls, daemon CPU
+    type Acc = (Vec<u64>, Duration, u64, Option<u64>);
+    let mut samples: BTreeMap<(Workload, usize), Acc> = BTreeMap::new();
     for w in Workload::ALL {
         let reps = bench.scale.reps;
         for rep in 0..reps {
@@ -663,14 +722,16 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 if t.backend == "sim" && rep >= bench.scale.sim_reps {
                     continue;
                 }
-                let (s, wall, calls) = bench
+                let p = bench
                     .pass(w, t)
                     .with_context(|| format!("{} on {}", w.label(), t.name))?;
-                let calls = calls.unwrap_or(0);
                 let e = samples.entry((w, i)).or_default();
-                e.0.extend(s);
-                e.1 += wall;
-                e.2 += calls;
+                e.0.extend(p.samples);
+                e.1 += p.wall;
+                e.2 += p.calls.unwrap_or(0);
+                if let Some(c) = p.cpu {
+                    e.3 = Some(e.3.unwrap_or(0) + c);
+                }
             }
         }
         eprintln!(
@@ -680,7 +741,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut rows = Vec::new();
-    for ((w, i), (mut s, wall, calls)) in samples {
+    for ((w, i), (mut s, wall, calls, cpu)) in samples {
         s.sort_unstable();
         let t = &targets[i];
         rows.push(Row {
@@ -698,6 +759,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 .efuse
                 .then(|| calls as f64 / s.len().max(1) as f64)
                 .filter(|_| calls > 0),
+            daemon_cpu_ns_per_op: cpu.map(|c| c as f64 / s.len().max(1) as f64),
         });
     }
     let median_of = |rows: &[Row], w: Workload, target: &str| {
@@ -772,7 +834,9 @@ fn markdown(r: &Report) -> String {
     let _ = writeln!(
         s,
         "Ratios are of medians from one interleaved run: `vs raw` = target / raw directory, \
-         `vs FUSE` = target / plain FUSE (`efuse-off`) on the same backend; lower is faster.\n"
+         `vs FUSE` = target / plain FUSE (`efuse-off`) on the same backend; lower is faster. \
+         `daemon CPU/op` = on-CPU time of every thread of the FUSE daemon during the pass / ops. \
+         `-uring` targets use FUSE-over-io_uring, the others /dev/fuse.\n"
     );
     for backend in ["dir", "sim"] {
         let rows: Vec<&Row> = r.rows.iter().filter(|x| x.backend == backend).collect();
@@ -790,13 +854,13 @@ fn markdown(r: &Report) -> String {
         );
         let _ = writeln!(
             s,
-            "| workload | target | median | p99 | ops/s | vs raw | vs FUSE | upcalls/op |"
+            "| workload | target | median | p99 | ops/s | vs raw | vs FUSE | upcalls/op | daemon CPU/op |"
         );
-        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
         for x in rows {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {:.0} | {} | {} | {} | {} |",
                 x.label,
                 x.target,
                 fmt_ns(x.median_ns),
@@ -804,7 +868,8 @@ fn markdown(r: &Report) -> String {
                 x.ops_per_s,
                 ratio(x.vs_raw),
                 ratio(x.vs_fuse),
-                x.upcalls_per_op.map_or("-".into(), |u| format!("{u:.2}"))
+                x.upcalls_per_op.map_or("-".into(), |u| format!("{u:.2}")),
+                x.daemon_cpu_ns_per_op.map_or("-".into(), |c| fmt_ns(c as u64))
             );
         }
         let _ = writeln!(s);

@@ -136,7 +136,7 @@ pub struct MountArgs {
     #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
     pub offload: Option<Offload>,
     /// Mount options, comma-separated (ro, noatime, nosuid, nodev, noexec, allow_other, nonempty, backend=, offload=,
-    /// config=, trace=, and for the kernel tier entry_timeout=, attr_timeout=, negative_timeout= (seconds),
+    /// config=, trace=, transport=, and for the kernel tier entry_timeout=, attr_timeout=, negative_timeout= (seconds),
     /// nopassthrough, zero_open, writeback_cache, nowatch).
     #[arg(short = 'o', value_delimiter = ',', help_heading = MOUNT_HEADING)]
     pub options: Vec<String>,
@@ -149,9 +149,13 @@ pub struct MountArgs {
     /// TOML config file with the same settings; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// FUSE worker threads [default: 8].
+    /// Worker threads of the classic transport [default: one per CPU].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = MOUNT_HEADING)]
     pub threads: Option<u16>,
+    /// Request transport: uring = FUSE-over-io_uring (a queue per CPU), classic = /dev/fuse reads,
+    /// auto = io_uring where the kernel offers it [default: auto].
+    #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
+    pub transport: Option<crate::config::Transport>,
     /// eBPF tracing of this mount's FUSE requests [default: on].
     #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
     pub trace: Option<OnOff>,
@@ -189,6 +193,7 @@ impl MountArgs {
         let mut kv_backend = None;
         let mut kv_offload = None;
         let mut kv_trace = None;
+        let mut kv_transport = None;
         let mut kernel_kv: Vec<(&'static str, u64)> = Vec::new();
         for o in &self.options {
             let o = o.trim();
@@ -198,6 +203,9 @@ impl MountArgs {
             match o.split_once('=') {
                 Some(("backend", v)) => kv_backend = Some(parse_enum::<BackendKind>("backend", v)?),
                 Some(("offload", v)) => kv_offload = Some(parse_enum::<Offload>("offload", v)?),
+                Some(("transport", v)) => {
+                    kv_transport = Some(parse_enum::<crate::config::Transport>("transport", v)?)
+                }
                 Some(("trace", v)) => kv_trace = Some(parse_enum::<OnOff>("trace", v)? == OnOff::On),
                 Some(("config", v)) => file = Some(PathBuf::from(v)),
                 Some(("entry_timeout", v)) => kernel_kv.push(("entry", secs_to_ms(v)?)),
@@ -225,6 +233,15 @@ impl MountArgs {
         }
         if let Some(t) = self.threads {
             cfg.threads = t as usize;
+        }
+        if let Some(t) = self.transport.or(kv_transport) {
+            cfg.transport = t;
+        } else if file.is_none()
+            && let Some(v) = std::env::var_os("EFUSE_TRANSPORT")
+        {
+            // The default for every mount of a test run (`cargo xtask test`
+            // runs the suite once per transport).
+            cfg.transport = parse_enum::<crate::config::Transport>("EFUSE_TRANSPORT", &v.to_string_lossy())?;
         }
         if let Some(t) = self.trace.map(|t| t == OnOff::On).or(kv_trace) {
             cfg.trace = t;

@@ -48,6 +48,30 @@ impl std::fmt::Display for Offload {
     }
 }
 
+/// How requests travel between the kernel and the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    /// io_uring where the kernel offers it, else classic.
+    #[default]
+    Auto,
+    /// FUSE-over-io_uring (Linux 6.14+, fuse module parameter enable_uring=1):
+    /// one queue per CPU, served by a thread pinned to it.
+    Uring,
+    /// read(2)/write(2) on /dev/fuse by a pool of worker threads.
+    Classic,
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Uring => "uring",
+            Self::Classic => "classic",
+        })
+    }
+}
+
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -161,8 +185,10 @@ pub struct MountConfig {
     pub offload: Offload,
     /// Mount options (`-o`), e.g. `ro`, `noatime`, `allow_other`.
     pub options: Vec<String>,
-    /// FUSE worker threads.
+    /// Worker threads of the classic transport; 0 = one per CPU.
     pub threads: usize,
+    /// Request transport.
+    pub transport: Transport,
     /// eBPF tracing of this mount (on by default where the kernel has the
     /// fuse tracepoints).
     pub trace: bool,
@@ -184,7 +210,8 @@ impl Default for MountConfig {
             sim_inner: BackendKind::Dir,
             offload: Offload::Off,
             options: Vec::new(),
-            threads: 8,
+            threads: 0,
+            transport: Transport::Auto,
             trace: true,
             trace_slow_us: 10_000,
             sim: SimConfig::default(),
@@ -204,8 +231,11 @@ impl MountConfig {
 
     /// Check the merged configuration.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.threads == 0 || self.threads > 256 {
-            bail!("threads must be between 1 and 256, got {}", self.threads);
+        if self.threads > 256 {
+            bail!(
+                "threads must be between 1 and 256 (0 = one per CPU), got {}",
+                self.threads
+            );
         }
         if self.backend == BackendKind::Sim && self.sim_inner == BackendKind::Sim {
             bail!("sim_inner cannot be sim");

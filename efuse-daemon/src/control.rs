@@ -45,6 +45,9 @@ pub struct MountStats {
     pub backend: String,
     /// Offload tier.
     pub offload: String,
+    /// Request transport (e.g. `uring (2 queues, one per CPU)`).
+    #[serde(default)]
+    pub transport: String,
     /// FUSE connection id.
     pub connection: u32,
     /// Seconds since the mount was made.
@@ -89,6 +92,8 @@ pub struct ControlState {
     pub connection: u32,
     /// When the mount became ready.
     pub started: Instant,
+    /// The request transport, described.
+    pub transport: String,
 }
 
 impl ControlState {
@@ -115,6 +120,7 @@ impl ControlState {
             mountpoint: self.mountpoint.clone(),
             backend: self.backend.clone(),
             offload: self.fs.tier().to_string(),
+            transport: self.transport.clone(),
             connection: self.connection,
             uptime_s: self.started.elapsed().as_secs_f64(),
             trace,

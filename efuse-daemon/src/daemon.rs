@@ -24,7 +24,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use fuser::SessionACL;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::SharedBackend;
@@ -34,7 +33,6 @@ use crate::backend::sim::SimBackend;
 use crate::cli::{MountArgs, StatusArgs, UmountArgs};
 use crate::config::{BackendKind, MountConfig, Offload};
 use crate::fs::EfuseFs;
-use crate::fuse::FuseAdapter;
 use crate::metrics::Metrics;
 
 /// Root of efuse's run-time state.
@@ -53,6 +51,9 @@ pub struct MountRecord {
     pub backend: String,
     /// Offload tier in effect.
     pub offload: String,
+    /// Request transport in use (`uring`, `classic`).
+    #[serde(default)]
+    pub transport: String,
     /// Daemon pid.
     pub pid: u32,
     /// FUSE connection id (kernel dev_t of the mount).
@@ -347,8 +348,9 @@ pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
     })
 }
 
-fn fuse_config(cfg: &MountConfig) -> (fuser::Config, crate::mount::MountSpec) {
-    let mut c = fuser::Config::default();
+/// The mount(2) arguments, and whether other users may use the mount
+/// (allow_other, allow_root).
+fn fuse_config(cfg: &MountConfig) -> (crate::mount::MountSpec, bool) {
     let source = match cfg.backend {
         BackendKind::Mem => "efuse-mem".to_string(),
         _ => cfg
@@ -357,14 +359,8 @@ fn fuse_config(cfg: &MountConfig) -> (fuser::Config, crate::mount::MountSpec) {
             .map(|s| s.display().to_string())
             .unwrap_or_else(|| "efuse".into()),
     };
-    c.acl = SessionACL::Owner;
-    for o in &cfg.options {
-        match o.as_str() {
-            "allow_other" => c.acl = SessionACL::All,
-            "allow_root" => c.acl = SessionACL::RootAndOwner,
-            _ => {}
-        }
-    }
+    let allow_root = cfg.options.iter().any(|o| o == "allow_root");
+    let others = allow_root || cfg.options.iter().any(|o| o == "allow_other");
     // The daemon runs as root. When other users may use the mount, the
     // kernel checks modes itself (default_permissions). When only the
     // mounting user can (the default), the kernel's check would add a
@@ -373,11 +369,10 @@ fn fuse_config(cfg: &MountConfig) -> (fuser::Config, crate::mount::MountSpec) {
     let spec = crate::mount::MountSpec {
         source,
         flags: crate::mount::flags_for(&cfg.options),
-        allow_other: c.acl != SessionACL::Owner,
-        default_permissions: c.acl != SessionACL::Owner,
+        allow_other: others,
+        default_permissions: others,
     };
-    c.n_threads = Some(cfg.threads);
-    (c, spec)
+    (spec, others)
 }
 
 /// `mount -o remount,...` (mount(8) runs the helper with it): change the
@@ -600,24 +595,43 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             .any(|o| o == "allow_other" || o == "allow_root"),
     );
     let metrics = Arc::new(Metrics::default());
-    let adapter = FuseAdapter::new(fs.clone(), metrics.clone());
     let started = Instant::now();
-    let (fuse_cfg, spec) = fuse_config(cfg);
+    let (spec, others) = fuse_config(cfg);
     let fd =
         crate::mount::mount_fuse(mp, &spec).with_context(|| format!("cannot mount on {}", mp.display()))?;
     let dev = connection_of(mp).unwrap_or(0);
-    let notify_fd = fd
-        .try_clone()
-        .context("cannot duplicate the /dev/fuse descriptor")?;
-    let session = match fuser::Session::from_fd(adapter, fd, fuse_cfg.acl, fuse_cfg) {
+    let allow_root = cfg.options.iter().any(|o| o == "allow_root");
+    let (f2, m2) = (fs.clone(), metrics.clone());
+    let mut notify_dev = None;
+    let session = crate::transport::Session::start(
+        fd,
+        |dev| {
+            notify_dev = Some(dev.clone());
+            let d = crate::fuse::Dispatcher::new(f2, m2, dev);
+            // SAFETY: geteuid cannot fail.
+            let me = unsafe { libc::geteuid() };
+            if others && !allow_root {
+                d
+            } else {
+                d.restrict(me, allow_root)
+            }
+        },
+        cfg.transport,
+        cfg.threads,
+    );
+    let session = match session {
         Ok(s) => s,
         Err(e) => {
-            // The kernel mounted but INIT failed: leave no dead mount behind.
+            // The kernel mounted but INIT or the transport failed: leave no
+            // dead mount behind.
             detach_own(mp, dev);
-            return Err(e).with_context(|| format!("FUSE_INIT on {} failed", mp.display()));
+            return Err(e).with_context(|| format!("cannot serve {}", mp.display()));
         }
     };
-    fs.set_notifier(Arc::new(crate::fuse::Notify::new(session.notifier(), notify_fd)));
+    if let Some(d) = notify_dev {
+        fs.set_notifier(Arc::new(crate::fuse::Notify::new(d)));
+    }
+    let transport = session.in_use().clone();
     fs.set_connection(dev);
     if cfg.offload == Offload::Bpf
         && let Err(e) = fs.attach_bpf()
@@ -663,6 +677,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         mountpoint = %mp.display(),
         backend = %kind,
         offload = %cfg.offload,
+        transport = %transport,
         connection = dev,
         ms = started.elapsed().as_millis() as u64,
         "mounted"
@@ -677,6 +692,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         backend: kind,
         // The tier in effect: `auto` resolved, a failed bpf attach fallen back.
         offload: fs.tier().to_string(),
+        transport: transport.kind.to_string(),
         pid: std::process::id(),
         connection: dev,
         started: SystemTime::now()
@@ -702,6 +718,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         backend: record.backend.clone(),
         connection: dev,
         started,
+        transport: transport.to_string(),
     });
     let socket = crate::control::serve(control).context("control socket")?;
     let mp_sig = mp.to_owned();
@@ -934,6 +951,7 @@ struct StatusRow {
     source: String,
     backend: String,
     offload: String,
+    transport: String,
     pid: Option<u32>,
     connection: u32,
     state: &'static str,
@@ -962,6 +980,11 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|r| r.offload.clone())
                 .unwrap_or_else(|| "?".into()),
+            transport: rec
+                .as_ref()
+                .map(|r| r.transport.clone())
+                .filter(|t| !t.is_empty())
+                .unwrap_or_else(|| "?".into()),
             pid: rec.as_ref().map(|r| r.pid),
             connection: m.dev,
             state,
@@ -989,15 +1012,16 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<8} {:<8} {:>8} {:>6}  {:<24} SOURCE",
-        "MOUNTPOINT", "BACKEND", "OFFLOAD", "PID", "CONN", "STATE"
+        "{:<32} {:<8} {:<8} {:<9} {:>8} {:>6}  {:<24} SOURCE",
+        "MOUNTPOINT", "BACKEND", "OFFLOAD", "TRANSPORT", "PID", "CONN", "STATE"
     );
     for r in rows {
         println!(
-            "{:<32} {:<8} {:<8} {:>8} {:>6}  {:<24} {}",
+            "{:<32} {:<8} {:<8} {:<9} {:>8} {:>6}  {:<24} {}",
             r.mountpoint.display(),
             r.backend,
             r.offload,
+            r.transport,
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             r.connection,
             r.state,

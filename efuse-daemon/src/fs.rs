@@ -1,7 +1,7 @@
-//! Filesystem logic between the FUSE adapter and the backend.
+//! Filesystem logic between the FUSE dispatcher and the backend.
 //!
 //! `EfuseFs` speaks in FUSE inode numbers and plain structs ([`Entry`],
-//! [`Opened`]); it never touches fuser reply types, so tests can drive it
+//! [`Opened`]); it never touches the wire format, so tests can drive it
 //! without a mount. It owns the lookup counts ([`InodeTable`]): every method
 //! that returns an [`Entry`] has counted it once, and callers must hand it
 //! to the kernel (or call [`EfuseFs::forget`] themselves).
@@ -24,6 +24,9 @@ pub enum FsError {
     /// The backend failed.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// A refusal with a plain errno (no backend call failed).
+    #[error("errno {0}")]
+    Errno(i32),
     /// An xattr value or list larger than the caller's buffer.
     #[error("buffer of {size} bytes too small for {needed}")]
     Range {
@@ -39,6 +42,7 @@ impl FsError {
     pub fn to_errno(&self) -> i32 {
         match self {
             Self::Backend(e) => e.to_errno(),
+            Self::Errno(e) => *e,
             Self::Range { .. } => libc::ERANGE,
         }
     }
@@ -60,6 +64,8 @@ impl FsError {
                 | libc::EACCES
                 | libc::EPERM
                 | libc::ENXIO
+                | libc::ENOSYS
+                | libc::ETXTBSY
         )
     }
 }

@@ -1,30 +1,61 @@
-//! The FUSE adapter: fuser callbacks to [`EfuseFs`] calls.
+//! The request dispatcher: a decoded FUSE request to one [`EfuseFs`] call
+//! and its encoded reply.
 //!
-//! Each callback converts arguments, calls one filesystem method, and
-//! replies through [`FuseAdapter::finish`], which counts the request and on
-//! error logs it (quietly for expected errnos) and replies with the errno.
-//! No filesystem logic lives here.
+//! Both transports (`transport::classic` over /dev/fuse reads and writes,
+//! `transport::uring` over FUSE-over-io_uring) decode with
+//! [`crate::transport::wire`] and call [`Dispatcher::handle`]; no
+//! operation's logic exists twice. Each request is counted once, with the
+//! time it took, in [`Metrics`]; errors are logged (quietly for expected
+//! errnos) and become the reply's errno. No filesystem logic lives here.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
-use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-
-use fuser::{
-    AccessFlags, BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
-    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek,
-    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
-};
 
 use crate::backend::{Attr, Caller, FileKind, SetAttr, SetTime};
 use crate::fs::{DirPlusReplier, DirReplier, Entry, FsError, FsResult, Opened, SharedFs, XattrReply};
 use crate::metrics::{Metrics, op};
+use crate::transport::abi::{self, fopen, init as initf};
+use crate::transport::wire::{self, InHeader, InitIn, Out, Req};
+
+/// A passthrough backing file registered with the kernel
+/// (`FUSE_DEV_IOC_BACKING_OPEN`); closed when dropped.
+struct BackingId {
+    dev: Arc<OwnedFd>,
+    id: u32,
+}
+
+impl BackingId {
+    fn open(dev: &Arc<OwnedFd>, file: &std::fs::File) -> io::Result<Self> {
+        // struct fuse_backing_map { int32 fd; uint32 flags; uint64 padding; }
+        let mut map = [0u8; 16];
+        map[0..4].copy_from_slice(&file.as_raw_fd().to_ne_bytes());
+        // SAFETY: the ioctl reads 16 bytes from `map`.
+        let r = unsafe { libc::ioctl(dev.as_raw_fd(), abi::ioc::BACKING_OPEN, map.as_ptr()) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            dev: dev.clone(),
+            id: r as u32,
+        })
+    }
+}
+
+impl Drop for BackingId {
+    fn drop(&mut self) {
+        let id = self.id;
+        // SAFETY: the ioctl reads one u32.
+        unsafe { libc::ioctl(self.dev.as_raw_fd(), abi::ioc::BACKING_CLOSE, &id) };
+    }
+}
 
 /// Passthrough state: one backing id per inode, shared by its open
 /// handles (the kernel requires it), held strongly by each handle and
@@ -67,96 +98,489 @@ pub struct Negotiated {
     pub passthrough: AtomicBool,
     /// Passthrough was refused at run time; page cache used instead.
     pub passthrough_refused: AtomicBool,
+    /// The protocol minor version in use.
+    pub minor: AtomicU64,
+    /// FUSE_OVER_IO_URING was offered by the kernel and asked for.
+    pub uring: AtomicBool,
 }
 
-/// fuser's `Filesystem` over an [`EfuseFs`](crate::fs::EfuseFs).
-///
-/// Requests run on fuser's worker threads. For a remote backend (slow
-/// round trips) each request's work moves to a tokio blocking pool, so
-/// that many slow backend calls proceed at once instead of one per worker.
-pub struct FuseAdapter {
-    inner: Arc<Inner>,
-    pool: Option<tokio::runtime::Runtime>,
+/// What a request's handling left for the transport to send.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Done {
+    /// The body in the `Out` buffer.
+    Reply,
+    /// An errno.
+    Error(i32),
+    /// Nothing (FORGET, BATCH_FORGET, INTERRUPT).
+    NoReply,
 }
 
-impl Drop for FuseAdapter {
-    fn drop(&mut self) {
-        // The session is over: do not wait for backend calls still running
-        // on the pool (a stalled backend would keep the daemon alive after
-        // its mount is gone); their replies have nowhere to go.
-        if let Some(rt) = self.pool.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-/// The adapter's state, shared with the requests in flight on the pool.
-struct Inner {
+/// The dispatcher over an [`EfuseFs`](crate::fs::EfuseFs).
+pub struct Dispatcher {
     fs: SharedFs,
     metrics: Arc<Metrics>,
     backing: Mutex<Backing>,
-    negotiated: Arc<Negotiated>,
+    negotiated: Negotiated,
+    /// The connection's /dev/fuse descriptor (backing ids are registered on it).
+    dev: Arc<OwnedFd>,
+    /// Without allow_other, the only uids served (the daemon's own, and
+    /// with allow_root also root); see [`Dispatcher::restrict`].
+    allowed: Option<(u32, bool)>,
 }
 
-/// Backend calls in flight at once on the pool, at most.
-const REMOTE_CONCURRENCY: usize = 256;
+impl Dispatcher {
+    /// A dispatcher counting into `metrics`, registering backing files on `dev`.
+    pub fn new(fs: SharedFs, metrics: Arc<Metrics>, dev: Arc<OwnedFd>) -> Self {
+        Self {
+            fs,
+            metrics,
+            backing: Mutex::new(Backing::default()),
+            negotiated: Negotiated::default(),
+            dev,
+            allowed: None,
+        }
+    }
 
-impl FuseAdapter {
-    /// An adapter counting into `metrics`.
-    pub fn new(fs: SharedFs, metrics: Arc<Metrics>) -> Self {
-        let pool = if fs.backend().is_remote() {
-            match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .max_blocking_threads(REMOTE_CONCURRENCY)
-                .thread_name("efuse-io")
-                .build()
-            {
-                Ok(rt) => Some(rt),
-                Err(e) => {
-                    tracing::warn!("no I/O pool ({e}); backend calls run on the FUSE threads");
-                    None
+    /// Serve only requests of the daemon's user (and root with
+    /// `allow_root`), as mount(8)'s FUSE semantics promise when other users
+    /// are not allowed: the kernel already refuses other users' processes,
+    /// this also refuses a process that changed its fsuid after passing that
+    /// check. Requests the kernel sends on its own behalf pass.
+    pub fn restrict(mut self, owner: u32, allow_root: bool) -> Self {
+        self.allowed = Some((owner, allow_root));
+        self
+    }
+
+    fn refused(&self, h: &InHeader, req: &Req<'_>) -> bool {
+        let Some((owner, root)) = self.allowed else {
+            return false;
+        };
+        if h.uid == owner || (root && h.uid == 0) {
+            return false;
+        }
+        !matches!(
+            req,
+            Req::Init(_)
+                | Req::Destroy
+                | Req::Read { .. }
+                | Req::Readdir { .. }
+                | Req::Forget { .. }
+                | Req::BatchForget { .. }
+                | Req::Write { .. }
+                | Req::Fsync { .. }
+                | Req::Fsyncdir
+                | Req::Release { .. }
+                | Req::Releasedir { .. }
+                | Req::Interrupt { .. }
+        )
+    }
+
+    /// What INIT negotiated.
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.negotiated
+    }
+
+    /// The filesystem served.
+    pub fn fs(&self) -> &SharedFs {
+        &self.fs
+    }
+
+    /// Answer FUSE_INIT into `out`. `uring`: ask for FUSE_OVER_IO_URING if
+    /// the kernel offers it.
+    pub fn init(&self, i: &InitIn, out: &mut Out, uring: bool) -> Result<(), i32> {
+        let start = Instant::now();
+        if i.major != abi::KERNEL_VERSION {
+            tracing::error!(major = i.major, "unsupported FUSE major version (efuse speaks 7)");
+            return Err(libc::EPROTO);
+        }
+        if i.minor < abi::MIN_MINOR_VERSION {
+            tracing::error!(
+                minor = i.minor,
+                "the kernel speaks FUSE 7.{}; efuse needs 7.{} (Linux 5.10) or newer",
+                i.minor,
+                abi::MIN_MINOR_VERSION
+            );
+            return Err(libc::EPROTO);
+        }
+        let minor = i.minor.min(abi::KERNEL_MINOR_VERSION);
+        let offered = i.flags;
+        let k = self.fs.kernel_cfg().clone();
+        let kernel_start = self.fs.tier() != crate::config::Offload::Off;
+        // Parallel lookups in one directory. READDIRPLUS and AUTO_INVAL_DATA
+        // are asked for in every tier so the tier can change at run time;
+        // with zero TTLs (off) the kernel trusts none of it.
+        //
+        // Not FUSE_ATOMIC_O_TRUNC: with it the daemon truncates during OPEN,
+        // before the kernel's last checks (ETXTBSY of a running executable
+        // opened O_RDONLY|O_TRUNC, IMA, the LSM truncate hook), so an open
+        // the kernel then refuses would already have emptied the file.
+        // Without it the kernel sends the truncation as a SETATTR once every
+        // check has passed: one more round trip per O_TRUNC open, and a
+        // refused open changes nothing.
+        let mut want: Vec<(&str, u64)> = vec![
+            ("asynchronous reads", initf::ASYNC_READ),
+            ("big writes", initf::BIG_WRITES),
+            ("max_pages", initf::MAX_PAGES),
+            ("parallel dirops", initf::PARALLEL_DIROPS),
+            // name_to_handle_at/open_by_handle_at and NFS re-export: node
+            // ids are the backing inode numbers, generations survive FORGET
+            // (see InodeTable::graves), LOOKUP answers "." and "..".
+            ("export support", initf::EXPORT_SUPPORT),
+            ("READDIRPLUS", initf::DO_READDIRPLUS),
+            ("auto page-cache invalidation", initf::AUTO_INVAL_DATA),
+            // The umask is applied by the backend (the dir backend lets the
+            // backing filesystem apply it, which skips it where a default ACL
+            // applies, as on a local filesystem).
+            ("unmasked create modes", initf::DONT_MASK),
+        ];
+        if kernel_start {
+            want.push(("symlink caching", initf::CACHE_SYMLINKS));
+        }
+        // POSIX ACLs, enforced by the kernel, where the backend keeps them
+        // and other users may use the mount (the kernel then checks
+        // permissions itself; for the mounting user alone, root, ACLs
+        // grant nothing more).
+        if self.fs.posix_acl() {
+            want.push(("POSIX ACLs", initf::POSIX_ACL));
+        }
+        if k.writeback_cache {
+            want.push(("writeback cache", initf::WRITEBACK_CACHE));
+        }
+        let mut flags = 0u64;
+        for (what, cap) in want {
+            if offered & cap == cap {
+                flags |= cap;
+            } else {
+                tracing::info!("the kernel does not offer {what}; continuing without it");
+            }
+        }
+        // EFUSE_DISABLE_PASSTHROUGH=1 behaves as a kernel without
+        // passthrough (to check the fallback on kernels that have it).
+        let disabled = std::env::var_os("EFUSE_DISABLE_PASSTHROUGH").is_some_and(|v| v == "1");
+        if disabled && k.passthrough {
+            tracing::warn!(
+                "FUSE passthrough disabled by EFUSE_DISABLE_PASSTHROUGH; reads use the page cache"
+            );
+        }
+        let mut stack_depth = 0;
+        if k.passthrough && !k.writeback_cache && !disabled {
+            if offered & initf::PASSTHROUGH != 0 {
+                flags |= initf::PASSTHROUGH;
+                // Backing files are on a plain filesystem; the mount may
+                // itself sit under overlayfs.
+                stack_depth = 1;
+                self.negotiated.passthrough.store(true, Ordering::Relaxed);
+            } else {
+                tracing::warn!(
+                    "FUSE passthrough needs Linux 6.9+ (FUSE_PASSTHROUGH); this kernel does not offer it, \
+                     so the kernel tier serves reads from the page cache (FOPEN_KEEP_CACHE)"
+                );
+            }
+        }
+        if uring && offered & initf::OVER_IO_URING != 0 {
+            flags |= initf::OVER_IO_URING;
+            self.negotiated.uring.store(true, Ordering::Relaxed);
+        }
+        if flags >> 32 != 0 {
+            flags |= initf::INIT_EXT;
+        }
+        self.negotiated.minor.store(minor as u64, Ordering::Relaxed);
+        // struct fuse_init_out (64 bytes).
+        out.u32(abi::KERNEL_VERSION);
+        out.u32(minor);
+        out.u32(i.max_readahead);
+        out.u32(flags as u32);
+        out.put(&16u16.to_ne_bytes()); // max_background
+        out.put(&12u16.to_ne_bytes()); // congestion_threshold
+        out.u32(abi::MAX_WRITE);
+        out.u32(1); // time_gran: nanoseconds
+        out.put(&abi::MAX_PAGES.to_ne_bytes());
+        out.put(&0u16.to_ne_bytes()); // map_alignment
+        out.u32((flags >> 32) as u32);
+        out.u32(stack_depth);
+        out.zeros(24); // request_timeout + unused
+        tracing::debug!(
+            minor,
+            offered = format_args!("{offered:#x}"),
+            flags = format_args!("{flags:#x}"),
+            "FUSE_INIT"
+        );
+        self.metrics.record(op::INIT, start, false);
+        Ok(())
+    }
+
+    /// Serve one decoded request (not INIT) and encode its reply into `out`.
+    pub fn handle(&self, h: &InHeader, req: Req<'_>, out: &mut Out) -> Done {
+        let t = Instant::now();
+        let opcode = h.opcode;
+        let ino = h.nodeid;
+        if self.refused(h, &req) {
+            self.metrics.record(opcode, t, true);
+            return Done::Error(libc::EACCES);
+        }
+        let res: FsResult<()> = match req {
+            Req::Init(_) => Err(FsError::Errno(libc::EPROTO)),
+            Req::Destroy => Ok(()),
+            Req::Lookup { name } => match self.fs.lookup(ino, name) {
+                // The kernel caches the absence of the name for `neg`.
+                Err(e) if e.to_errno() == libc::ENOENT && !self.fs.policy().negative_ttl.is_zero() => {
+                    let neg = self.fs.policy().negative_ttl;
+                    negative_entry(out, neg);
+                    Ok(())
+                }
+                r => r.map(|e| entry_out(out, &e)),
+            },
+            Req::Forget { nlookup } => {
+                self.fs.forget(ino, nlookup);
+                self.metrics.record(op::FORGET, t, false);
+                return Done::NoReply;
+            }
+            Req::BatchForget { items } => {
+                for it in items.chunks_exact(16) {
+                    let (a, b) = it.split_at(8);
+                    let id = u64::from_ne_bytes(a.try_into().unwrap_or_default());
+                    let n = u64::from_ne_bytes(b.try_into().unwrap_or_default());
+                    self.fs.forget(id, n);
+                }
+                self.metrics.record(op::FORGET, t, false);
+                return Done::NoReply;
+            }
+            Req::Interrupt { .. } => {
+                // Requests run to completion; the kernel needs no answer.
+                return Done::NoReply;
+            }
+            Req::Getattr { .. } => self.fs.getattr(ino).map(|(a, ttl)| attr_out(out, &a, ttl)),
+            Req::Setattr(s) => {
+                let who = caller(h, 0);
+                let set = SetAttr {
+                    mode: s.mode(),
+                    uid: s.uid(),
+                    gid: s.gid(),
+                    size: s.size(),
+                    atime: s.atime().map(set_time),
+                    mtime: s.mtime().map(set_time),
+                };
+                let mut res = self.fs.setattr(ino, s.fh(), &set);
+                if res.is_ok()
+                    && who.uid != 0
+                    && (set.size.is_some() || set.uid.is_some() || set.gid.is_some())
+                    && set.mode.is_none()
+                {
+                    // The reply carries the mode without S_ISGID, when cleared.
+                    if let Some(a) = self.fs.drop_sgid(ino, who) {
+                        res = Ok(a);
+                    }
+                }
+                res.map(|(a, ttl)| attr_out(out, &a, ttl))
+            }
+            Req::Readlink => self.fs.readlink(ino).map(|v| out.put(&v)),
+            Req::Mknod {
+                mode,
+                rdev,
+                umask,
+                name,
+            } => self
+                .fs
+                .mknod(caller(h, umask), ino, name, mode, rdev)
+                .map(|e| entry_out(out, &e)),
+            Req::Mkdir { mode, umask, name } => self
+                .fs
+                .mkdir(caller(h, umask), ino, name, mode)
+                .map(|e| entry_out(out, &e)),
+            Req::Symlink { name, target } => self
+                .fs
+                .symlink(caller(h, 0), ino, name, target)
+                .map(|e| entry_out(out, &e)),
+            Req::Unlink { name } => self.fs.unlink(ino, name),
+            Req::Rmdir { name } => self.fs.rmdir(ino, name),
+            Req::Rename {
+                newdir,
+                flags,
+                name,
+                newname,
+            } => self.fs.rename(ino, name, newdir, newname, flags),
+            Req::Link { oldnodeid, name } => self.fs.link(oldnodeid, ino, name).map(|e| entry_out(out, &e)),
+            Req::Open { flags } => self.open(h, flags, out),
+            Req::Read { fh, offset, size } => self
+                .fs
+                .with_io(ino, fh, |f| self.fs.read(f, offset, size))
+                .map(|v| out.put(&v)),
+            Req::Write { fh, offset, data } => {
+                let res = self.fs.with_io(ino, fh, |f| self.fs.write(f, offset, data));
+                self.fs.modified(ino);
+                if res.is_ok() {
+                    let _ = self.fs.drop_sgid(ino, caller(h, 0));
+                }
+                res.map(|n| {
+                    out.u32(n);
+                    out.u32(0);
+                })
+            }
+            Req::Statfs => self.fs.statfs().map(|s| {
+                for v in [s.blocks, s.bfree, s.bavail, s.files, s.ffree] {
+                    out.u64(v);
+                }
+                for v in [s.bsize, s.namelen, s.frsize] {
+                    out.u32(v);
+                }
+                out.zeros(4 + 24);
+            }),
+            Req::Release { fh } => {
+                if fh != 0 {
+                    self.released(fh);
+                    self.fs.release(fh);
+                }
+                Ok(())
+            }
+            Req::Fsync { fh, datasync } => self.fs.with_io(ino, fh, |f| self.fs.fsync(f, datasync)),
+            Req::Setxattr { flags, name, value } => self.fs.setxattr(ino, name, value, flags),
+            Req::Getxattr { size, name } => self.fs.getxattr(ino, name, size).map(|x| xattr_out(out, x)),
+            Req::Listxattr { size } => self.fs.listxattr(ino, size).map(|x| xattr_out(out, x)),
+            Req::Removexattr { name } => self.fs.removexattr(ino, name),
+            Req::Flush { fh } => {
+                if fh == 0 {
+                    // A zero-message open: writes already reached the backend
+                    // synchronously; ENOSYS stops further FLUSH messages.
+                    self.metrics.record(op::FLUSH, t, false);
+                    return Done::Error(libc::ENOSYS);
+                }
+                self.fs.flush(fh)
+            }
+            Req::Opendir => self
+                .fs
+                .opendir(ino)
+                .map(|o| open_out(out, o.fh, fopen_flags(&o), 0)),
+            Req::Readdir {
+                fh,
+                offset,
+                size,
+                plus,
+            } => {
+                let mut d = Dirents {
+                    out,
+                    limit: size as usize,
+                    used: 0,
+                };
+                if plus {
+                    self.fs.readdir_plus(ino, fh, offset, &mut d)
+                } else {
+                    self.fs.readdir(fh, offset, &mut d)
                 }
             }
-        } else {
-            None
-        };
-        Self {
-            inner: Arc::new(Inner {
-                fs,
-                metrics,
-                backing: Mutex::new(Backing::default()),
-                negotiated: Arc::new(Negotiated::default()),
-            }),
-            pool,
-        }
-    }
-
-    /// What INIT negotiated (filled in by `init`).
-    pub fn negotiated(&self) -> Arc<Negotiated> {
-        self.inner.negotiated.clone()
-    }
-
-    /// Run a request's work: inline for a local backend, on the I/O pool
-    /// for a remote one.
-    fn run(&self, f: impl FnOnce(&Inner) + Send + 'static) {
-        match &self.pool {
-            Some(rt) => {
-                let me = self.inner.clone();
-                drop(rt.spawn_blocking(move || f(&me)));
+            Req::Releasedir { fh } => {
+                self.fs.releasedir(fh);
+                Ok(())
             }
-            None => f(&self.inner),
+            // Directory metadata is durable once the backend call returned.
+            Req::Fsyncdir => Ok(()),
+            Req::Access { mask } => self.fs.access(ino, mask as i32, h.uid, h.gid),
+            Req::Create {
+                flags,
+                mode,
+                umask,
+                name,
+            } => self
+                .fs
+                .create(caller(h, umask), ino, name, mode, flags as i32)
+                .map(|(e, o)| {
+                    self.backing.lock().add_cached(o.fh, e.attr.ino);
+                    entry_out(out, &e);
+                    open_out(out, o.fh, fopen_flags(&o), 0);
+                }),
+            // No ioctl is served: ENOTTY, as a local filesystem answers
+            // commands it does not know (Python's isatty check on every
+            // open, the terminal ioctls of shells).
+            Req::Ioctl { .. } => {
+                self.metrics.record(op::IOCTL, t, true);
+                return Done::Error(libc::ENOTTY);
+            }
+            Req::Fallocate {
+                fh,
+                offset,
+                length,
+                mode,
+            } => {
+                let res = self
+                    .fs
+                    .with_io(ino, fh, |f| self.fs.fallocate(f, offset, length, mode as i32));
+                self.fs.modified(ino);
+                if res.is_ok() {
+                    let _ = self.fs.drop_sgid(ino, caller(h, 0));
+                }
+                res
+            }
+            Req::Lseek { fh, offset, whence } => self
+                .fs
+                .with_io(ino, fh, |f| self.fs.lseek(f, offset, whence as i32))
+                .map(|o| out.u64(o as u64)),
+            Req::CopyFileRange {
+                fh_in,
+                off_in,
+                nodeid_out,
+                fh_out,
+                off_out,
+                len,
+            } => {
+                let res = self.fs.with_io(ino, fh_in, |a| {
+                    self.fs.with_io(nodeid_out, fh_out, |b| {
+                        self.fs.copy_file_range(a, off_in, b, off_out, len)
+                    })
+                });
+                self.fs.modified(nodeid_out);
+                res.map(|n| {
+                    out.u32(n.min(u32::MAX as u64) as u32);
+                    out.u32(0);
+                })
+            }
+            Req::Unsupported(_) => {
+                self.metrics.record(opcode, t, true);
+                return Done::Error(libc::ENOSYS);
+            }
+        };
+        match res {
+            Ok(()) if out.overflowed() => {
+                tracing::warn!(op = %crate::metrics::opcode_name(opcode), "reply larger than its buffer");
+                self.metrics.record(opcode, t, true);
+                Done::Error(libc::EIO)
+            }
+            Ok(()) => {
+                self.metrics.record(opcode, t, false);
+                Done::Reply
+            }
+            Err(e) => {
+                log_error(opcode, &e);
+                self.metrics.record(opcode, t, true);
+                Done::Error(e.to_errno())
+            }
         }
     }
-}
 
-impl Inner {
+    fn open(&self, h: &InHeader, flags: u32, out: &mut Out) -> FsResult<()> {
+        let ino = h.nodeid;
+        if self.zero_open() {
+            // ENOSYS makes the kernel stop sending OPEN (and RELEASE) for
+            // files on this connection: opens cost no message at all.
+            return Err(FsError::Errno(libc::ENOSYS));
+        }
+        let who = caller(h, 0);
+        let mut o = self.fs.open(ino, flags as i32)?;
+        // Writes to a file whose S_ISGID this caller's first write must
+        // clear go through the daemon, which clears it (passthrough writes
+        // would keep it).
+        let at_risk = o.writable && self.fs.sgid_at_risk(ino, who).is_some();
+        if at_risk {
+            o.flags.passthrough = false;
+        }
+        self.reply_open(ino, o, out, at_risk.then_some(who))
+    }
+
     /// Reply to an open: passthrough when wanted, granted and consistent
-    /// with the inode's other opens; else a cached open.
-    /// Reply to an open. `sgid_writer`: a writer whose writes must clear the
-    /// file's S_ISGID (see `EfuseFs::drop_sgid`); should the inode have to
-    /// stay in passthrough (other opens use it), the bit is cleared now,
-    /// since no write of this open will reach the daemon.
-    fn reply_open(&self, ino: u64, o: Opened, reply: ReplyOpen, sgid_writer: Option<Caller>) {
+    /// with the inode's other opens; else a cached open. `sgid_writer`: a
+    /// writer whose writes must clear the file's S_ISGID (see
+    /// `EfuseFs::drop_sgid`); should the inode have to stay in passthrough
+    /// (other opens use it), the bit is cleared now, since no write of this
+    /// open will reach the daemon.
+    fn reply_open(&self, ino: u64, o: Opened, out: &mut Out, sgid_writer: Option<Caller>) -> FsResult<()> {
         let mut b = self.backing.lock();
         let live_staged = b
             .by_ino
@@ -167,8 +591,7 @@ impl Inner {
             // cannot mix their passthrough with a writer's open.
             drop(b);
             self.fs.release(o.fh);
-            reply.error(Errno::from_i32(libc::ETXTBSY));
-            return;
+            return Err(FsError::Errno(libc::ETXTBSY));
         }
         let live = b.by_ino.get(&ino).and_then(|(w, _)| w.upgrade());
         let has_cached = b.cached_per_ino.contains_key(&ino);
@@ -189,34 +612,29 @@ impl Inner {
         // register a new one.
         let id = match (want, live, o.backing.as_ref()) {
             (true, Some(id), _) => Some(Ok(id)),
-            (true, None, Some(file)) => Some(reply.open_backing(&**file).map(Arc::new)),
+            (true, None, Some(file)) => Some(BackingId::open(&self.dev, file).map(Arc::new)),
             _ => None,
         };
-        if let Some(id) = id {
-            match id {
-                Ok(id) => {
-                    let staged = o.staged || live_staged;
-                    b.by_ino.insert(ino, (Arc::downgrade(&id), staged));
-                    b.by_fh.insert(o.fh, (ino, id.clone()));
-                    reply.opened_passthrough(
-                        FileHandle(o.fh),
-                        fopen_flags(&o) & !FopenFlags::FOPEN_KEEP_CACHE,
-                        &id,
-                    );
-                    return;
-                }
-                Err(e) => {
-                    if !self.negotiated.passthrough_refused.swap(true, Ordering::Relaxed) {
-                        tracing::warn!(
-                            "FUSE passthrough refused by the kernel ({e}); reads use the page cache \
-                             (FOPEN_KEEP_CACHE) from now on"
-                        );
-                    }
-                }
+        match id {
+            Some(Ok(id)) => {
+                let staged = o.staged || live_staged;
+                b.by_ino.insert(ino, (Arc::downgrade(&id), staged));
+                b.by_fh.insert(o.fh, (ino, id.clone()));
+                let flags = (fopen_flags(&o) & !fopen::KEEP_CACHE) | fopen::PASSTHROUGH;
+                open_out(out, o.fh, flags, id.id);
+                return Ok(());
             }
+            Some(Err(e)) if !self.negotiated.passthrough_refused.swap(true, Ordering::Relaxed) => {
+                tracing::warn!(
+                    "FUSE passthrough refused by the kernel ({e}); reads use the page cache \
+                     (FOPEN_KEEP_CACHE) from now on"
+                );
+            }
+            _ => {}
         }
         b.add_cached(o.fh, ino);
-        reply.opened(FileHandle(o.fh), fopen_flags(&o));
+        open_out(out, o.fh, fopen_flags(&o), 0);
+        Ok(())
     }
 
     fn released(&self, fh: u64) {
@@ -233,200 +651,245 @@ impl Inner {
     fn zero_open(&self) -> bool {
         self.fs.kernel_cfg().zero_open && self.fs.tier() != crate::config::Offload::Off
     }
-
-    fn finish<T, R: ErrReply>(
-        &self,
-        opcode: u32,
-        start: Instant,
-        res: FsResult<T>,
-        reply: R,
-        ok: impl FnOnce(R, T),
-    ) {
-        match res {
-            Ok(v) => {
-                ok(reply, v);
-                self.metrics.record(opcode, start, false);
-            }
-            Err(e) => {
-                log_error(opcode, &e);
-                reply.error(Errno::from_i32(e.to_errno()));
-                self.metrics.record(opcode, start, true);
-            }
-        }
-    }
 }
 
 fn log_error(opcode: u32, e: &FsError) {
-    let op = crate::metrics::opcode_name(opcode);
     if e.is_expected() {
-        tracing::debug!(op, errno = e.to_errno(), "{e}");
+        tracing::debug!(op = %crate::metrics::opcode_name(opcode), errno = e.to_errno(), "{e}");
     } else {
-        tracing::warn!(op, errno = e.to_errno(), "{e:#}");
+        tracing::warn!(op = %crate::metrics::opcode_name(opcode), errno = e.to_errno(), "{e:#}");
     }
 }
 
-/// Reply types that can carry an errno.
-trait ErrReply {
-    fn error(self, e: Errno);
+fn caller(h: &InHeader, umask: u32) -> Caller {
+    Caller {
+        uid: h.uid,
+        gid: h.gid,
+        pid: h.pid,
+        // With FUSE_DONT_MASK the kernel has not applied it.
+        umask: umask & 0o777,
+    }
 }
 
-macro_rules! err_reply {
-    ($($t:ty),*) => {$(
-        impl ErrReply for $t {
-            fn error(self, e: Errno) {
-                <$t>::error(self, e)
-            }
-        }
-    )*};
+fn set_time(t: Option<std::time::SystemTime>) -> SetTime {
+    match t {
+        None => SetTime::Now,
+        Some(t) => SetTime::At(t),
+    }
 }
-err_reply!(
-    ReplyEntry,
-    ReplyAttr,
-    ReplyData,
-    ReplyEmpty,
-    ReplyOpen,
-    ReplyWrite,
-    ReplyCreate,
-    ReplyStatfs,
-    ReplyXattr,
-    ReplyDirectory,
-    ReplyDirectoryPlus,
-    ReplyLseek
-);
 
-fn file_type(k: FileKind) -> FileType {
+fn type_bits(k: FileKind) -> u32 {
     match k {
-        FileKind::File => FileType::RegularFile,
-        FileKind::Dir => FileType::Directory,
-        FileKind::Symlink => FileType::Symlink,
-        FileKind::Fifo => FileType::NamedPipe,
-        FileKind::Socket => FileType::Socket,
-        FileKind::CharDev => FileType::CharDevice,
-        FileKind::BlockDev => FileType::BlockDevice,
+        FileKind::File => libc::S_IFREG,
+        FileKind::Dir => libc::S_IFDIR,
+        FileKind::Symlink => libc::S_IFLNK,
+        FileKind::Fifo => libc::S_IFIFO,
+        FileKind::Socket => libc::S_IFSOCK,
+        FileKind::CharDev => libc::S_IFCHR,
+        FileKind::BlockDev => libc::S_IFBLK,
     }
 }
 
-/// Backend attributes to fuser's.
-pub fn file_attr(a: &Attr) -> FileAttr {
-    FileAttr {
-        ino: INodeNo(a.ino),
-        size: a.size,
-        blocks: a.blocks,
-        atime: a.atime,
-        mtime: a.mtime,
-        ctime: a.ctime,
-        crtime: a.ctime,
-        kind: file_type(a.kind),
-        perm: a.perm,
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: a.blksize,
-        flags: 0,
+/// `struct fuse_attr` (88 bytes).
+fn attr(out: &mut Out, a: &Attr) {
+    let (at, atn) = wire::time(a.atime);
+    let (mt, mtn) = wire::time(a.mtime);
+    let (ct, ctn) = wire::time(a.ctime);
+    for v in [a.ino, a.size, a.blocks, at, mt, ct] {
+        out.u64(v);
+    }
+    for v in [
+        atn,
+        mtn,
+        ctn,
+        type_bits(a.kind) | a.perm as u32,
+        a.nlink,
+        a.uid,
+        a.gid,
+        a.rdev,
+        a.blksize,
+        0,
+    ] {
+        out.u32(v);
     }
 }
 
-fn reply_entry(r: ReplyEntry, e: Entry) {
-    r.entry_with_ttls(
-        &e.attr_ttl,
-        &e.entry_ttl,
-        &file_attr(&e.attr),
-        Generation(e.generation),
-    );
+/// `struct fuse_entry_out` (128 bytes).
+fn entry_out(out: &mut Out, e: &Entry) {
+    let (es, en) = wire::ttl(e.entry_ttl);
+    let (as_, an) = wire::ttl(e.attr_ttl);
+    out.u64(e.attr.ino);
+    out.u64(e.generation);
+    out.u64(es);
+    out.u64(as_);
+    out.u32(en);
+    out.u32(an);
+    attr(out, &e.attr);
 }
 
-fn fopen_flags(o: &Opened) -> FopenFlags {
-    let mut f = FopenFlags::empty();
+/// A negative entry: nodeid 0, cached by the kernel for `ttl`.
+fn negative_entry(out: &mut Out, ttl: Duration) {
+    let (s, n) = wire::ttl(ttl);
+    out.u64(0);
+    out.u64(0);
+    out.u64(s);
+    out.u64(0);
+    out.u32(n);
+    out.u32(0);
+    out.zeros(88);
+}
+
+/// `struct fuse_attr_out` (104 bytes).
+fn attr_out(out: &mut Out, a: &Attr, ttl: Duration) {
+    let (s, n) = wire::ttl(ttl);
+    out.u64(s);
+    out.u32(n);
+    out.u32(0);
+    attr(out, a);
+}
+
+/// `struct fuse_open_out` (16 bytes).
+fn open_out(out: &mut Out, fh: u64, flags: u32, backing_id: u32) {
+    out.u64(fh);
+    out.u32(flags);
+    out.u32(backing_id);
+}
+
+fn xattr_out(out: &mut Out, x: XattrReply) {
+    match x {
+        // struct fuse_getxattr_out
+        XattrReply::Size(n) => {
+            out.u32(n);
+            out.u32(0);
+        }
+        XattrReply::Data(v) => out.put(&v),
+    }
+}
+
+fn fopen_flags(o: &Opened) -> u32 {
+    let mut f = 0;
     if o.flags.keep_cache {
-        f |= FopenFlags::FOPEN_KEEP_CACHE;
+        f |= fopen::KEEP_CACHE;
     }
     if o.flags.cache_dir {
-        f |= FopenFlags::FOPEN_CACHE_DIR;
+        f |= fopen::CACHE_DIR;
     }
     if o.flags.noflush {
-        f |= FopenFlags::FOPEN_NOFLUSH;
+        f |= fopen::NOFLUSH;
     }
     f
 }
 
-/// A negative entry: nodeid 0, cached by the kernel for `ttl`.
-fn negative_attr() -> FileAttr {
-    FileAttr {
-        ino: INodeNo(0),
-        size: 0,
-        blocks: 0,
-        atime: UNIX_EPOCH,
-        mtime: UNIX_EPOCH,
-        ctime: UNIX_EPOCH,
-        crtime: UNIX_EPOCH,
-        kind: FileType::RegularFile,
-        perm: 0,
-        nlink: 0,
-        uid: 0,
-        gid: 0,
-        rdev: 0,
-        blksize: 0,
-        flags: 0,
+/// Directory entries (`fuse_dirent`, or `fuse_direntplus` with an entry
+/// in front) into a reply of at most `limit` bytes.
+struct Dirents<'o, 'b> {
+    out: &'o mut Out<'b>,
+    limit: usize,
+    used: usize,
+}
+
+impl Dirents<'_, '_> {
+    fn fits(&self, n: usize) -> bool {
+        self.used + n <= self.limit && n <= self.out.remaining()
+    }
+    fn dirent(&mut self, ino: u64, next: u64, kind: FileKind, name: &OsStr) {
+        let name = name.as_bytes();
+        let len = 24 + name.len();
+        let padded = len.next_multiple_of(8);
+        self.out.u64(ino);
+        self.out.u64(next);
+        self.out.u32(name.len() as u32);
+        self.out.u32(type_bits(kind) >> 12);
+        self.out.put(name);
+        self.out.zeros(padded - len);
     }
 }
 
-/// The kernel notifications efuse sends: fuser's, plus entry expiry,
-/// which fuser does not offer, written on a duplicate of the connection's
-/// descriptor.
+impl DirReplier for Dirents<'_, '_> {
+    fn add(&mut self, ino: u64, next: u64, kind: FileKind, name: &OsStr) -> bool {
+        let n = (24 + name.len()).next_multiple_of(8);
+        if !self.fits(n) {
+            return true;
+        }
+        self.dirent(ino, next, kind, name);
+        self.used += n;
+        false
+    }
+}
+
+impl DirPlusReplier for Dirents<'_, '_> {
+    fn add(&mut self, e: &Entry, next: u64, name: &OsStr) -> bool {
+        let n = 128 + (24 + name.len()).next_multiple_of(8);
+        if !self.fits(n) {
+            return true;
+        }
+        entry_out(self.out, e);
+        self.dirent(e.attr.ino, next, e.attr.kind, name);
+        self.used += n;
+        false
+    }
+}
+
+/// The kernel notifications efuse sends, written on the connection's
+/// /dev/fuse descriptor (unique 0, the code in the error field).
 pub struct Notify {
-    fuser: fuser::Notifier,
-    dev: std::os::fd::OwnedFd,
+    dev: Arc<OwnedFd>,
 }
 
 impl Notify {
-    /// Notifications over `dev` (a duplicate of the connection's /dev/fuse
-    /// descriptor) and fuser's notifier of the same session.
-    pub fn new(fuser: fuser::Notifier, dev: std::os::fd::OwnedFd) -> Self {
-        Self { fuser, dev }
+    /// Notifications over `dev`.
+    pub fn new(dev: Arc<OwnedFd>) -> Self {
+        Self { dev }
     }
 
-    /// FUSE_NOTIFY_INVAL_ENTRY with FUSE_EXPIRE_ONLY (Linux 6.2+): the
-    /// dentry stays hashed but must be revalidated by its next user, so a
-    /// process whose working directory it is keeps a working getcwd() (a
-    /// plain invalidation unhashes it: getcwd then fails with ENOENT, which
-    /// broke git in a directory created through the mount). A kernel before
-    /// 6.2 ignores the flag and invalidates fully.
-    fn expire_entry(&self, parent: u64, name: &OsStr) -> io::Result<()> {
-        use std::os::fd::AsRawFd;
-        use std::os::unix::ffi::OsStrExt;
-        const FUSE_NOTIFY_INVAL_ENTRY: i32 = 3;
-        const FUSE_EXPIRE_ONLY: u32 = 1;
-        let name = name.as_bytes();
-        let len = 16 + 16 + name.len() + 1;
-        let mut msg = Vec::with_capacity(len);
-        // fuse_out_header: len, error (the notify code), unique 0.
-        msg.extend_from_slice(&(len as u32).to_ne_bytes());
-        msg.extend_from_slice(&FUSE_NOTIFY_INVAL_ENTRY.to_ne_bytes());
-        msg.extend_from_slice(&0u64.to_ne_bytes());
-        // fuse_notify_inval_entry_out: parent, namelen, flags; then the name and a NUL.
-        msg.extend_from_slice(&parent.to_ne_bytes());
-        msg.extend_from_slice(&(name.len() as u32).to_ne_bytes());
-        msg.extend_from_slice(&FUSE_EXPIRE_ONLY.to_ne_bytes());
-        msg.extend_from_slice(name);
-        msg.push(0);
-        // SAFETY: a valid descriptor and a buffer of msg.len() bytes.
-        let n = unsafe { libc::write(self.dev.as_raw_fd(), msg.as_ptr().cast(), msg.len()) };
+    fn send(&self, code: i32, body: &[&[u8]]) -> io::Result<()> {
+        let len: usize = abi::OUT_HEADER_LEN + body.iter().map(|b| b.len()).sum::<usize>();
+        let mut h = [0u8; abi::OUT_HEADER_LEN];
+        h[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+        h[4..8].copy_from_slice(&code.to_ne_bytes());
+        let mut iov = vec![libc::iovec {
+            iov_base: h.as_mut_ptr().cast(),
+            iov_len: h.len(),
+        }];
+        for b in body {
+            iov.push(libc::iovec {
+                iov_base: b.as_ptr() as *mut _,
+                iov_len: b.len(),
+            });
+        }
+        // SAFETY: every iovec points into a live buffer of its length.
+        let n = unsafe { libc::writev(self.dev.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         Ok(())
     }
+
+    /// FUSE_NOTIFY_INVAL_ENTRY. With FUSE_EXPIRE_ONLY (Linux 6.2+) the
+    /// dentry stays hashed but must be revalidated by its next user, so a
+    /// process whose working directory it is keeps a working getcwd() (a
+    /// plain invalidation unhashes it: getcwd then fails with ENOENT, which
+    /// broke git in a directory created through the mount). A kernel before
+    /// 6.2 ignores the flag and invalidates fully.
+    fn entry(&self, parent: u64, name: &OsStr, flags: u32) -> io::Result<()> {
+        let name = name.as_bytes();
+        // struct fuse_notify_inval_entry_out: parent, namelen, flags; the name and a NUL.
+        let mut m = [0u8; 16];
+        m[0..8].copy_from_slice(&parent.to_ne_bytes());
+        m[8..12].copy_from_slice(&(name.len() as u32).to_ne_bytes());
+        m[12..16].copy_from_slice(&flags.to_ne_bytes());
+        self.send(abi::notify::INVAL_ENTRY, &[&m, name, &[0]])
+    }
 }
 
 impl crate::fs::KernelNotifier for Notify {
     fn inval_entry(&self, parent: u64, name: &OsStr) {
-        if let Err(e) = self.expire_entry(parent, name) {
+        if let Err(e) = self.entry(parent, name, abi::notify::EXPIRE_ONLY) {
             tracing::debug!(parent, ?name, "inval_entry (expire): {e}");
         }
     }
     fn drop_entry(&self, parent: u64, name: &OsStr) {
-        if let Err(e) = fuser::Notifier::inval_entry(&self.fuser, INodeNo(parent), name) {
+        if let Err(e) = self.entry(parent, name, 0) {
             tracing::debug!(parent, ?name, "inval_entry: {e}");
         }
     }
@@ -438,672 +901,12 @@ impl crate::fs::KernelNotifier for Notify {
         // ENOTCONN. The kernel drops stale pages itself, in the reader's
         // context: on the next read or getattr that sees a new mtime or size
         // (FUSE_AUTO_INVAL_DATA), and at every open without FOPEN_KEEP_CACHE.
-        if let Err(e) = fuser::Notifier::inval_inode(&self.fuser, INodeNo(ino), -1, 0) {
+        // struct fuse_notify_inval_inode_out: ino, off, len.
+        let mut m = [0u8; 24];
+        m[0..8].copy_from_slice(&ino.to_ne_bytes());
+        m[8..16].copy_from_slice(&(-1i64).to_ne_bytes());
+        if let Err(e) = self.send(abi::notify::INVAL_INODE, &[&m]) {
             tracing::debug!(ino, "inval_inode: {e}");
         }
-    }
-}
-
-fn caller(req: &Request) -> Caller {
-    Caller {
-        uid: req.uid(),
-        gid: req.gid(),
-        pid: req.pid(),
-        umask: 0,
-    }
-}
-
-/// The caller of a create, with the umask the kernel sent (with
-/// FUSE_DONT_MASK it has not applied it).
-fn creator(req: &Request, umask: u32) -> Caller {
-    Caller {
-        umask: umask & 0o777,
-        ..caller(req)
-    }
-}
-
-fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
-    t.map(|t| match t {
-        TimeOrNow::Now => SetTime::Now,
-        TimeOrNow::SpecificTime(t) => SetTime::At(t),
-    })
-}
-
-struct Plain<'a>(&'a mut ReplyDirectory);
-impl DirReplier for Plain<'_> {
-    fn add(&mut self, ino: u64, next: u64, kind: FileKind, name: &OsStr) -> bool {
-        self.0.add(INodeNo(ino), next, file_type(kind), name)
-    }
-}
-
-struct Plus<'a>(&'a mut ReplyDirectoryPlus);
-impl DirPlusReplier for Plus<'_> {
-    fn add(&mut self, e: &Entry, next: u64, name: &OsStr) -> bool {
-        self.0.add(
-            INodeNo(e.attr.ino),
-            next,
-            name,
-            &e.entry_ttl,
-            &file_attr(&e.attr),
-            Generation(e.generation),
-        )
-    }
-}
-
-impl Filesystem for FuseAdapter {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        let start = Instant::now();
-        let k = self.inner.fs.kernel_cfg().clone();
-        let kernel_start = self.inner.fs.tier() != crate::config::Offload::Off;
-        // Parallel lookups in one directory. READDIRPLUS and AUTO_INVAL_DATA
-        // are asked for in every tier so the tier can change at run time;
-        // with zero TTLs (off) the kernel trusts none of it.
-        //
-        // Not FUSE_ATOMIC_O_TRUNC: with it the daemon truncates during OPEN,
-        // before the kernel's last checks (ETXTBSY of a running executable
-        // opened O_RDONLY|O_TRUNC, IMA, the LSM truncate hook), so an open
-        // the kernel then refuses would already have emptied the file.
-        // Without it the kernel sends the truncation as a SETATTR once every
-        // check has passed: one more round trip per O_TRUNC open, and a
-        // refused open changes nothing.
-        let mut want = vec![
-            ("parallel dirops", InitFlags::FUSE_PARALLEL_DIROPS),
-            // name_to_handle_at/open_by_handle_at and NFS re-export: node
-            // ids are the backing inode numbers, generations survive FORGET
-            // (see InodeTable::graves), LOOKUP answers "." and "..".
-            ("export support", InitFlags::FUSE_EXPORT_SUPPORT),
-            ("READDIRPLUS", InitFlags::FUSE_DO_READDIRPLUS),
-            ("auto page-cache invalidation", InitFlags::FUSE_AUTO_INVAL_DATA),
-        ];
-        if kernel_start {
-            want.push(("symlink caching", InitFlags::FUSE_CACHE_SYMLINKS));
-        }
-        // POSIX ACLs, enforced by the kernel, where the backend keeps them
-        // and other users may use the mount (the kernel then checks
-        // permissions itself; for the mounting user alone, root, ACLs
-        // grant nothing more).
-        if self.inner.fs.posix_acl() {
-            want.push(("POSIX ACLs", InitFlags::FUSE_POSIX_ACL));
-        }
-        // The umask is applied by the backend (the dir backend lets the
-        // backing filesystem apply it, which skips it where a default ACL
-        // applies, as on a local filesystem).
-        want.push(("unmasked create modes", InitFlags::FUSE_DONT_MASK));
-        if k.writeback_cache {
-            want.push(("writeback cache", InitFlags::FUSE_WRITEBACK_CACHE));
-        }
-        for (what, cap) in want {
-            if config.add_capabilities(cap).is_err() {
-                tracing::info!("the kernel does not offer {what}; continuing without it");
-            }
-        }
-        // EFUSE_DISABLE_PASSTHROUGH=1 behaves as a kernel without
-        // passthrough (to check the fallback on kernels that have it).
-        let disabled = std::env::var_os("EFUSE_DISABLE_PASSTHROUGH").is_some_and(|v| v == "1");
-        if disabled && k.passthrough {
-            tracing::warn!(
-                "FUSE passthrough disabled by EFUSE_DISABLE_PASSTHROUGH; reads use the page cache"
-            );
-        }
-        if k.passthrough && !k.writeback_cache && !disabled {
-            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-                Ok(()) => {
-                    // Backing files are on a plain filesystem; the mount may
-                    // itself sit under overlayfs.
-                    let _ = config.set_max_stack_depth(1);
-                    self.inner.negotiated.passthrough.store(true, Ordering::Relaxed);
-                }
-                Err(_) => tracing::warn!(
-                    "FUSE passthrough needs Linux 6.9+ (FUSE_PASSTHROUGH); this kernel does not offer it, \
-                     so the kernel tier serves reads from the page cache (FOPEN_KEEP_CACHE)"
-                ),
-            }
-        }
-        tracing::debug!(abi = ?config.kernel_abi(), caps = ?config.capabilities(), "FUSE_INIT");
-        self.inner.metrics.record(op::INIT, start, false);
-        Ok(())
-    }
-
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.lookup(parent.0, name);
-            let neg = me.fs.policy().negative_ttl;
-            match res {
-                // The kernel caches the absence of the name for `neg`.
-                Err(e) if e.to_errno() == libc::ENOENT && !neg.is_zero() => {
-                    reply.entry_with_ttls(&Duration::ZERO, &neg, &negative_attr(), Generation(0));
-                    me.metrics.record(op::LOOKUP, t, false);
-                }
-                res => me.finish(op::LOOKUP, t, res, reply, reply_entry),
-            }
-        });
-    }
-
-    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        let t = Instant::now();
-        self.inner.fs.forget(ino.0, nlookup);
-        self.inner.metrics.record(op::FORGET, t, false);
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        self.run(move |me| {
-            let t = Instant::now();
-            me.finish(op::GETATTR, t, me.fs.getattr(ino.0), reply, |r, (a, ttl)| {
-                r.attr(&ttl, &file_attr(&a))
-            });
-        });
-    }
-
-    fn setattr(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<TimeOrNow>,
-        mtime: Option<TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        let who = caller(req);
-        self.run(move |me| {
-            let t = Instant::now();
-            let set = SetAttr {
-                mode,
-                uid,
-                gid,
-                size,
-                atime: set_time(atime),
-                mtime: set_time(mtime),
-            };
-            let mut res = me.fs.setattr(ino.0, fh.map(|f| f.0), &set);
-            if res.is_ok()
-                && who.uid != 0
-                && (size.is_some() || uid.is_some() || gid.is_some())
-                && mode.is_none()
-            {
-                // The reply carries the mode without S_ISGID, when cleared.
-                if let Some(a) = me.fs.drop_sgid(ino.0, who) {
-                    res = Ok(a);
-                }
-            }
-            me.finish(op::SETATTR, t, res, reply, |r, (a, ttl)| {
-                r.attr(&ttl, &file_attr(&a))
-            });
-        });
-    }
-
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.run(move |me| {
-            let t = Instant::now();
-            me.finish(op::READLINK, t, me.fs.readlink(ino.0), reply, |r, v| r.data(&v));
-        });
-    }
-
-    fn mknod(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        rdev: u32,
-        reply: ReplyEntry,
-    ) {
-        let who = creator(req, umask);
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.mknod(who, parent.0, name, mode, rdev);
-            me.finish(op::MKNOD, t, res, reply, reply_entry);
-        });
-    }
-
-    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        let who = creator(req, umask);
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.mkdir(who, parent.0, name, mode);
-            me.finish(op::MKDIR, t, res, reply, reply_entry);
-        });
-    }
-
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            me.finish(op::UNLINK, t, me.fs.unlink(parent.0, name), reply, |r, ()| r.ok());
-        });
-    }
-
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            me.finish(op::RMDIR, t, me.fs.rmdir(parent.0, name), reply, |r, ()| r.ok());
-        });
-    }
-
-    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let who = caller(req);
-        let link_name = link_name.to_owned();
-        let target = target.to_path_buf();
-        self.run(move |me| {
-            let link_name = link_name.as_os_str();
-            let target = target.as_path();
-            let t = Instant::now();
-            let res = me.fs.symlink(who, parent.0, link_name, target.as_os_str());
-            me.finish(op::SYMLINK, t, res, reply, reply_entry);
-        });
-    }
-
-    fn rename(
-        &self,
-        _req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        newparent: INodeNo,
-        newname: &OsStr,
-        flags: RenameFlags,
-        reply: ReplyEmpty,
-    ) {
-        let name = name.to_owned();
-        let newname = newname.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let newname = newname.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.rename(parent.0, name, newparent.0, newname, flags.bits());
-            me.finish(op::RENAME, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let newname = newname.to_owned();
-        self.run(move |me| {
-            let newname = newname.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.link(ino.0, newparent.0, newname);
-            me.finish(op::LINK, t, res, reply, reply_entry);
-        });
-    }
-
-    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let who = caller(req);
-        self.run(move |me| {
-            let t = Instant::now();
-            if me.zero_open() {
-                // ENOSYS makes the kernel stop sending OPEN (and RELEASE) for
-                // files on this connection: opens cost no message at all.
-                reply.error(Errno::ENOSYS);
-                me.metrics.record(op::OPEN, t, false);
-                return;
-            }
-            let res = me.fs.open(ino.0, flags.0).map(|mut o| {
-                // Writes to a file whose S_ISGID this caller's first write
-                // must clear go through the daemon, which clears it
-                // (passthrough writes would keep it).
-                let at_risk = o.writable && me.fs.sgid_at_risk(ino.0, who).is_some();
-                if at_risk {
-                    o.flags.passthrough = false;
-                }
-                (o, at_risk)
-            });
-            me.finish(op::OPEN, t, res, reply, |r, (o, at_risk)| {
-                me.reply_open(ino.0, o, r, at_risk.then_some(who))
-            });
-        });
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.read(h, offset, size));
-            me.finish(op::READ, t, res, reply, |r, v| r.data(&v));
-        });
-    }
-
-    fn write(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        let data = data.to_vec();
-        let who = caller(req);
-        self.run(move |me| {
-            let data = &data[..];
-            let t = Instant::now();
-            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.write(h, offset, data));
-            me.fs.modified(ino.0);
-            if res.is_ok() {
-                let _ = me.fs.drop_sgid(ino.0, who);
-            }
-            me.finish(op::WRITE, t, res, reply, |r, n| r.written(n));
-        });
-    }
-
-    fn flush(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        self.run(move |me| {
-            let t = Instant::now();
-            if fh.0 == 0 {
-                // A zero-message open: writes already reached the backend
-                // synchronously; ENOSYS stops further FLUSH messages.
-                reply.error(Errno::ENOSYS);
-                me.metrics.record(op::FLUSH, t, false);
-                return;
-            }
-            me.finish(op::FLUSH, t, me.fs.flush(fh.0), reply, |r, ()| r.ok());
-        });
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        let t = Instant::now();
-        if fh.0 != 0 {
-            self.inner.released(fh.0);
-            self.inner.fs.release(fh.0);
-        }
-        reply.ok();
-        self.inner.metrics.record(op::RELEASE, t, false);
-    }
-
-    fn fsync(&self, _req: &Request, ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.fsync(h, datasync));
-            me.finish(op::FSYNC, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.run(move |me| {
-            let t = Instant::now();
-            me.finish(op::OPENDIR, t, me.fs.opendir(ino.0), reply, |r, o| {
-                r.opened(FileHandle(o.fh), fopen_flags(&o))
-            });
-        });
-    }
-
-    fn readdir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.readdir(fh.0, offset, &mut Plain(&mut reply));
-            me.finish(op::READDIR, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.readdir_plus(ino.0, fh.0, offset, &mut Plus(&mut reply));
-            me.finish(op::READDIRPLUS, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        let t = Instant::now();
-        self.inner.fs.releasedir(fh.0);
-        reply.ok();
-        self.inner.metrics.record(op::RELEASEDIR, t, false);
-    }
-
-    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        // Directory metadata is durable once the backend call returned.
-        let t = Instant::now();
-        reply.ok();
-        self.inner.metrics.record(op::FSYNCDIR, t, false);
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        self.run(move |me| {
-            let t = Instant::now();
-            me.finish(op::STATFS, t, me.fs.statfs(), reply, |r, s| {
-                r.statfs(
-                    s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
-                )
-            });
-        });
-    }
-
-    fn setxattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-        _position: u32,
-        reply: ReplyEmpty,
-    ) {
-        let name = name.to_owned();
-        let value = value.to_vec();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let value = &value[..];
-            let t = Instant::now();
-            let res = me.fs.setxattr(ino.0, name, value, flags);
-            me.finish(op::SETXATTR, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.getxattr(ino.0, name, size);
-            me.finish(op::GETXATTR, t, res, reply, reply_xattr);
-        });
-    }
-
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.listxattr(ino.0, size);
-            me.finish(op::LISTXATTR, t, res, reply, reply_xattr);
-        });
-    }
-
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.removexattr(ino.0, name);
-            me.finish(op::REMOVEXATTR, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
-        let who = caller(req);
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.access(ino.0, mask.bits(), who.uid, who.gid);
-            me.finish(op::ACCESS, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    fn create(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        umask: u32,
-        flags: i32,
-        reply: ReplyCreate,
-    ) {
-        let who = creator(req, umask);
-        let name = name.to_owned();
-        self.run(move |me| {
-            let name = name.as_os_str();
-            let t = Instant::now();
-            let res = me.fs.create(who, parent.0, name, mode, flags);
-            me.finish(op::CREATE, t, res, reply, |r, (e, o)| {
-                me.backing.lock().add_cached(o.fh, e.attr.ino);
-                r.created(
-                    &e.entry_ttl,
-                    &file_attr(&e.attr),
-                    Generation(e.generation),
-                    FileHandle(o.fh),
-                    fopen_flags(&o),
-                )
-            });
-        });
-    }
-
-    fn fallocate(
-        &self,
-        req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        let who = caller(req);
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me
-                .fs
-                .with_io(ino.0, fh.0, |h| me.fs.fallocate(h, offset, length, mode));
-            me.fs.modified(ino.0);
-            if res.is_ok() {
-                let _ = me.fs.drop_sgid(ino.0, who);
-            }
-            me.finish(op::FALLOCATE, t, res, reply, |r, ()| r.ok());
-        });
-    }
-
-    /// No ioctl is served: answer ENOTTY, as a local filesystem does for
-    /// commands it does not know (Python's isatty check on every open, the
-    /// terminal ioctls of shells). fuser's default logs a warning per call
-    /// at the default level and answers ENOSYS.
-    fn ioctl(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _flags: fuser::IoctlFlags,
-        _cmd: u32,
-        _in_data: &[u8],
-        _out_size: u32,
-        reply: fuser::ReplyIoctl,
-    ) {
-        let t = Instant::now();
-        reply.error(Errno::from_i32(libc::ENOTTY));
-        self.inner.metrics.record(op::IOCTL, t, true);
-    }
-
-    fn lseek(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: i64,
-        whence: i32,
-        reply: ReplyLseek,
-    ) {
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.with_io(ino.0, fh.0, |h| me.fs.lseek(h, offset, whence));
-            me.finish(op::LSEEK, t, res, reply, |r, o| r.offset(o));
-        });
-    }
-
-    fn copy_file_range(
-        &self,
-        _req: &Request,
-        ino_in: INodeNo,
-        fh_in: FileHandle,
-        offset_in: u64,
-        ino_out: INodeNo,
-        fh_out: FileHandle,
-        offset_out: u64,
-        len: u64,
-        _flags: CopyFileRangeFlags,
-        reply: ReplyWrite,
-    ) {
-        self.run(move |me| {
-            let t = Instant::now();
-            let res = me.fs.with_io(ino_in.0, fh_in.0, |a| {
-                me.fs.with_io(ino_out.0, fh_out.0, |b| {
-                    me.fs.copy_file_range(a, offset_in, b, offset_out, len)
-                })
-            });
-            me.fs.modified(ino_out.0);
-            me.finish(op::COPY_FILE_RANGE, t, res, reply, |r, n| {
-                r.written(n.min(u32::MAX as u64) as u32)
-            });
-        });
-    }
-}
-
-fn reply_xattr(r: ReplyXattr, x: XattrReply) {
-    match x {
-        XattrReply::Size(n) => r.size(n),
-        XattrReply::Data(v) => r.data(&v),
     }
 }

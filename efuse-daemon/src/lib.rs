@@ -2,7 +2,9 @@
 //!
 //! Layers, dependencies pointing down:
 //! - [`cli`] and [`daemon`]: arguments, mount lifecycle, status.
-//! - [`fuse`]: thin fuser adapter; counts requests in [`metrics`].
+//! - [`transport`]: the FUSE wire codec and the two transports (classic
+//!   /dev/fuse, FUSE-over-io_uring), feeding [`fuse`]'s dispatcher, which
+//!   counts requests in [`metrics`].
 //! - [`fs`]: filesystem logic, lookup counts ([`inode`]), cache policy.
 //! - [`backend`]: the storage (`dir`, `mem`, `sim`).
 #![deny(clippy::undocumented_unsafe_blocks)]
@@ -28,6 +30,7 @@ pub mod plot;
 pub mod staging;
 pub mod stats;
 pub mod trace;
+pub mod transport;
 
 /// Run the command line; returns the process exit code.
 pub fn run(args: Vec<std::ffi::OsString>) -> i32 {

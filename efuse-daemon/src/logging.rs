@@ -1,17 +1,11 @@
 //! Logging setup: `tracing` to stderr (the log file when daemonized).
-//! `EFUSE_LOG` overrides the filter (e.g. `EFUSE_LOG=efuse=debug,fuser=info`).
+//! `EFUSE_LOG` overrides the filter (e.g. `EFUSE_LOG=efuse=debug`).
 
 use tracing_subscriber::EnvFilter;
 
 /// Install the global subscriber. `verbose` raises the default level to debug.
 pub fn init(verbose: bool) {
-    // fuser's session warns when its own unmount-on-exit finds the mount
-    // already gone, which is the normal end after `efuse umount`.
-    let default = if verbose {
-        "efuse=debug,info,fuser::session=error"
-    } else {
-        "info,fuser::session=error"
-    };
+    let default = if verbose { "efuse=debug,info" } else { "info" };
     let filter = EnvFilter::try_from_env("EFUSE_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)

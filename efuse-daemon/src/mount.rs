@@ -1,15 +1,13 @@
 //! mount(2) of a FUSE connection, done by efuse itself.
 //!
-//! fuser's `Session::new` mounts and, when its session ends, unmounts
-//! again by *path*. By then `efuse umount` (or the signal thread) has
-//! already unmounted, so the second umount fails ("Failed to umount
-//! filesystem: Invalid argument") or, worse, hits whatever was mounted at
-//! the same path meanwhile. So efuse opens `/dev/fuse`, mounts it with
-//! mount(2), and hands the descriptor to fuser (`Session::from_fd`), which
-//! then never unmounts: unmounting is the job of whoever asks for it
-//! (`efuse umount`, SIGTERM, umount(8)), and the daemon only detaches a
-//! mount it still finds under its own connection when its session ends on
-//! an error.
+//! efuse opens `/dev/fuse`, mounts it with mount(2) and serves the
+//! descriptor with its own transports (`crate::transport`). The daemon never
+//! unmounts by path when its session ends (by then `efuse umount` or the
+//! signal thread has unmounted, and a second umount would fail or hit
+//! whatever was mounted at the same path meanwhile): unmounting is the job
+//! of whoever asks for it (`efuse umount`, SIGTERM, umount(8)), and the
+//! daemon only detaches a mount it still finds under its own connection
+//! when its session ends on an error.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};

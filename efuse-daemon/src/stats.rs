@@ -78,6 +78,9 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
         s.offload,
         s.uptime_s
     );
+    if !s.transport.is_empty() {
+        let _ = writeln!(out, "transport: {}", s.transport);
+    }
     if !s.trace.enabled {
         let _ = writeln!(
             out,

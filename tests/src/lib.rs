@@ -155,7 +155,7 @@ impl TestMount {
             .env("EFUSE_READY_FD", wr_fd.to_string())
             .env(
                 "EFUSE_LOG",
-                std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn,fuser::session=error".into()),
+                std::env::var("EFUSE_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null());
