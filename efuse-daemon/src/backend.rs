@@ -359,6 +359,14 @@ pub trait Backend: Send + Sync + 'static {
     fn create(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, Fh)>;
     /// Read up to `size` bytes at `offset`.
     fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>>;
+    /// Read into `buf` (the reply buffer) at `offset`; returns the bytes
+    /// read (short only at end of file).
+    fn read_into(&self, fh: Fh, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let v = self.read(fh, offset, buf.len() as u32)?;
+        let n = v.len().min(buf.len());
+        buf[..n].copy_from_slice(&v[..n]);
+        Ok(n)
+    }
     /// Write `data` at `offset`; returns bytes written.
     fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> Result<u32>;
     /// Called on every close(2) of a descriptor of the handle.

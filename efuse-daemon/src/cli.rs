@@ -149,7 +149,7 @@ pub struct MountArgs {
     /// TOML config file with the same settings; flags override it.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Worker threads of the classic transport [default: one per CPU].
+    /// Worker threads of the classic transport [default: four per CPU].
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = MOUNT_HEADING)]
     pub threads: Option<u16>,
     /// Request transport: uring = FUSE-over-io_uring (a queue per CPU), classic = /dev/fuse reads,

@@ -185,7 +185,7 @@ pub struct MountConfig {
     pub offload: Offload,
     /// Mount options (`-o`), e.g. `ro`, `noatime`, `allow_other`.
     pub options: Vec<String>,
-    /// Worker threads of the classic transport; 0 = one per CPU.
+    /// Worker threads of the classic transport; 0 = four per CPU.
     pub threads: usize,
     /// Request transport.
     pub transport: Transport,
@@ -233,7 +233,7 @@ impl MountConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         if self.threads > 256 {
             bail!(
-                "threads must be between 1 and 256 (0 = one per CPU), got {}",
+                "threads must be between 1 and 256 (0 = four per CPU), got {}",
                 self.threads
             );
         }

@@ -141,6 +141,12 @@ pub trait KernelNotifier: Send + Sync {
     /// drops its cached data if mtime or size changed). Never waits for
     /// the page cache: see the adapter's implementation.
     fn inval_inode(&self, ino: u64);
+    /// Ask the kernel to drop unused cached dentries of these inodes so that
+    /// it forgets them (Linux 6.18+, FUSE_NOTIFY_PRUNE); false where it
+    /// cannot.
+    fn prune(&self, _inodes: &[u64]) -> bool {
+        false
+    }
 }
 
 /// Cache policy derived from the offload tier.
@@ -523,6 +529,10 @@ impl EfuseFs {
     pub fn invalidate_all(&self) -> usize {
         self.mirror.clear();
         let Some(n) = self.notifier.get() else { return 0 };
+        // Name by name, with expiry only. FUSE_NOTIFY_INC_EPOCH (6.16)
+        // would do it in one message, but a dentry of an older epoch is
+        // dropped without a lookup (unhashed), which breaks getcwd() of
+        // every process working in a directory of the mount.
         let mut count = 0;
         for (ino, names) in self.inodes.snapshot() {
             for (parent, name) in names {
@@ -920,7 +930,7 @@ impl EfuseFs {
     /// zero-message opens (`fh == 0`) the inode's shared handle, opened on
     /// first use. Shared handles are bounded (least recently used closed);
     /// one closed under a concurrent call is reopened and the call retried.
-    pub fn with_io<T>(&self, ino: u64, fh: Fh, f: impl Fn(Fh) -> FsResult<T>) -> FsResult<T> {
+    pub fn with_io<T>(&self, ino: u64, fh: Fh, mut f: impl FnMut(Fh) -> FsResult<T>) -> FsResult<T> {
         if fh != 0 {
             return f(fh);
         }
@@ -992,6 +1002,14 @@ impl EfuseFs {
         let _ = std::thread::Builder::new()
             .name("efuse-relief".into())
             .spawn(move || {
+                // One message per batch of inodes where the kernel can
+                // (6.18+): it drops only dentries nobody uses, so a
+                // process's working directory stays. Else one full
+                // invalidation per name.
+                let inos: Vec<u64> = known.iter().take(take).map(|(ino, _)| *ino).collect();
+                if n.prune(&inos) {
+                    return;
+                }
                 for (_, names) in known.into_iter().take(take) {
                     for (parent, name) in names {
                         n.drop_entry(parent, &name);
@@ -1051,6 +1069,11 @@ impl EfuseFs {
     /// Read.
     pub fn read(&self, fh: Fh, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         Ok(self.backend.read(fh, offset, size)?)
+    }
+
+    /// Read into `buf` (a reply buffer); returns the bytes read.
+    pub fn read_into(&self, fh: Fh, offset: u64, buf: &mut [u8]) -> FsResult<usize> {
+        Ok(self.backend.read_into(fh, offset, buf)?)
     }
 
     /// Write.

@@ -401,10 +401,12 @@ impl Dispatcher {
             } => self.fs.rename(ino, name, newdir, newname, flags),
             Req::Link { oldnodeid, name } => self.fs.link(oldnodeid, ino, name).map(|e| entry_out(out, &e)),
             Req::Open { flags } => self.open(h, flags, out),
-            Req::Read { fh, offset, size } => self
-                .fs
-                .with_io(ino, fh, |f| self.fs.read(f, offset, size))
-                .map(|v| out.put(&v)),
+            Req::Read { fh, offset, size } => {
+                // Straight into the reply buffer: no copy, no allocation.
+                let buf = out.spare(size as usize);
+                let res = self.fs.with_io(ino, fh, |f| self.fs.read_into(f, offset, buf));
+                res.map(|n| out.advance(n))
+            }
             Req::Write { fh, offset, data } => {
                 let res = self.fs.with_io(ino, fh, |f| self.fs.write(f, offset, data));
                 self.fs.modified(ino);
@@ -834,12 +836,17 @@ impl DirPlusReplier for Dirents<'_, '_> {
 /// /dev/fuse descriptor (unique 0, the code in the error field).
 pub struct Notify {
     dev: Arc<OwnedFd>,
+    /// The kernel refused FUSE_NOTIFY_PRUNE (older than 6.18).
+    no_prune: AtomicBool,
 }
 
 impl Notify {
     /// Notifications over `dev`.
     pub fn new(dev: Arc<OwnedFd>) -> Self {
-        Self { dev }
+        Self {
+            dev,
+            no_prune: AtomicBool::new(false),
+        }
     }
 
     fn send(&self, code: i32, body: &[&[u8]]) -> io::Result<()> {
@@ -908,5 +915,26 @@ impl crate::fs::KernelNotifier for Notify {
         if let Err(e) = self.send(abi::notify::INVAL_INODE, &[&m]) {
             tracing::debug!(ino, "inval_inode: {e}");
         }
+    }
+    fn prune(&self, inodes: &[u64]) -> bool {
+        if self.no_prune.load(Ordering::Relaxed) {
+            return false;
+        }
+        // struct fuse_notify_prune_out: count, padding, spare; then the
+        // node ids. The kernel takes at most a page of them per message.
+        for chunk in inodes.chunks(abi::notify::PRUNE_MAX) {
+            let mut m = Vec::with_capacity(16 + chunk.len() * 8);
+            m.extend_from_slice(&(chunk.len() as u32).to_ne_bytes());
+            m.extend_from_slice(&[0u8; 12]);
+            for ino in chunk {
+                m.extend_from_slice(&ino.to_ne_bytes());
+            }
+            if let Err(e) = self.send(abi::notify::PRUNE, &[&m]) {
+                tracing::debug!("FUSE_NOTIFY_PRUNE (Linux 6.18+): {e}; dropping entries name by name");
+                self.no_prune.store(true, Ordering::Relaxed);
+                return false;
+            }
+        }
+        true
     }
 }

@@ -786,8 +786,14 @@ impl Backend for DirBackend {
     }
 
     fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>> {
-        let f = self.file(fh)?;
         let mut buf = vec![0u8; size as usize];
+        let n = self.read_into(fh, offset, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    fn read_into(&self, fh: Fh, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        let f = self.file(fh)?;
         let mut done = 0;
         while done < buf.len() {
             match f.read_at(&mut buf[done..], offset + done as u64) {
@@ -797,8 +803,7 @@ impl Backend for DirBackend {
                 Err(e) => return Err(BackendError::io("pread", e)),
             }
         }
-        buf.truncate(done);
-        Ok(buf)
+        Ok(done)
     }
 
     fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> Result<u32> {

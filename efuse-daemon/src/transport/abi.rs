@@ -124,6 +124,10 @@ pub mod fattr {
 pub mod notify {
     pub const INVAL_INODE: i32 = 2;
     pub const INVAL_ENTRY: i32 = 3;
+    /// Drop unused dentries of the listed inodes (Linux 6.18+).
+    pub const PRUNE: i32 = 9;
+    /// Node ids per PRUNE message.
+    pub const PRUNE_MAX: usize = 256;
     /// Flag of INVAL_ENTRY (Linux 6.2+).
     pub const EXPIRE_ONLY: u32 = 1;
 }

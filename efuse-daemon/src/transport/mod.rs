@@ -66,13 +66,14 @@ pub struct Session {
 /// Backend calls in flight at once on the pool, at most.
 const REMOTE_CONCURRENCY: usize = 256;
 
-/// Worker threads of the classic transport when not configured: one per
-/// CPU. More only adds threads the kernel wakes on another CPU.
+/// Worker threads of the classic transport when not configured: four per
+/// CPU (4..=64). Measured here (2 vCPUs, stat with TTL 0, medians of three
+/// interleaved runs): 2 threads 252 µs, 4 198 µs, 8 85 µs, 16 94 µs. With
+/// fewer threads than requests in flight a request waits for a worker to
+/// come back from writing its reply.
 pub fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .max(2)
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    (4 * cpus).clamp(4, 64)
 }
 
 impl Session {
