@@ -231,8 +231,10 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// The integration test files that mount through the host kernel: every
-/// file in tests/tests but the VM scenarios.
+/// The integration test files that mount through the host kernel and whose
+/// mounts follow EFUSE_TRANSPORT: every file in tests/tests but the VM
+/// scenarios and the bench smoke test (`efuse bench` mounts each target
+/// with its transport named, both of them in one run).
 fn real_mount_suites() -> anyhow::Result<Vec<String>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(root().join("tests/tests")).context("tests/tests")? {
@@ -240,6 +242,7 @@ fn real_mount_suites() -> anyhow::Result<Vec<String>> {
         if let Some(stem) = p.file_stem().and_then(|s| s.to_str())
             && p.extension().is_some_and(|x| x == "rs")
             && stem != "bpf_vm"
+            && stem != "bench"
         {
             v.push(stem.to_string());
         }
