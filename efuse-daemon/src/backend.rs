@@ -320,6 +320,11 @@ pub trait Backend: Send + Sync + 'static {
     fn posix_acl(&self) -> bool {
         false
     }
+    /// Whether the backend keeps extended attributes at all (`-o
+    /// xattr=auto` serves them only then).
+    fn xattrs(&self) -> bool {
+        true
+    }
     /// True when a metadata round trip is expensive (a remote store), so
     /// that batching and caching metadata in the daemon pays off.
     fn is_remote(&self) -> bool {

@@ -136,7 +136,7 @@ pub struct MountArgs {
     #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
     pub offload: Option<Offload>,
     /// Mount options, comma-separated (ro, noatime, nosuid, nodev, noexec, allow_other, nonempty, backend=, offload=,
-    /// config=, trace=, transport=, and for the kernel tier entry_timeout=, attr_timeout=, negative_timeout= (seconds),
+    /// config=, trace=, transport=, xattr=, and for the kernel tier entry_timeout=, attr_timeout=, negative_timeout= (seconds),
     /// nopassthrough, zero_open, writeback_cache, nowatch).
     #[arg(short = 'o', value_delimiter = ',', help_heading = MOUNT_HEADING)]
     pub options: Vec<String>,
@@ -194,6 +194,7 @@ impl MountArgs {
         let mut kv_offload = None;
         let mut kv_trace = None;
         let mut kv_transport = None;
+        let mut kv_xattr = None;
         let mut kernel_kv: Vec<(&'static str, u64)> = Vec::new();
         for o in &self.options {
             let o = o.trim();
@@ -203,6 +204,7 @@ impl MountArgs {
             match o.split_once('=') {
                 Some(("backend", v)) => kv_backend = Some(parse_enum::<BackendKind>("backend", v)?),
                 Some(("offload", v)) => kv_offload = Some(parse_enum::<Offload>("offload", v)?),
+                Some(("xattr", v)) => kv_xattr = Some(parse_enum::<crate::config::Xattr>("xattr", v)?),
                 Some(("transport", v)) => {
                     kv_transport = Some(parse_enum::<crate::config::Transport>("transport", v)?)
                 }
@@ -233,6 +235,9 @@ impl MountArgs {
         }
         if let Some(t) = self.threads {
             cfg.threads = t as usize;
+        }
+        if let Some(x) = kv_xattr {
+            cfg.xattr = x;
         }
         if let Some(t) = self.transport.or(kv_transport) {
             cfg.transport = t;

@@ -72,6 +72,30 @@ impl std::fmt::Display for Transport {
     }
 }
 
+/// Whether the mount serves extended attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Xattr {
+    /// Where the backend keeps them (`dir` over a filesystem with xattrs, `mem`).
+    #[default]
+    Auto,
+    /// Always pass them to the backend.
+    On,
+    /// None: the first xattr request is answered ENOSYS, after which the
+    /// kernel answers every one with EOPNOTSUPP without asking.
+    Off,
+}
+
+impl std::fmt::Display for Xattr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
+}
+
 impl std::fmt::Display for BackendKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -189,6 +213,8 @@ pub struct MountConfig {
     pub threads: usize,
     /// Request transport.
     pub transport: Transport,
+    /// Extended attributes.
+    pub xattr: Xattr,
     /// eBPF tracing of this mount (on by default where the kernel has the
     /// fuse tracepoints).
     pub trace: bool,
@@ -212,6 +238,7 @@ impl Default for MountConfig {
             options: Vec::new(),
             threads: 0,
             transport: Transport::Auto,
+            xattr: Xattr::Auto,
             trace: true,
             trace_slow_us: 10_000,
             sim: SimConfig::default(),

@@ -589,6 +589,14 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             }
         }
     }
+    fs.set_xattrs(cfg.xattr);
+    if !fs.xattrs() {
+        tracing::info!(
+            backend = %kind,
+            "extended attributes off (-o xattr={}): the kernel answers EOPNOTSUPP after the first request",
+            cfg.xattr
+        );
+    }
     fs.set_posix_acl(
         cfg.options
             .iter()

@@ -224,6 +224,8 @@ pub struct EfuseFs {
     backend: SharedBackend,
     /// Ask the kernel to enforce POSIX ACLs (see [`EfuseFs::posix_acl`]).
     posix_acl: std::sync::atomic::AtomicBool,
+    /// `-o xattr` resolved to none: xattr requests are answered ENOSYS.
+    no_xattrs: std::sync::atomic::AtomicBool,
     inodes: Arc<InodeTable>,
     kernel_cfg: KernelTierConfig,
     /// What the bpf tier's maps hold (inactive unless attached).
@@ -263,7 +265,14 @@ impl EfuseFs {
             )
         });
         let inodes = Arc::new(InodeTable::new(root));
-        let fd_budget = fd_budget();
+        // Zero-message opens keep up to MAX_INODE_HANDLES shared backend
+        // handles open besides the pins: leave room for them (a full-size
+        // `efuse bench` under a 20,000 descriptor limit ran out on them).
+        let fd_budget = if kernel_cfg.zero_open {
+            fd_budget().saturating_sub(MAX_INODE_HANDLES).max(fd_budget() / 2)
+        } else {
+            fd_budget()
+        };
         Self {
             meta,
             staging: std::sync::OnceLock::new(),
@@ -278,6 +287,7 @@ impl EfuseFs {
             inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
             handle_clock: std::sync::atomic::AtomicU64::new(0),
             posix_acl: std::sync::atomic::AtomicBool::new(false),
+            no_xattrs: std::sync::atomic::AtomicBool::new(false),
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
             notifier: std::sync::OnceLock::new(),
@@ -548,8 +558,24 @@ impl EfuseFs {
     /// Offer POSIX ACLs to the kernel if the mount lets other users in
     /// (`allow_other`/`allow_root`) and the backend keeps ACLs.
     pub fn set_posix_acl(&self, others_may_use: bool) {
-        let on = others_may_use && self.backend.posix_acl();
+        let on = others_may_use && self.xattrs() && self.backend.posix_acl();
         self.posix_acl.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Serve extended attributes (`-o xattr=`): `auto` where the backend
+    /// keeps them.
+    pub fn set_xattrs(&self, mode: crate::config::Xattr) {
+        let on = match mode {
+            crate::config::Xattr::On => true,
+            crate::config::Xattr::Off => false,
+            crate::config::Xattr::Auto => self.backend.xattrs(),
+        };
+        self.no_xattrs.store(!on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether extended attributes are served.
+    pub fn xattrs(&self) -> bool {
+        !self.no_xattrs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether INIT asks for FUSE_POSIX_ACL.
@@ -1142,6 +1168,13 @@ impl EfuseFs {
     pub fn readdir_plus(&self, dir: u64, dh: Fh, offset: u64, out: &mut dyn DirPlusReplier) -> FsResult<()> {
         let mut offset = offset;
         loop {
+            // Every entry of the listing pins its inode, as a lookup does:
+            // past the budget, ask the kernel to drop unused entries (a
+            // walk of a big tree otherwise fills the descriptor table
+            // without a single lookup noticing).
+            if self.inodes.len() > self.fd_budget {
+                self.relieve_fd_pressure(false);
+            }
             let epoch = self.mirror.epoch();
             let batch = self.backend.readdir_plus(dh, offset, READDIR_BATCH)?;
             if batch.is_empty() {

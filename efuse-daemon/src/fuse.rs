@@ -318,6 +318,17 @@ impl Dispatcher {
             self.metrics.record(opcode, t, true);
             return Done::Error(libc::EACCES);
         }
+        if !self.fs.xattrs()
+            && matches!(
+                req,
+                Req::Getxattr { .. } | Req::Listxattr { .. } | Req::Setxattr { .. } | Req::Removexattr { .. }
+            )
+        {
+            // ENOSYS: the kernel remembers that this connection has no such
+            // operation and answers every later call EOPNOTSUPP itself.
+            self.metrics.record(opcode, t, true);
+            return Done::Error(libc::ENOSYS);
+        }
         let res: FsResult<()> = match req {
             Req::Init(_) => Err(FsError::Errno(libc::EPROTO)),
             Req::Destroy => Ok(()),

@@ -86,6 +86,33 @@ fn cstr(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| BackendError::InvalidName(name.to_owned()))
 }
 
+/// getxattrat(2)/listxattrat(2) (Linux 6.13+): read attributes through the
+/// O_PATH descriptor itself. Without them every call resolves the
+/// `/proc/self/fd/N` path (a procfs lookup and a magic-link walk).
+const SYS_GETXATTRAT: libc::c_long = 464;
+const SYS_LISTXATTRAT: libc::c_long = 465;
+
+/// `struct xattr_args`.
+#[repr(C)]
+struct XattrArgs {
+    value: u64,
+    size: u32,
+    flags: u32,
+}
+
+/// The `*xattrat` calls may be used (cleared at the first ENOSYS).
+static XATTR_AT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// The kernel has no `*xattrat` syscalls (ENOSYS; EBADF where an older
+/// kernel refuses an O_PATH descriptor): remember, and use the path.
+fn xattr_at_missing<T>(r: &Result<T>) -> bool {
+    let missing = matches!(r, Err(e) if matches!(e.to_errno(), libc::ENOSYS | libc::EBADF));
+    if missing {
+        XATTR_AT.store(false, Ordering::Relaxed);
+    }
+    missing
+}
+
 fn proc_path(fd: RawFd) -> CString {
     CString::new(format!("/proc/self/fd/{fd}")).expect("no NUL in a number")
 }
@@ -997,8 +1024,34 @@ impl Backend for DirBackend {
     }
 
     fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
-        let (_fd, path) = self.xattr_target(ino)?;
         let n = cstr(name)?;
+        if XATTR_AT.load(Ordering::Relaxed) {
+            let fd = self.fd(ino)?;
+            let r = Self::xattr_buf("getxattrat", |p, len| {
+                let mut args = XattrArgs {
+                    value: p as u64,
+                    size: len as u32,
+                    flags: 0,
+                };
+                // SAFETY: a valid descriptor, C strings, and `args` naming a
+                // buffer of `len` bytes (or null, 0).
+                unsafe {
+                    libc::syscall(
+                        SYS_GETXATTRAT,
+                        fd.as_raw_fd(),
+                        c"".as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                        n.as_ptr(),
+                        &mut args as *mut XattrArgs,
+                        std::mem::size_of::<XattrArgs>(),
+                    ) as isize
+                }
+            });
+            if !xattr_at_missing(&r) {
+                return r;
+            }
+        }
+        let (_fd, path) = self.xattr_target(ino)?;
         Self::xattr_buf("getxattr", |p, len| {
             // SAFETY: valid C strings and a buffer of `len` bytes (or null, 0).
             unsafe { libc::getxattr(path.as_ptr(), n.as_ptr(), p, len) }
@@ -1023,6 +1076,25 @@ impl Backend for DirBackend {
     }
 
     fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
+        if XATTR_AT.load(Ordering::Relaxed) {
+            let fd = self.fd(ino)?;
+            let r = Self::xattr_buf("listxattrat", |p, len| {
+                // SAFETY: a valid descriptor and a buffer of `len` bytes (or null, 0).
+                unsafe {
+                    libc::syscall(
+                        SYS_LISTXATTRAT,
+                        fd.as_raw_fd(),
+                        c"".as_ptr(),
+                        libc::AT_EMPTY_PATH,
+                        p,
+                        len,
+                    ) as isize
+                }
+            });
+            if !xattr_at_missing(&r) {
+                return r;
+            }
+        }
         let (_fd, path) = self.xattr_target(ino)?;
         Self::xattr_buf("listxattr", |p, len| {
             // SAFETY: valid C string and a buffer of `len` bytes (or null, 0).
@@ -1167,6 +1239,14 @@ impl Backend for DirBackend {
         }
         // SAFETY: freshly opened, owned from here.
         self.pin_fd(unsafe { OwnedFd::from_raw_fd(p) })
+    }
+
+    fn xattrs(&self) -> bool {
+        // A filesystem without extended attributes answers EOPNOTSUPP.
+        !matches!(
+            self.listxattr(self.root_ino),
+            Err(e) if e.to_errno() == libc::EOPNOTSUPP
+        )
     }
 
     fn posix_acl(&self) -> bool {

@@ -308,6 +308,11 @@ impl Backend for SimBackend {
         let _call = self.enter(Class::Meta)?;
         self.inner.statfs()
     }
+    /// 3FS keeps no extended attributes: `-o xattr=auto` answers none
+    /// (`-o xattr=on` still passes them to the inner backend).
+    fn xattrs(&self) -> bool {
+        false
+    }
     fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
         let _call = self.enter(Class::Meta)?;
         self.inner.getxattr(ino, name)
