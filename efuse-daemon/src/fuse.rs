@@ -495,8 +495,19 @@ impl Dispatcher {
             } => self
                 .fs
                 .create(caller(h, umask), ino, name, mode, flags as i32)
-                .map(|(e, o)| {
-                    self.backing.lock().add_cached(o.fh, e.attr.ino);
+                .map(|(e, mut o)| {
+                    if self.zero_open() {
+                        // Zero-message opens: once OPEN got ENOSYS the kernel
+                        // sends no RELEASE for any file of the connection,
+                        // created ones included, so a handle given here
+                        // would never be closed (one descriptor leaked per
+                        // create). The file's I/O uses the inode's shared
+                        // handle, as every other open's does.
+                        self.fs.release(o.fh);
+                        o.fh = 0;
+                    } else {
+                        self.backing.lock().add_cached(o.fh, e.attr.ino);
+                    }
                     entry_out(out, &e);
                     open_out(out, o.fh, fopen_flags(&o), 0);
                 }),
