@@ -268,10 +268,13 @@ impl EfuseFs {
         // Zero-message opens keep up to MAX_INODE_HANDLES shared backend
         // handles open besides the pins: leave room for them (a full-size
         // `efuse bench` under a 20,000 descriptor limit ran out on them).
+        let limit_budget = fd_budget();
         let fd_budget = if kernel_cfg.zero_open {
-            fd_budget().saturating_sub(MAX_INODE_HANDLES).max(fd_budget() / 2)
+            limit_budget
+                .saturating_sub(MAX_INODE_HANDLES)
+                .max(limit_budget / 2)
         } else {
-            fd_budget()
+            limit_budget
         };
         Self {
             meta,

@@ -334,11 +334,13 @@ impl Dispatcher {
             Req::Destroy => Ok(()),
             Req::Lookup { name } => match self.fs.lookup(ino, name) {
                 // The kernel caches the absence of the name for `neg`.
-                Err(e) if e.to_errno() == libc::ENOENT && !self.fs.policy().negative_ttl.is_zero() => {
-                    let neg = self.fs.policy().negative_ttl;
-                    negative_entry(out, neg);
-                    Ok(())
-                }
+                Err(e) if e.to_errno() == libc::ENOENT => match self.fs.policy().negative_ttl {
+                    neg if neg.is_zero() => Err(e),
+                    neg => {
+                        negative_entry(out, neg);
+                        Ok(())
+                    }
+                },
                 r => r.map(|e| entry_out(out, &e)),
             },
             Req::Forget { nlookup } => {

@@ -415,6 +415,14 @@ pub fn within<T: Send + 'static>(d: Duration, f: impl FnOnce() -> T + Send + 'st
     rx.recv_timeout(d).expect("operation hung")
 }
 
+/// `efuse mount SRC MNT EXTRA...`, daemonized; panics unless it succeeds.
+pub fn mount_daemonized(src: &Path, mnt: &Path, extra: &[&str]) {
+    let mut args: Vec<&std::ffi::OsStr> = vec!["mount".as_ref(), src.as_os_str(), mnt.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    let (code, _, err) = efuse(&args);
+    assert_eq!(code, 0, "{err}");
+}
+
 /// Run the efuse CLI; returns (exit code, stdout, stderr).
 pub fn efuse(args: &[&std::ffi::OsStr]) -> (i32, String, String) {
     let out = Command::new(efuse_bin()).args(args).output().expect("run efuse");

@@ -12,7 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use efuse_tests::{Daemonized, TestMount, efuse, mount_connection, process_gone, status_pid, within};
+use efuse_tests::{
+    Daemonized, TestMount, efuse, mount_connection, mount_daemonized, process_gone, status_pid, within,
+};
 
 /// The mounts every open-path test runs on: both tiers that exist on a
 /// stock kernel, over the dir backend, and the in-memory backend.
@@ -391,13 +393,6 @@ fn a_killed_kernel_tier_daemon_under_a_shared_mmap_writer_leaves_enotconn() {
 }
 
 use efuse_tests::src_and_mnt as dirs;
-
-fn mount_daemonized(src: &Path, mnt: &Path, extra: &[&str]) {
-    let mut args: Vec<&OsStr> = vec![OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()];
-    args.extend(extra.iter().map(OsStr::new));
-    let (code, _, err) = efuse(&args);
-    assert_eq!(code, 0, "{err}");
-}
 
 #[test]
 fn umount_returns_only_once_the_daemon_has_exited() {

@@ -11,12 +11,11 @@ use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use efuse_tests::{
-    Daemonized, TestMount, efuse, mount_connection, mount_stats, process_gone, src_and_mnt, status_pid,
-    within,
+    Daemonized, TestMount, efuse, mount_connection, mount_daemonized, mount_stats, process_gone, src_and_mnt,
+    status_pid, within,
 };
 
 fn uring_offered() -> bool {
@@ -178,13 +177,6 @@ fn a_killed_daemon_leaves_enotconn_at_once_and_no_thread_behind() {
         assert_eq!(fs::read(m.b("kept")).unwrap(), b"safe");
         assert_eq!(fs::read(m.b("half")).unwrap(), b"first");
     }
-}
-
-fn mount_daemonized(src: &Path, mnt: &Path, extra: &[&str]) {
-    let mut args: Vec<&OsStr> = vec![OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()];
-    args.extend(extra.iter().map(OsStr::new));
-    let (code, _, err) = efuse(&args);
-    assert_eq!(code, 0, "{err}");
 }
 
 #[test]

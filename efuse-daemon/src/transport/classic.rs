@@ -95,15 +95,21 @@ thread_local! {
     static POOL_REPLY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Serve `req` on the I/O pool thread this runs on.
-pub fn serve_on_pool(disp: &Dispatcher, dev: &OwnedFd, req: &[u8]) {
+/// Run `f` with the reply buffer ([`REPLY_BUF_LEN`] bytes) of the I/O pool
+/// thread this runs on (both transports serve remote backends there).
+pub fn with_pool_reply<R>(f: impl FnOnce(&mut [u8]) -> R) -> R {
     POOL_REPLY.with(|b| {
         let mut b = b.borrow_mut();
         if b.len() < REPLY_BUF_LEN {
             b.resize(REPLY_BUF_LEN, 0);
         }
-        serve(disp, req, &mut b, |m| write_reply(dev, m));
-    });
+        f(&mut b)
+    })
+}
+
+/// Serve `req` on the I/O pool thread this runs on.
+pub fn serve_on_pool(disp: &Dispatcher, dev: &OwnedFd, req: &[u8]) {
+    with_pool_reply(|b| serve(disp, req, b, |m| write_reply(dev, m)));
 }
 
 /// A worker: serve requests until the connection closes.

@@ -335,17 +335,10 @@ fn queue(
                 Some(p) => {
                     let (d, es, rs) = (disp.clone(), ents.clone(), returns.clone());
                     drop(p.spawn_blocking(move || {
-                        thread_local! {
-                            static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-                        }
-                        SCRATCH.with(|s| {
-                            let mut s = s.borrow_mut();
-                            if s.len() < OUT_HEADER_LEN + PAYLOAD_LEN {
-                                s.resize(OUT_HEADER_LEN + PAYLOAD_LEN, 0);
-                            }
+                        super::classic::with_pool_reply(|s| {
                             // SAFETY: entry i is this task's until handed back.
                             let e = unsafe { &mut *es.0[i].get() };
-                            answer(&d, e, &mut s);
+                            answer(&d, e, s);
                         });
                         rs.done.lock().push(i);
                         let one = 1u64.to_ne_bytes();
