@@ -885,6 +885,66 @@ fn daemon_pid(r: &MountRecord) -> Option<u32> {
     (pid_alive(r.pid) && (comm.starts_with("efuse") || comm.starts_with("mount.fuse"))).then_some(r.pid)
 }
 
+/// How long `efuse umount` waits for a busy mount to settle.
+const BUSY_GRACE: Duration = Duration::from_secs(1);
+
+/// umount2, waiting up to [`BUSY_GRACE`] while the mount is busy. A
+/// reference can be transient: a forked child holds copies of its parent's
+/// descriptors until it execs (close-on-exec drops them only then), and a
+/// path walk through the mount pins it for the walk. A file kept open, or a
+/// cwd, still fails after the grace.
+fn umount_settled(mp: &Path, flags: nix::mount::MntFlags) -> nix::Result<()> {
+    let deadline = Instant::now() + BUSY_GRACE;
+    loop {
+        match nix::mount::umount2(mp, flags) {
+            Err(nix::errno::Errno::EBUSY) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Processes with a descriptor, cwd or root inside the mount at `mp`
+/// ("pid (comm)"), as fuser -m would list them; best effort.
+fn mount_holders(mp: &Path) -> Vec<String> {
+    // Everything inside one mount shares its st_dev. AT_STATX_DONT_SYNC:
+    // FUSE answers from what it has, so a stuck daemon cannot hang this.
+    let dev_of = |p: &Path| -> Option<(u32, u32)> {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+        // SAFETY: a valid C string and a zeroed statx the kernel fills.
+        let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), libc::AT_STATX_DONT_SYNC, 0, &mut st) };
+        (rc == 0).then_some((st.stx_dev_major, st.stx_dev_minor))
+    };
+    let Some(dev) = dev_of(mp) else {
+        return Vec::new();
+    };
+    let on_mount = |p: &Path| dev_of(p) == Some(dev);
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in procs.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == std::process::id() {
+            continue;
+        }
+        let base = e.path();
+        let mut held = on_mount(&base.join("cwd")) || on_mount(&base.join("root"));
+        if !held && let Ok(fds) = fs::read_dir(base.join("fd")) {
+            held = fds.flatten().any(|fd| on_mount(&fd.path()));
+        }
+        if held {
+            let comm = fs::read_to_string(base.join("comm")).unwrap_or_default();
+            out.push(format!("{pid} ({})", comm.trim_end()));
+        }
+    }
+    out
+}
+
 /// `efuse umount`: unmount, then return only once the daemon has exited.
 pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
     let mp = absolute(&args.mountpoint)?;
@@ -911,14 +971,20 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
     } else {
         nix::mount::MntFlags::empty()
     };
-    if let Err(e) = nix::mount::umount2(&mp, flags) {
+    if let Err(e) = umount_settled(&mp, flags) {
         // An aborted daemon may have detached its mount itself meanwhile:
         // what counts is that this connection's mount is gone.
         let gone = connection_of(&mp) != Some(m.dev);
         if !gone {
             if e == nix::errno::Errno::EBUSY {
+                let holders = mount_holders(&mp);
+                let who = if holders.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (held by {})", holders.join(", "))
+                };
                 bail!(
-                    "{} is busy (a process has a file open or its cwd there); close it or use --lazy",
+                    "{} is busy{who}: a process has a file open or its cwd there; close it or use --lazy",
                     mp.display()
                 );
             }

@@ -198,3 +198,37 @@ fn help_lists_every_command() {
         "{out}"
     );
 }
+
+#[test]
+fn busy_umount_names_the_holder_and_waits_out_a_short_hold() {
+    let (_t, src, mnt) = dirs();
+    fs::write(src.join("f"), b"data").unwrap();
+    let _guard = Daemonized { mnt: mnt.clone() };
+    let (code, _, err) = efuse(&[OsStr::new("mount"), src.as_os_str(), mnt.as_os_str()]);
+    assert_eq!(code, 0, "{err}");
+    // A process that keeps a file open: the unmount is refused, names it,
+    // and the mount keeps serving (as umount(8) on a plain mount: EBUSY).
+    let mut holder = std::process::Command::new("sleep")
+        .arg("30")
+        .stdin(fs::File::open(mnt.join("f")).unwrap())
+        .spawn()
+        .unwrap();
+    let (code, _, err) = efuse(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert_ne!(code, 0);
+    assert!(err.contains("busy"), "{err}");
+    assert!(err.contains(&format!("{} (sleep)", holder.id())), "{err}");
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"data");
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // A reference that goes away within the grace (a forked child that
+    // still has its parent's descriptors, say) does not fail the unmount.
+    let mut brief = std::process::Command::new("sleep")
+        .arg("0.3")
+        .stdin(fs::File::open(mnt.join("f")).unwrap())
+        .spawn()
+        .unwrap();
+    let (code, _, err) = efuse(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(mount_connection(&mnt).is_none());
+    let _ = brief.wait();
+}
