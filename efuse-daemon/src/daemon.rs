@@ -912,8 +912,9 @@ fn mount_holders(mp: &Path) -> Vec<String> {
     // FUSE answers from what it has, so a stuck daemon cannot hang this.
     let dev_of = |p: &Path| -> Option<(u32, u32)> {
         let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
-        // SAFETY: a valid C string and a zeroed statx the kernel fills.
+        // SAFETY: statx is plain data; all-zero is a valid value.
         let mut st: libc::statx = unsafe { std::mem::zeroed() };
+        // SAFETY: a NUL-terminated path and a statx the kernel fills.
         let rc = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), libc::AT_STATX_DONT_SYNC, 0, &mut st) };
         (rc == 0).then_some((st.stx_dev_major, st.stx_dev_minor))
     };
