@@ -183,11 +183,22 @@ pub mod ops {
     pub const MAP_MISSES: &str = "EFUSE_MISSES";
     /// Map: per-CPU array of `u64` counters, indexed by the `CTR_*` constants.
     pub const MAP_COUNTERS: &str = "EFUSE_OPS_COUNTERS";
+    /// Map: nodeid `u64` -> [`OpenValue`]: how to answer a read-only open.
+    pub const MAP_OPENS: &str = "EFUSE_OPENS";
+    /// Map: nodeid `u64` -> [`NoXattr`]: the inode has no extended
+    /// attributes at all, and what asking for one gives.
+    pub const MAP_NOXATTR: &str = "EFUSE_NOXATTR";
 
     /// Program answering LOOKUP (member `lookup` of `fuse_bpf_ops`).
     pub const PROG_LOOKUP: &str = "efuse_lookup";
     /// Program answering GETATTR (member `getattr` of `fuse_bpf_ops`).
     pub const PROG_GETATTR: &str = "efuse_getattr";
+    /// Program answering read-only OPEN (member `open`).
+    pub const PROG_OPEN: &str = "efuse_open";
+    /// Program failing terminal IOCTLs (member `ioctl`).
+    pub const PROG_IOCTL: &str = "efuse_ioctl";
+    /// Program answering GETXATTR of absent attributes (member `getxattr`).
+    pub const PROG_GETXATTR: &str = "efuse_getxattr";
 
     /// Size of the name buffer (the kernel's `FUSE_BPF_NAME_MAX`): names
     /// up to 255 bytes, NUL-padded.
@@ -201,6 +212,10 @@ pub mod ops {
     pub const DEFAULT_LOOKUPS: u32 = 65_536;
     /// Ring buffer size in bytes (power of two, multiple of the page size).
     pub const MISSES_BYTES: u32 = 256 * 1024;
+    /// Default size of the open map (the `[bpf] backing_max` default).
+    pub const DEFAULT_OPENS: u32 = 16_384;
+    /// Default size of the no-xattr map.
+    pub const DEFAULT_NOXATTR: u32 = 65_536;
 
     /// Counter: lookups answered.
     pub const CTR_LOOKUP_HIT: u32 = 0;
@@ -219,8 +234,107 @@ pub mod ops {
     pub const CTR_RACES: u32 = 6;
     /// Counter: entries or attributes found past their validity.
     pub const CTR_EXPIRED: u32 = 7;
+    /// Counter: opens answered (passthrough to a registered backing file).
+    pub const CTR_OPEN_HIT: u32 = 8;
+    /// Counter: opens sent to the daemon.
+    pub const CTR_OPEN_MISS: u32 = 9;
+    /// Counter: ioctls failed with ENOTTY in the kernel.
+    pub const CTR_IOCTL_HIT: u32 = 10;
+    /// Counter: ioctls sent to the daemon.
+    pub const CTR_IOCTL_MISS: u32 = 11;
+    /// Counter: getxattrs answered ENODATA in the kernel.
+    pub const CTR_GETXATTR_HIT: u32 = 12;
+    /// Counter: getxattrs sent to the daemon.
+    pub const CTR_GETXATTR_MISS: u32 = 13;
     /// Number of counters.
-    pub const COUNTERS: u32 = 8;
+    pub const COUNTERS: u32 = 14;
+
+    /// `FOPEN_KEEP_CACHE` (include/uapi/linux/fuse.h).
+    pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
+    /// `FOPEN_NOFLUSH`.
+    pub const FOPEN_NOFLUSH: u32 = 1 << 5;
+    /// `FOPEN_PASSTHROUGH`.
+    pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
+
+    /// Value of the open map: the `struct fuse_open_out` fields a program
+    /// answers with, valid until `deadline_ns`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct OpenValue {
+        /// The passthrough backing id (`FUSE_DEV_IOC_BACKING_OPEN`).
+        pub backing_id: u32,
+        /// `FOPEN_*` flags of the answer.
+        pub open_flags: u32,
+        /// CLOCK_MONOTONIC ns after which the daemon answers again.
+        pub deadline_ns: u64,
+    }
+
+    /// Value of the no-xattr map: an inode without extended attributes, and
+    /// the errno a GETXATTR of a `security.*` or `system.posix_acl_*` name
+    /// gets from the backend (ENODATA, or EOPNOTSUPP where the backing
+    /// filesystem has no such namespace; 0: ask the daemon).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct NoXattr {
+        /// CLOCK_MONOTONIC ns after which the daemon answers again.
+        pub deadline_ns: u64,
+        /// Errno for `security.*` names.
+        pub security_errno: u16,
+        /// Errno for `system.posix_acl_*` names.
+        pub acl_errno: u16,
+        /// Padding, zero.
+        pub _pad: u32,
+    }
+
+    /// `struct fuse_open_out`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct FuseOpenOut {
+        /// Server handle (the kernel forces 0 for BPF answers).
+        pub fh: u64,
+        /// `FOPEN_*` flags.
+        pub open_flags: u32,
+        /// Backing id for `FOPEN_PASSTHROUGH`.
+        pub backing_id: i32,
+    }
+
+    /// `struct fuse_bpf_getxattr_args` (the kernel's arguments).
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct GetxattrArgs {
+        /// nodeid of the inode.
+        pub nodeid: u64,
+        /// Size of the caller's buffer.
+        pub size: u32,
+        /// Length of the name.
+        pub namelen: u32,
+        /// The full name, zero-padded.
+        pub name: [u8; NAME_MAX],
+    }
+
+    /// `struct fuse_bpf_ioctl_args`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct IoctlArgs {
+        /// nodeid of the inode.
+        pub nodeid: u64,
+        /// The ioctl command.
+        pub cmd: u32,
+        /// `FUSE_IOCTL_*` flags.
+        pub flags: u32,
+    }
+
+    /// `struct fuse_bpf_open_args`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug)]
+    pub struct OpenArgs {
+        /// nodeid of the file.
+        pub nodeid: u64,
+        /// open(2) flags.
+        pub flags: u32,
+        /// Padding.
+        pub _pad: u32,
+    }
 
     /// FUSE opcode carried in [`MissEvent::opcode`] (only lookups are
     /// reported: a GETATTR miss reaches the daemon, whose reply fills the map).
@@ -401,6 +515,10 @@ mod pod {
     unsafe impl aya::Pod for AttrValue {}
     // SAFETY: see above.
     unsafe impl aya::Pod for MissEvent {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ops::OpenValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::ops::NoXattr {}
 }
 
 #[cfg(test)]

@@ -98,10 +98,12 @@ enum Workload {
     RandRead4K,
     CreateUnlink,
     DataLoader,
+    PyRead,
+    LsL,
 }
 
 impl Workload {
-    const ALL: [Workload; 9] = [
+    const ALL: [Workload; 11] = [
         Self::StatWarm,
         Self::DeepLookupCold,
         Self::TreeWalkFirst,
@@ -111,6 +113,8 @@ impl Workload {
         Self::RandRead4K,
         Self::CreateUnlink,
         Self::DataLoader,
+        Self::PyRead,
+        Self::LsL,
     ];
 
     fn short(self) -> &'static str {
@@ -124,6 +128,8 @@ impl Workload {
             Self::RandRead4K => "rand read 4K",
             Self::CreateUnlink => "create+unlink",
             Self::DataLoader => "data loader",
+            Self::PyRead => "python read",
+            Self::LsL => "ls -l",
         }
     }
 
@@ -138,6 +144,8 @@ impl Workload {
             Self::RandRead4K => "random read 4 KiB",
             Self::CreateUnlink => "create+unlink",
             Self::DataLoader => "data loader, 16-128 KiB files x4 threads",
+            Self::PyRead => "Python-style read 4 KiB (open, fstat, isatty, read, close)",
+            Self::LsL => "ls -l of 1,000 entries, warm (per entry)",
         }
     }
 }
@@ -300,6 +308,10 @@ impl Bench {
             fs::write(d.join(format!("loader/l{i}")), &chunk[..n])?;
         }
         fs::create_dir_all(d.join("churn"))?;
+        fs::create_dir_all(d.join("lsl"))?;
+        for i in 0..LSL_ENTRIES {
+            fs::write(d.join(format!("lsl/e{i:04}")), b"entry")?;
+        }
         Ok(())
     }
 
@@ -563,6 +575,27 @@ impl Bench {
                     })?;
                 }
             }
+            Workload::PyRead => {
+                let mut buf = Vec::with_capacity(8192);
+                for i in 0..s.small_files {
+                    py_read(&r.join(format!("small/s{i}")), &mut buf)?;
+                }
+                start = begin();
+                for i in 0..s.small_files {
+                    let p = r.join(format!("small/s{i}"));
+                    timed(&mut samples, &mut || {
+                        let n = py_read(&p, &mut buf)?;
+                        anyhow::ensure!(n == 4096, "short read {n}");
+                        Ok(())
+                    })?;
+                }
+            }
+            Workload::LsL => {
+                let d = r.join("lsl");
+                ls_l(&d, &mut Vec::new())?;
+                start = begin();
+                ls_l(&d, &mut samples)?;
+            }
             Workload::DataLoader => {
                 let mut order: Vec<usize> = (0..s.loader_files).collect();
                 order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(3));
@@ -611,6 +644,50 @@ impl Bench {
             cpu,
         })
     }
+}
+
+/// Entries of the `ls -l` workload's directory.
+const LSL_ENTRIES: usize = 1000;
+
+/// What Python's `open(p, 'rb').read()` asks of the filesystem: open,
+/// fstat, isatty (TCGETS, which must fail), read to the end, close.
+fn py_read(p: &Path, buf: &mut Vec<u8>) -> anyhow::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut f = File::open(p)?;
+    let len = f.metadata()?.len() as usize;
+    // SAFETY: zeroed plain-data out struct.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out pointer.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, &mut t) };
+    anyhow::ensure!(rc < 0, "TCGETS succeeded on {}", p.display());
+    buf.clear();
+    buf.reserve(len + 1);
+    Ok(f.read_to_end(buf)?)
+}
+
+/// What GNU `ls -l` asks per entry: the listing, then lstat, the SELinux
+/// label and the access ACL of each. One sample per entry (its share of the
+/// listing included).
+fn ls_l(dir: &Path, samples: &mut Vec<u64>) -> anyhow::Result<()> {
+    let xattr = |p: &std::ffi::CStr, name: &std::ffi::CStr, size: usize| {
+        let mut buf = [0u8; 256];
+        // SAFETY: valid C strings and a buffer of at least `size` bytes.
+        unsafe { libc::lgetxattr(p.as_ptr(), name.as_ptr(), buf.as_mut_ptr().cast(), size) }
+    };
+    let t0 = Instant::now();
+    let names: Vec<PathBuf> = fs::read_dir(dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    let list = t0.elapsed().as_nanos() as u64 / names.len().max(1) as u64;
+    for p in names {
+        let t = Instant::now();
+        fs::symlink_metadata(&p)?;
+        let c = std::ffi::CString::new(p.into_os_string().into_encoded_bytes())?;
+        xattr(&c, c"security.selinux", 255);
+        xattr(&c, c"system.posix_acl_access", 0);
+        samples.push(list + t.elapsed().as_nanos() as u64);
+    }
+    Ok(())
 }
 
 /// `ls -lR`: list each directory and lstat every entry. One sample per

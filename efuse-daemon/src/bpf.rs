@@ -25,12 +25,13 @@ use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapError as AyaMapError, Pe
 use aya::{Ebpf, EbpfLoader};
 use efuse_common::ops::{
     AttrValue, COUNTERS, EntryValue, MAP_ATTRS, MAP_COUNTERS, MAP_ENTRIES, MAP_LOOKUPS, MAP_MISSES,
-    MissEvent, NameKey, PROG_GETATTR, PROG_LOOKUP,
+    MAP_NOXATTR, MAP_OPENS, MissEvent, NameKey, NoXattr, OpenValue, PROG_GETATTR, PROG_GETXATTR, PROG_IOCTL,
+    PROG_LOOKUP, PROG_OPEN,
 };
 use parking_lot::Mutex;
 
 use crate::config::BpfConfig;
-use crate::offload::{KernelMaps, MapError};
+use crate::offload::{Answers, KernelMaps, MapError};
 
 static OPS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/efuse-ops"));
 
@@ -44,6 +45,9 @@ pub struct BpfMaps {
     attrs: Mutex<BpfHashMap<MapData, u64, AttrValue>>,
     lookups: Mutex<BpfHashMap<MapData, u64, u64>>,
     counters: PerCpuArray<MapData, u64>,
+    opens: Mutex<BpfHashMap<MapData, u64, OpenValue>>,
+    noxattr: Mutex<BpfHashMap<MapData, u64, NoXattr>>,
+    answers: Answers,
 }
 
 fn map_error(e: AyaMapError) -> MapError {
@@ -105,6 +109,29 @@ impl KernelMaps for BpfMaps {
             }
         }
         out
+    }
+    fn answers(&self) -> Answers {
+        self.answers
+    }
+    fn put_open(&self, ino: u64, value: &OpenValue) -> Result<(), MapError> {
+        self.opens.lock().insert(ino, value, 0).map_err(map_error)
+    }
+    fn del_open(&self, ino: u64) {
+        if let Err(e) = self.opens.lock().remove(&ino)
+            && !is_absent(&e)
+        {
+            tracing::error!("cannot delete from the BPF open map: {e}");
+        }
+    }
+    fn put_noxattr(&self, ino: u64, value: &NoXattr) -> Result<(), MapError> {
+        self.noxattr.lock().insert(ino, value, 0).map_err(map_error)
+    }
+    fn del_noxattr(&self, ino: u64) {
+        if let Err(e) = self.noxattr.lock().remove(&ino)
+            && !is_absent(&e)
+        {
+            tracing::error!("cannot delete from the BPF no-xattr map: {e}");
+        }
     }
 }
 
@@ -176,6 +203,8 @@ pub fn attach(
         .map_max_entries(MAP_ENTRIES, cfg.entries)
         .map_max_entries(MAP_ATTRS, cfg.attrs)
         .map_max_entries(MAP_LOOKUPS, cfg.lookups)
+        .map_max_entries(MAP_OPENS, cfg.backing_max.max(1))
+        .map_max_entries(MAP_NOXATTR, cfg.attrs)
         .load(OPS_OBJECT)
         .context("creating the bpf tier's maps")?;
 
@@ -203,17 +232,46 @@ pub fn attach(
 
     let mut kvalue = vec![0u8; value.size as usize];
     let mut progs = Vec::new();
-    for (prog, member) in [(PROG_LOOKUP, "lookup"), (PROG_GETATTR, "getattr")] {
+    let mut answers = Answers::default();
+    // lookup and getattr are the hook's first patch; the others came later
+    // (kernel/patches/0002-0004) and are used where the kernel has them.
+    let wanted = [
+        (PROG_LOOKUP, "lookup", true),
+        (PROG_GETATTR, "getattr", true),
+        (PROG_OPEN, "open", cfg.backing_max > 0),
+        (PROG_IOCTL, "ioctl", true),
+        (PROG_GETXATTR, "getxattr", true),
+    ];
+    for (prog, member, want) in wanted {
+        let m = match ops.member(member) {
+            Ok(m) => m,
+            Err(e) if prog == PROG_LOOKUP || prog == PROG_GETATTR => return Err(e),
+            Err(_) => {
+                tracing::info!(
+                    "this kernel's fuse_bpf_ops has no `{member}`: {member} requests go to the daemon \
+                     (apply kernel/patches/ in full)"
+                );
+                continue;
+            }
+        };
+        if !want {
+            continue;
+        }
         let p = obj
             .programs
             .get(prog)
             .with_context(|| format!("BPF object has no program {prog}"))?;
         let insns = &obj.functions[&p.function_key()].instructions;
-        let m = ops.member(member)?;
         let fd = sys::load_struct_ops_prog(prog, insns, ops.id, m.index)?;
         let off = data_off + m.offset as usize;
         kvalue[off..off + 8].copy_from_slice(&(fd.as_raw_fd() as u64).to_ne_bytes());
         progs.push(fd);
+        match member {
+            "open" => answers.open = true,
+            "ioctl" => answers.ioctl = true,
+            "getxattr" => answers.getxattr = true,
+            _ => {}
+        }
     }
     let off = data_off + ops.member("dev")?.offset as usize;
     kvalue[off..off + 4].copy_from_slice(&dev.to_ne_bytes());
@@ -234,6 +292,9 @@ pub fn attach(
         attrs: Mutex::new(take(&mut ebpf, MAP_ATTRS)?),
         lookups: Mutex::new(take(&mut ebpf, MAP_LOOKUPS)?),
         counters: take(&mut ebpf, MAP_COUNTERS)?,
+        opens: Mutex::new(take(&mut ebpf, MAP_OPENS)?),
+        noxattr: Mutex::new(take(&mut ebpf, MAP_NOXATTR)?),
+        answers,
     });
 
     let link = sys::link_struct_ops(&ops_map).map_err(|e| match e.raw_os_error() {

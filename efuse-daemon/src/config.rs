@@ -181,6 +181,11 @@ pub struct BpfConfig {
     pub prefetch_every_ms: u64,
     /// Entries one directory prefetch takes at most.
     pub prefetch_max: usize,
+    /// Regular files whose read-only opens the kernel may answer at once:
+    /// each holds one passthrough backing id (about 1 KiB of kernel memory,
+    /// no daemon descriptor) until the kernel forgets the inode. Beyond
+    /// this, opens go to the daemon. 0 turns open offload off.
+    pub backing_max: u32,
 }
 
 impl Default for BpfConfig {
@@ -191,6 +196,7 @@ impl Default for BpfConfig {
             lookups: efuse_common::ops::DEFAULT_LOOKUPS,
             prefetch_every_ms: 1_000,
             prefetch_max: 65_536,
+            backing_max: efuse_common::ops::DEFAULT_OPENS,
         }
     }
 }

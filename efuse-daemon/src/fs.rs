@@ -10,6 +10,7 @@
 //! `off` every TTL is zero and no open keeps the page cache, so every
 //! operation reaches the daemon.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -226,6 +227,9 @@ pub struct EfuseFs {
     posix_acl: std::sync::atomic::AtomicBool,
     /// `-o xattr` resolved to none: xattr requests are answered ENOSYS.
     no_xattrs: std::sync::atomic::AtomicBool,
+    /// Writable handles and their inodes: while an inode has one, the bpf
+    /// tier answers nothing about it (see `BpfMirror::writer_opened`).
+    writer_fhs: parking_lot::Mutex<HashMap<Fh, u64>>,
     inodes: Arc<InodeTable>,
     kernel_cfg: KernelTierConfig,
     /// What the bpf tier's maps hold (inactive unless attached).
@@ -291,6 +295,7 @@ impl EfuseFs {
             handle_clock: std::sync::atomic::AtomicU64::new(0),
             posix_acl: std::sync::atomic::AtomicBool::new(false),
             no_xattrs: std::sync::atomic::AtomicBool::new(false),
+            writer_fhs: parking_lot::Mutex::new(HashMap::new()),
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
             notifier: std::sync::OnceLock::new(),
@@ -574,6 +579,18 @@ impl EfuseFs {
             crate::config::Xattr::Auto => self.backend.xattrs(),
         };
         self.no_xattrs.store(!on, std::sync::atomic::Ordering::Relaxed);
+        self.mirror.set_xattrs(on);
+    }
+
+    /// The connection's passthrough backing ids (once the session exists).
+    pub fn set_passthrough(&self, pt: Arc<crate::passthrough::Passthrough>) {
+        pt.set_max_held(u64::from(self.bpf_cfg.backing_max));
+        self.mirror.set_passthrough(pt);
+    }
+
+    fn writer_opened(&self, fh: Fh, ino: u64) {
+        self.writer_fhs.lock().insert(fh, ino);
+        self.mirror.writer_opened(ino);
     }
 
     /// Whether extended attributes are served.
@@ -916,11 +933,11 @@ impl EfuseFs {
 
     /// Open a file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
-        // Reads of this open may not reach the daemon (passthrough) but
-        // change the atime: the next GETATTR must come here, not from a map.
-        self.mirror.drop_attr(ino);
+        // Passthrough reads change the atime without the daemon: the bpf
+        // tier's attributes keep the old one up to their TTL (SEMANTICS.md).
         let p = self.policy();
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
+
         let stage = p.passthrough && read_only && self.staging.get().is_some();
         // Staging keys copies by the attributes at open: get them with the open.
         let (fh, attr) = if stage {
@@ -929,6 +946,13 @@ impl EfuseFs {
         } else {
             (self.backend.open(self.b(ino), flags)?, None)
         };
+        // Before the reply: nothing stale is answered once the open (and
+        // its truncation) returns.
+        if !read_only {
+            self.writer_opened(fh, ino);
+        } else if flags & libc::O_TRUNC != 0 {
+            self.mirror.changed(&[], &[ino]);
+        }
         let mut staged = false;
         let backing = match (p.passthrough, self.backend.backing_file(fh), attr) {
             (false, _, _) => None,
@@ -1078,8 +1102,10 @@ impl EfuseFs {
             self.backend.create(who, self.b(parent), name, mode, flags),
         )?;
         let p = self.policy();
+        let e = self.entry(parent, name, a);
+        self.writer_opened(fh, e.attr.ino);
         Ok((
-            self.entry(parent, name, a),
+            e,
             Opened {
                 fh,
                 // A new file has nothing cached worth keeping; no passthrough
@@ -1122,6 +1148,9 @@ impl EfuseFs {
 
     /// Last close of a handle.
     pub fn release(&self, fh: Fh) {
+        if let Some(ino) = self.writer_fhs.lock().remove(&fh) {
+            self.mirror.writer_closed(ino);
+        }
         self.backend.release(fh)
     }
 

@@ -8,88 +8,20 @@
 //! time it took, in [`Metrics`]; errors are logged (quietly for expected
 //! errnos) and become the reply's errno. No filesystem logic lives here.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
-
-use parking_lot::Mutex;
 
 use crate::backend::{Attr, Caller, FileKind, SetAttr, SetTime};
 use crate::fs::{DirPlusReplier, DirReplier, Entry, FsError, FsResult, Opened, SharedFs, XattrReply};
 use crate::metrics::{Metrics, op};
+use crate::passthrough::Passthrough;
 use crate::transport::abi::{self, fopen, init as initf};
 use crate::transport::wire::{self, InHeader, InitIn, Out, Req};
-
-/// A passthrough backing file registered with the kernel
-/// (`FUSE_DEV_IOC_BACKING_OPEN`); closed when dropped.
-struct BackingId {
-    dev: Arc<OwnedFd>,
-    id: u32,
-}
-
-impl BackingId {
-    fn open(dev: &Arc<OwnedFd>, file: &std::fs::File) -> io::Result<Self> {
-        // struct fuse_backing_map { int32 fd; uint32 flags; uint64 padding; }
-        let mut map = [0u8; 16];
-        map[0..4].copy_from_slice(&file.as_raw_fd().to_ne_bytes());
-        // SAFETY: the ioctl reads 16 bytes from `map`.
-        let r = unsafe { libc::ioctl(dev.as_raw_fd(), abi::ioc::BACKING_OPEN, map.as_ptr()) };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self {
-            dev: dev.clone(),
-            id: r as u32,
-        })
-    }
-}
-
-impl Drop for BackingId {
-    fn drop(&mut self) {
-        let id = self.id;
-        // SAFETY: the ioctl reads one u32.
-        unsafe { libc::ioctl(self.dev.as_raw_fd(), abi::ioc::BACKING_CLOSE, &id) };
-    }
-}
-
-/// Passthrough state: one backing id per inode, shared by its open
-/// handles (the kernel requires it), held strongly by each handle and
-/// closed with the last one; and the count of cached (non-passthrough)
-/// opens per inode, because the kernel refuses to mix the two modes on one
-/// inode.
-#[derive(Default)]
-struct Backing {
-    /// Backing id of an inode and whether it is a staged (read-only) copy.
-    by_ino: HashMap<u64, (Weak<BackingId>, bool)>,
-    by_fh: HashMap<u64, (u64, Arc<BackingId>)>,
-    /// Cached opens: handle -> inode, and their number per inode.
-    cached_fh: HashMap<u64, u64>,
-    cached_per_ino: HashMap<u64, u32>,
-}
-
-impl Backing {
-    fn add_cached(&mut self, fh: u64, ino: u64) {
-        if self.cached_fh.insert(fh, ino).is_none() {
-            *self.cached_per_ino.entry(ino).or_default() += 1;
-        }
-    }
-
-    fn remove_cached(&mut self, fh: u64) {
-        if let Some(ino) = self.cached_fh.remove(&fh)
-            && let Some(n) = self.cached_per_ino.get_mut(&ino)
-        {
-            *n -= 1;
-            if *n == 0 {
-                self.cached_per_ino.remove(&ino);
-            }
-        }
-    }
-}
 
 /// What INIT negotiated.
 #[derive(Debug, Default)]
@@ -119,10 +51,8 @@ pub enum Done {
 pub struct Dispatcher {
     fs: SharedFs,
     metrics: Arc<Metrics>,
-    backing: Mutex<Backing>,
+    pt: Arc<Passthrough>,
     negotiated: Negotiated,
-    /// The connection's /dev/fuse descriptor (backing ids are registered on it).
-    dev: Arc<OwnedFd>,
     /// Without allow_other, the only uids served (the daemon's own, and
     /// with allow_root also root); see [`Dispatcher::restrict`].
     allowed: Option<(u32, bool)>,
@@ -131,12 +61,13 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// A dispatcher counting into `metrics`, registering backing files on `dev`.
     pub fn new(fs: SharedFs, metrics: Arc<Metrics>, dev: Arc<OwnedFd>) -> Self {
+        let pt = Arc::new(Passthrough::new(dev));
+        fs.set_passthrough(pt.clone());
         Self {
             fs,
             metrics,
-            backing: Mutex::new(Backing::default()),
+            pt,
             negotiated: Negotiated::default(),
-            dev,
             allowed: None,
         }
     }
@@ -270,6 +201,7 @@ impl Dispatcher {
                 // itself sit under overlayfs.
                 stack_depth = 1;
                 self.negotiated.passthrough.store(true, Ordering::Relaxed);
+                self.pt.set_granted(true);
             } else {
                 tracing::warn!(
                     "FUSE passthrough needs Linux 6.9+ (FUSE_PASSTHROUGH); this kernel does not offer it, \
@@ -508,7 +440,7 @@ impl Dispatcher {
                         self.fs.release(o.fh);
                         o.fh = 0;
                     } else {
-                        self.backing.lock().add_cached(o.fh, e.attr.ino);
+                        self.pt.state().add_cached(o.fh, e.attr.ino);
                     }
                     entry_out(out, &e);
                     open_out(out, o.fh, fopen_flags(&o), 0);
@@ -607,7 +539,7 @@ impl Dispatcher {
     /// (other opens use it), the bit is cleared now, since no write of this
     /// open will reach the daemon.
     fn reply_open(&self, ino: u64, o: Opened, out: &mut Out, sgid_writer: Option<Caller>) -> FsResult<()> {
-        let mut b = self.backing.lock();
+        let mut b = self.pt.state();
         let live_staged = b
             .by_ino
             .get(&ino)
@@ -619,8 +551,8 @@ impl Dispatcher {
             self.fs.release(o.fh);
             return Err(FsError::Errno(libc::ETXTBSY));
         }
-        let live = b.by_ino.get(&ino).and_then(|(w, _)| w.upgrade());
-        let has_cached = b.cached_per_ino.contains_key(&ino);
+        let live = b.live(ino);
+        let has_cached = b.has_cached(ino);
         let want = live.is_some()
             || (o.flags.passthrough
                 && !has_cached
@@ -638,7 +570,7 @@ impl Dispatcher {
         // register a new one.
         let id = match (want, live, o.backing.as_ref()) {
             (true, Some(id), _) => Some(Ok(id)),
-            (true, None, Some(file)) => Some(BackingId::open(&self.dev, file).map(Arc::new)),
+            (true, None, Some(file)) => Some(self.pt.register(file)),
             _ => None,
         };
         match id {
@@ -651,6 +583,7 @@ impl Dispatcher {
                 return Ok(());
             }
             Some(Err(e)) if !self.negotiated.passthrough_refused.swap(true, Ordering::Relaxed) => {
+                self.pt.set_granted(false);
                 tracing::warn!(
                     "FUSE passthrough refused by the kernel ({e}); reads use the page cache \
                      (FOPEN_KEEP_CACHE) from now on"
@@ -664,14 +597,7 @@ impl Dispatcher {
     }
 
     fn released(&self, fh: u64) {
-        let mut b = self.backing.lock();
-        if let Some((ino, id)) = b.by_fh.remove(&fh) {
-            drop(id);
-            if b.by_ino.get(&ino).is_some_and(|(w, _)| w.strong_count() == 0) {
-                b.by_ino.remove(&ino);
-            }
-        }
-        b.remove_cached(fh);
+        self.pt.released(fh);
     }
 
     fn zero_open(&self) -> bool {

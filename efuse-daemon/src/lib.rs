@@ -26,6 +26,7 @@ pub mod logging;
 pub mod metrics;
 pub mod mount;
 pub mod offload;
+pub mod passthrough;
 pub mod plot;
 pub mod staging;
 pub mod stats;

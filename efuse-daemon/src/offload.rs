@@ -25,6 +25,14 @@
 //!   protocol in `ops.rs`.
 //! - **Full maps** are not errors: the entry is simply not offloaded and the
 //!   kernel keeps asking the daemon, which says so once in the log.
+//! - **Opens and xattrs.** With attributes of a regular file the mirror
+//!   offers its read-only opens: a passthrough backing id held for the
+//!   inode ([`crate::passthrough::Passthrough::hold`]) goes into the open
+//!   map. With attributes of any inode that has no extended attributes at
+//!   all, the no-xattr map answers its GETXATTRs with ENODATA. Both are
+//!   dropped with the inode's attributes (every change above), and neither
+//!   is offered while the inode has writers open through the daemon: their
+//!   passthrough writes change size and times without telling it.
 //!
 //! Lock order: the mirror lock, then the inode table, then the backend.
 
@@ -34,11 +42,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use efuse_common::ops::{AttrValue, COUNTERS, EntryValue, FuseAttr, FuseAttrOut, FuseEntryOut, NameKey};
+use efuse_common::ops::{
+    AttrValue, COUNTERS, EntryValue, FOPEN_NOFLUSH, FOPEN_PASSTHROUGH, FuseAttr, FuseAttrOut, FuseEntryOut,
+    NameKey, NoXattr, OpenValue,
+};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{Attr, SharedBackend};
+use crate::backend::{Attr, FileKind, SharedBackend};
 use crate::inode::{FUSE_ROOT, InodeTable};
 
 /// Errors of map updates.
@@ -69,6 +80,33 @@ pub trait KernelMaps: Send + Sync {
     fn del_lookups(&self, ino: u64);
     /// The programs' counters, summed over CPUs (`efuse_common::ops::CTR_*`).
     fn counters(&self) -> [u64; COUNTERS as usize];
+    /// Which of the optional programs are attached.
+    fn answers(&self) -> Answers {
+        Answers::default()
+    }
+    /// Insert or overwrite how to answer the read-only opens of `ino`.
+    fn put_open(&self, _ino: u64, _value: &OpenValue) -> Result<(), MapError> {
+        Err(MapError::Other("no open map".into()))
+    }
+    /// Delete the open answer of `ino` (absent is fine).
+    fn del_open(&self, _ino: u64) {}
+    /// Record that `ino` has no extended attributes.
+    fn put_noxattr(&self, _ino: u64, _value: &NoXattr) -> Result<(), MapError> {
+        Err(MapError::Other("no xattr map".into()))
+    }
+    /// Delete the no-xattr record of `ino` (absent is fine).
+    fn del_noxattr(&self, _ino: u64) {}
+}
+
+/// The optional programs a kernel's `fuse_bpf_ops` has and that are attached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Answers {
+    /// `open` (with passthrough; also means no FLUSH/RELEASE for those).
+    pub open: bool,
+    /// `ioctl`.
+    pub ioctl: bool,
+    /// `getxattr`.
+    pub getxattr: bool,
 }
 
 /// Counters and state of the bpf tier, for `efuse stats`.
@@ -106,6 +144,39 @@ pub struct BpfStats {
     pub prefetches: u64,
     /// Lookups of BPF answers added to the daemon's counts.
     pub reconciled: u64,
+    /// The optional programs attached.
+    #[serde(default)]
+    pub answers: Answers,
+    /// Opens answered in the kernel.
+    #[serde(default)]
+    pub open_hits: u64,
+    /// Opens the programs sent to the daemon.
+    #[serde(default)]
+    pub open_misses: u64,
+    /// Ioctls answered (ENOTTY) in the kernel.
+    #[serde(default)]
+    pub ioctl_hits: u64,
+    /// Getxattrs answered (ENODATA) in the kernel.
+    #[serde(default)]
+    pub getxattr_hits: u64,
+    /// Getxattrs the programs sent to the daemon.
+    #[serde(default)]
+    pub getxattr_misses: u64,
+    /// Inodes in the open map.
+    #[serde(default)]
+    pub opens: u64,
+    /// Inodes in the no-xattr map.
+    #[serde(default)]
+    pub noxattr: u64,
+    /// Passthrough backing ids registered on the connection now.
+    #[serde(default)]
+    pub backing_ids: u64,
+    /// Of those, held for opens answered in the kernel.
+    #[serde(default)]
+    pub backing_held: u64,
+    /// Files whose opens stayed with the daemon because `backing_max` was reached.
+    #[serde(default)]
+    pub backing_full: u64,
 }
 
 #[derive(Default)]
@@ -117,6 +188,12 @@ struct Mirror {
     by_ino: HashMap<u64, Vec<(u64, OsString)>>,
     /// Inodes in the attribute map.
     attrs: HashSet<u64>,
+    /// Inodes in the open map.
+    opens: HashSet<u64>,
+    /// Inodes in the no-xattr map.
+    noxattr: HashSet<u64>,
+    /// Writable opens per inode through the daemon.
+    writers: HashMap<u64, u32>,
     epoch: u64,
     /// Last prefetch of each directory, to coalesce miss events.
     prefetched: HashMap<u64, Instant>,
@@ -132,6 +209,10 @@ pub struct BpfMirror {
     max_entries: usize,
     inodes: Arc<InodeTable>,
     backend: SharedBackend,
+    /// Backing ids for the opens the programs answer (set with the session).
+    passthrough: std::sync::OnceLock<Arc<crate::passthrough::Passthrough>>,
+    /// The mount serves extended attributes (else the kernel stops asking).
+    xattrs: std::sync::atomic::AtomicBool,
 }
 
 /// CLOCK_MONOTONIC now, in ns (the clock of `bpf_ktime_get_ns`).
@@ -189,7 +270,19 @@ impl BpfMirror {
             max_entries,
             inodes,
             backend,
+            passthrough: std::sync::OnceLock::new(),
+            xattrs: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The connection's backing ids (once the session exists).
+    pub fn set_passthrough(&self, pt: Arc<crate::passthrough::Passthrough>) {
+        let _ = self.passthrough.set(pt);
+    }
+
+    /// Whether the mount serves extended attributes.
+    pub fn set_xattrs(&self, on: bool) {
+        self.xattrs.store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn b(&self, ino: u64) -> u64 {
@@ -240,6 +333,8 @@ impl BpfMirror {
         // The counts will not be read again; a later attach starts at zero.
         self.inodes.reset_bpf_seen();
         m.attrs.clear();
+        m.opens.clear();
+        m.noxattr.clear();
         m.prefetched.clear();
         m.stats.entries = 0;
         m.stats.attrs = 0;
@@ -297,8 +392,24 @@ impl BpfMirror {
     /// `ino` left the inode table: nothing can answer for it any more.
     fn gone(&self, m: &mut Mirror, maps: &dyn KernelMaps, ino: u64) {
         maps.del_lookups(ino);
+        Self::drop_inode(m, maps, ino);
+        // Out of the table: the kernel holds no inode, so no open file.
+        if let Some(pt) = self.passthrough.get() {
+            pt.forgotten(ino);
+        }
+    }
+
+    /// Delete what the maps say about `ino` itself (attributes, open,
+    /// xattrs); the keys naming it stay.
+    fn drop_inode(m: &mut Mirror, maps: &dyn KernelMaps, ino: u64) {
         if m.attrs.remove(&ino) {
             maps.del_attr(ino);
+        }
+        if m.opens.remove(&ino) {
+            maps.del_open(ino);
+        }
+        if m.noxattr.remove(&ino) {
+            maps.del_noxattr(ino);
         }
     }
 
@@ -339,7 +450,14 @@ impl BpfMirror {
             return release(pin_held);
         };
         let key = match NameKey::new(parent, name.as_bytes()) {
-            Some(k) if m.epoch == epoch && ino != FUSE_ROOT && !entry_ttl.is_zero() => k,
+            Some(k)
+                if m.epoch == epoch
+                    && ino != FUSE_ROOT
+                    && !entry_ttl.is_zero()
+                    && !m.writers.contains_key(&ino) =>
+            {
+                k
+            }
             _ => return release(pin_held),
         };
         let now = monotonic_ns();
@@ -404,23 +522,152 @@ impl BpfMirror {
     pub fn put_attr(&self, epoch: u64, attr: &Attr, attr_ttl: Duration) {
         let mut m = self.inner.lock();
         let Some(maps) = m.maps.clone() else { return };
-        if m.epoch != epoch || attr_ttl.is_zero() || self.inodes.generation(attr.ino).is_none() {
+        if m.epoch != epoch
+            || attr_ttl.is_zero()
+            || m.writers.contains_key(&attr.ino)
+            || self.inodes.generation(attr.ino).is_none()
+        {
             return;
         }
+        let until = deadline(monotonic_ns(), attr_ttl);
         let value = AttrValue {
             out: FuseAttrOut {
                 attr: fuse_attr(attr),
                 ..Default::default()
             },
-            deadline_ns: deadline(monotonic_ns(), attr_ttl),
+            deadline_ns: until,
         };
         match maps.put_attr(attr.ino, &value) {
             Ok(()) => {
                 m.attrs.insert(attr.ino);
                 m.stats.attrs = m.attrs.len() as u64;
             }
-            Err(MapError::Full) => Self::warn_full(&mut m, "attribute"),
-            Err(MapError::Other(e)) => tracing::warn!("cannot update the BPF attribute map: {e}"),
+            Err(MapError::Full) => return Self::warn_full(&mut m, "attribute"),
+            Err(MapError::Other(e)) => return tracing::warn!("cannot update the BPF attribute map: {e}"),
+        }
+        let answers = maps.answers();
+        let want_open = answers.open && attr.kind == FileKind::File && !m.opens.contains(&attr.ino);
+        let want_noxattr = answers.getxattr
+            && self.xattrs.load(std::sync::atomic::Ordering::Relaxed)
+            && !m.noxattr.contains(&attr.ino);
+        drop(m);
+        if !want_open && !want_noxattr {
+            return;
+        }
+        // Outside the mirror lock: these are backend calls.
+        let b = self.b(attr.ino);
+        let Ok(list) = self.backend.listxattr(b) else {
+            return;
+        };
+        // An ACL is checked by the backend, not by the kernel's mode check
+        // an answered open gets: such files open through the daemon.
+        let acl = list.split(|c| *c == 0).any(|n| n == b"system.posix_acl_access");
+        if want_open && !acl {
+            self.offer_open(epoch, attr.ino, until);
+        }
+        if want_noxattr && list.is_empty() {
+            self.offer_noxattr(epoch, attr.ino, until);
+        }
+    }
+
+    /// Put `v` into a map if nothing changed since `epoch` and `ino` has no
+    /// writer; `put` does the map update, `set` names the mirror's record.
+    fn put_if_current(
+        &self,
+        epoch: u64,
+        ino: u64,
+        what: &str,
+        put: impl FnOnce(&dyn KernelMaps) -> Result<(), MapError>,
+        set: impl FnOnce(&mut Mirror) -> &mut HashSet<u64>,
+    ) {
+        let mut m = self.inner.lock();
+        let Some(maps) = m.maps.clone() else { return };
+        if m.epoch != epoch || m.writers.contains_key(&ino) || self.inodes.generation(ino).is_none() {
+            return;
+        }
+        match put(&*maps) {
+            Ok(()) => {
+                set(&mut m).insert(ino);
+            }
+            Err(MapError::Full) => Self::warn_full(&mut m, what),
+            Err(MapError::Other(e)) => tracing::warn!("cannot update the BPF {what} map: {e}"),
+        }
+    }
+
+    /// Let the programs answer read-only opens of the regular file `ino`
+    /// with passthrough to its backing file, until `until`.
+    fn offer_open(&self, epoch: u64, ino: u64, until: u64) {
+        let Some(pt) = self.passthrough.get() else { return };
+        let b = self.b(ino);
+        let backend = &self.backend;
+        // Outside the mirror lock: this opens the backing file.
+        let Some(id) = pt.hold(ino, || {
+            let fh = backend.open(b, libc::O_RDONLY).ok()?;
+            let f = backend.backing_file(fh);
+            backend.release(fh);
+            f
+        }) else {
+            return;
+        };
+        let value = OpenValue {
+            backing_id: id,
+            open_flags: FOPEN_PASSTHROUGH | FOPEN_NOFLUSH,
+            deadline_ns: until,
+        };
+        self.put_if_current(
+            epoch,
+            ino,
+            "open",
+            |maps| maps.put_open(ino, &value),
+            |m| &mut m.opens,
+        );
+    }
+
+    /// Let the programs answer GETXATTR of `ino`, which has no extended
+    /// attributes at all, until `until`: with the errno the backend gives
+    /// for a missing `security.*` and `system.posix_acl_*` name (ENODATA,
+    /// or EOPNOTSUPP where the backing filesystem lacks the namespace).
+    fn offer_noxattr(&self, epoch: u64, ino: u64, until: u64) {
+        let b = self.b(ino);
+        let errno_of = |name: &str| -> u16 {
+            match self.backend.getxattr(b, OsStr::new(name)) {
+                Err(e) if matches!(e.to_errno(), libc::ENODATA | libc::EOPNOTSUPP) => e.to_errno() as u16,
+                _ => 0,
+            }
+        };
+        let value = NoXattr {
+            deadline_ns: until,
+            security_errno: errno_of("security.selinux"),
+            acl_errno: errno_of("system.posix_acl_access"),
+            _pad: 0,
+        };
+        if value.security_errno == 0 && value.acl_errno == 0 {
+            return;
+        }
+        self.put_if_current(
+            epoch,
+            ino,
+            "no-xattr",
+            |maps| maps.put_noxattr(ino, &value),
+            |m| &mut m.noxattr,
+        );
+    }
+
+    /// A writable open of `ino` through the daemon: nothing about the inode
+    /// is answered by the programs until the last such open is released.
+    pub fn writer_opened(&self, ino: u64) {
+        *self.inner.lock().writers.entry(ino).or_default() += 1;
+        self.changed(&[], &[ino]);
+    }
+
+    /// A writable open of `ino` was released.
+    pub fn writer_closed(&self, ino: u64) {
+        let mut m = self.inner.lock();
+        if let Some(n) = m.writers.get_mut(&ino) {
+            *n -= 1;
+            if *n == 0 {
+                m.writers.remove(&ino);
+            }
         }
     }
 
@@ -435,16 +682,12 @@ impl BpfMirror {
         for (parent, name) in names {
             if let Some(ino) = Self::remove_key(&mut m, &(*parent, name.to_os_string())) {
                 self.unmap(&mut m, &*maps, *parent, name, ino);
-                if m.attrs.remove(&ino) {
-                    maps.del_attr(ino);
-                }
+                Self::drop_inode(&mut m, &*maps, ino);
             }
             m.prefetched.remove(parent);
         }
         for ino in inos {
-            if m.attrs.remove(ino) {
-                maps.del_attr(*ino);
-            }
+            Self::drop_inode(&mut m, &*maps, *ino);
             // Entry values carry attributes too: drop every key naming it.
             for slot in m.by_ino.remove(ino).unwrap_or_default() {
                 if m.entries.remove(&slot).is_some() {
@@ -454,17 +697,6 @@ impl BpfMirror {
         }
         m.stats.entries = m.entries.len() as u64;
         m.stats.attrs = m.attrs.len() as u64;
-    }
-
-    /// Drop the attributes of `ino` from the attribute map (not its entries).
-    pub fn drop_attr(&self, ino: u64) {
-        let mut m = self.inner.lock();
-        if let Some(maps) = m.maps.clone()
-            && m.attrs.remove(&ino)
-        {
-            maps.del_attr(ino);
-            m.stats.attrs = m.attrs.len() as u64;
-        }
     }
 
     /// Drop everything from the maps (invalidate-all, or a change of unknown extent).
@@ -479,6 +711,12 @@ impl BpfMirror {
         }
         for ino in std::mem::take(&mut m.attrs) {
             maps.del_attr(ino);
+        }
+        for ino in std::mem::take(&mut m.opens) {
+            maps.del_open(ino);
+        }
+        for ino in std::mem::take(&mut m.noxattr) {
+            maps.del_noxattr(ino);
         }
         m.prefetched.clear();
         m.stats.entries = 0;
@@ -495,10 +733,13 @@ impl BpfMirror {
             m.stats.reconciled += self.reconcile(ino, maps.lookups(ino));
         }
         let f = self.inodes.forget(ino, n);
-        if f.removed
-            && let Some(maps) = &maps
-        {
-            self.gone(&mut m, &**maps, ino);
+        if f.removed {
+            if let Some(maps) = &maps {
+                self.gone(&mut m, &**maps, ino);
+            }
+            if let Some(pt) = self.passthrough.get() {
+                pt.forgotten(ino);
+            }
         }
         f
     }
@@ -536,6 +777,11 @@ impl BpfMirror {
         s.events_dropped = c[CTR_EVENTS_DROPPED as usize];
         s.races = c[CTR_RACES as usize];
         s.expired = c[CTR_EXPIRED as usize];
+        s.open_hits = c[CTR_OPEN_HIT as usize];
+        s.open_misses = c[CTR_OPEN_MISS as usize];
+        s.ioctl_hits = c[CTR_IOCTL_HIT as usize];
+        s.getxattr_hits = c[CTR_GETXATTR_HIT as usize];
+        s.getxattr_misses = c[CTR_GETXATTR_MISS as usize];
     }
 
     /// Statistics, with the programs' counters (of the current or last
@@ -545,6 +791,13 @@ impl BpfMirror {
         let mut s = m.stats.clone();
         if let Some(maps) = &m.maps {
             Self::fold_counters(&mut s, &maps.counters());
+            s.answers = maps.answers();
+        }
+        s.opens = m.opens.len() as u64;
+        s.noxattr = m.noxattr.len() as u64;
+        drop(m);
+        if let Some(pt) = self.passthrough.get() {
+            (s.backing_ids, s.backing_held, s.backing_full) = pt.counts();
         }
         s
     }

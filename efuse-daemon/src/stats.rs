@@ -177,6 +177,32 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
             b.expired,
             b.map_full + b.lookups_map_full
         );
+        let a = b.answers;
+        let _ = writeln!(
+            out,
+            "bpf tier warm reads: answered in the kernel: {} opens (no FLUSH/RELEASE follows), {} ioctls, {} getxattrs; \
+             sent to the daemon: {} opens, {} getxattrs; open map {} files ({} backing ids, {} held for kernel opens, \
+             {} files over backing_max), no-xattr map {} inodes{}",
+            b.open_hits,
+            b.ioctl_hits,
+            b.getxattr_hits,
+            b.open_misses,
+            b.getxattr_misses,
+            b.opens,
+            b.backing_ids,
+            b.backing_held,
+            b.backing_full,
+            b.noxattr,
+            match (a.open, a.ioctl, a.getxattr) {
+                (true, true, true) => String::new(),
+                _ => format!(
+                    " (the kernel's hook lacks:{}{}{})",
+                    if a.open { "" } else { " open" },
+                    if a.ioctl { "" } else { " ioctl" },
+                    if a.getxattr { "" } else { " getxattr" }
+                ),
+            }
+        );
     } else if let Some(r) = &b.reason {
         let _ = writeln!(out, "bpf tier not attached: {r}");
     }

@@ -1,11 +1,19 @@
 //! The `bpf` offload tier: programs for efuse's `fuse_bpf_ops` struct_ops
-//! (kernel patch in `kernel/patches/`), answering FUSE LOOKUP and GETATTR
-//! from maps the daemon fills.
+//! (kernel patches in `kernel/patches/`), answering FUSE LOOKUP, GETATTR,
+//! read-only OPEN, IOCTL and GETXATTR from maps the daemon fills.
 //!
-//! The kernel calls `efuse_lookup(args, out)` and `efuse_getattr(args,
-//! out)` with a `u64` context array holding the two pointers. A program
-//! returns 0 when it wrote the answer to `out`, 1 to let the request go to
-//! the daemon.
+//! The kernel calls `efuse_lookup(args, out)`, `efuse_getattr(args, out)`
+//! and `efuse_open(args, out)` with a `u64` context array holding the two
+//! pointers. A program returns 0 when it wrote the answer to `out`, 1 to
+//! let the request go to the daemon. `efuse_ioctl(args)` and
+//! `efuse_getxattr(args)` can only fail a request: a negative errno is the
+//! answer, 1 sends it to the daemon.
+//!
+//! An open answered here names the passthrough backing id the daemon
+//! registered for the inode (`EFUSE_OPENS`); the kernel checks the id and
+//! finishes the open as for a daemon reply, and sends no FLUSH or RELEASE
+//! for the file. Whether an inode has extended attributes is the daemon's
+//! knowledge (`EFUSE_NOXATTR`); values never come from here.
 //!
 //! Lookup-count protocol: every lookup answered here gives the kernel one
 //! more reference to the inode, which the daemon must expect FORGETs for.
@@ -36,9 +44,11 @@ use aya_ebpf::{
     maps::{HashMap, PerCpuArray, RingBuf},
 };
 use efuse_common::ops::{
-    AttrValue, COUNTERS, CTR_EVENTS_DROPPED, CTR_EXPIRED, CTR_GETATTR_HIT, CTR_GETATTR_MISS, CTR_LOOKUP_HIT,
-    CTR_LOOKUP_MISS, CTR_LOOKUPS_FULL, CTR_RACES, DEFAULT_ATTRS, DEFAULT_ENTRIES, DEFAULT_LOOKUPS,
-    EntryValue, FuseAttrOut, FuseEntryOut, MISSES_BYTES, MissEvent, NameKey, OP_LOOKUP, split_ns,
+    AttrValue, COUNTERS, CTR_EVENTS_DROPPED, CTR_EXPIRED, CTR_GETATTR_HIT, CTR_GETATTR_MISS,
+    CTR_GETXATTR_HIT, CTR_GETXATTR_MISS, CTR_IOCTL_HIT, CTR_LOOKUP_HIT, CTR_LOOKUP_MISS, CTR_LOOKUPS_FULL,
+    CTR_OPEN_HIT, CTR_OPEN_MISS, CTR_RACES, DEFAULT_ATTRS, DEFAULT_ENTRIES, DEFAULT_LOOKUPS, DEFAULT_NOXATTR,
+    DEFAULT_OPENS, EntryValue, FuseAttrOut, FuseEntryOut, FuseOpenOut, MISSES_BYTES, MissEvent, NameKey,
+    NoXattr, OP_LOOKUP, OpenArgs, OpenValue, split_ns,
 };
 
 #[map(name = "EFUSE_ENTRIES")]
@@ -55,6 +65,16 @@ static MISSES: RingBuf = RingBuf::with_byte_size(MISSES_BYTES, 0);
 
 #[map(name = "EFUSE_OPS_COUNTERS")]
 static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 0);
+
+#[map(name = "EFUSE_OPENS")]
+static OPENS: HashMap<u64, OpenValue> = HashMap::with_max_entries(DEFAULT_OPENS, 0);
+
+#[map(name = "EFUSE_NOXATTR")]
+static NOXATTR: HashMap<u64, NoXattr> = HashMap::with_max_entries(DEFAULT_NOXATTR, 0);
+
+const ENOTTY: i32 = 25;
+const O_ACCMODE: u32 = 3;
+const O_TRUNC: u32 = 0o1000;
 
 /// Answered: the kernel uses `out`.
 const ANSWERED: i32 = 0;
@@ -234,6 +254,128 @@ pub unsafe extern "C" fn efuse_getattr(ctx: *const u64) -> i32 {
     }
     count(CTR_GETATTR_HIT);
     ANSWERED
+}
+
+/// `fuse_bpf_ops.open(struct fuse_bpf_open_args *args, struct fuse_open_out *out)`.
+///
+/// # Safety
+/// Called by the kernel with its argument array.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tp_btf/efuse_open")]
+pub unsafe extern "C" fn efuse_open(ctx: *const u64) -> i32 {
+    // SAFETY: the kernel passes two pointer arguments.
+    let (args, out) = unsafe { (*ctx as *const OpenArgs, *ctx.add(1) as *mut FuseOpenOut) };
+    // SAFETY: `args` points at the kernel's struct fuse_bpf_open_args.
+    let (nodeid, flags) = unsafe { ((*args).nodeid, (*args).flags) };
+    // The kernel offers only these; checked again, writers stay the daemon's.
+    if flags & O_ACCMODE != 0 || flags & O_TRUNC != 0 {
+        count(CTR_OPEN_MISS);
+        return ASK_DAEMON;
+    }
+    // SAFETY: as in efuse_lookup.
+    let Some(v) = (unsafe { OPENS.get(&nodeid) }) else {
+        count(CTR_OPEN_MISS);
+        return ASK_DAEMON;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if left(now, v.deadline_ns).is_none() {
+        count(CTR_EXPIRED);
+        count(CTR_OPEN_MISS);
+        return ASK_DAEMON;
+    }
+    // SAFETY: `out` is the kernel's answer struct, writable by this program.
+    unsafe {
+        (*out).fh = 0;
+        (*out).open_flags = v.open_flags;
+        (*out).backing_id = v.backing_id as i32;
+    }
+    count(CTR_OPEN_HIT);
+    ANSWERED
+}
+
+/// `fuse_bpf_ops.ioctl(struct fuse_bpf_ioctl_args *args)`: the daemon
+/// serves no ioctl (ENOTTY for every command, as a local filesystem answers
+/// commands it does not know: Python's isatty check on each open), so none
+/// needs to reach it.
+///
+/// # Safety
+/// Called by the kernel with its argument array.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tp_btf/efuse_ioctl")]
+pub unsafe extern "C" fn efuse_ioctl(_ctx: *const u64) -> i32 {
+    count(CTR_IOCTL_HIT);
+    -ENOTTY
+}
+
+/// Byte by byte, so no memcmp call is emitted (BPF has none).
+#[inline(always)]
+fn starts_with<const N: usize>(p: &[u8; 17], s: &[u8; N]) -> bool {
+    let mut i = 0;
+    while i < N {
+        if p[i] != s[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// `fuse_bpf_ops.getxattr(struct fuse_bpf_getxattr_args *args)`: for an
+/// inode the daemon recorded as having no extended attributes, a
+/// `security.*` or `system.posix_acl_*` name (what `ls -l` asks of every
+/// entry) gets the errno the backend gives for it; other names go to the
+/// daemon.
+///
+/// # Safety
+/// Called by the kernel with its argument array.
+#[unsafe(no_mangle)]
+#[unsafe(link_section = "tp_btf/efuse_getxattr")]
+pub unsafe extern "C" fn efuse_getxattr(ctx: *const u64) -> i32 {
+    const SECURITY: &[u8; 9] = b"security.";
+    const ACL: &[u8; 17] = b"system.posix_acl_";
+    // SAFETY: the kernel passes one pointer argument, whose first field is
+    // the u64 nodeid (struct fuse_bpf_getxattr_args).
+    let args = unsafe { *ctx as *const u64 };
+    // SAFETY: as above.
+    let nodeid = unsafe { *args };
+    // SAFETY: as in efuse_lookup.
+    let Some(v) = (unsafe { NOXATTR.get(&nodeid) }) else {
+        count(CTR_GETXATTR_MISS);
+        return ASK_DAEMON;
+    };
+    // SAFETY: a helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if left(now, v.deadline_ns).is_none() {
+        count(CTR_EXPIRED);
+        count(CTR_GETXATTR_MISS);
+        return ASK_DAEMON;
+    }
+    let mut prefix = [0u8; 17];
+    // SAFETY: the name starts 16 bytes into the arguments and is 256 bytes
+    // long; 17 of them are copied to the stack.
+    let r = unsafe {
+        bpf_probe_read_kernel(
+            prefix.as_mut_ptr().cast(),
+            prefix.len() as u32,
+            args.cast::<u8>().add(16).cast(),
+        )
+    };
+    let errno = if r != 0 {
+        0
+    } else if starts_with(&prefix, SECURITY) {
+        v.security_errno
+    } else if starts_with(&prefix, ACL) {
+        v.acl_errno
+    } else {
+        0
+    };
+    if errno == 0 {
+        count(CTR_GETXATTR_MISS);
+        return ASK_DAEMON;
+    }
+    count(CTR_GETXATTR_HIT);
+    -i32::from(errno)
 }
 
 #[cfg(not(test))]

@@ -34,6 +34,13 @@ const SCENARIOS: &[Scenario] = &[
         "full_maps_fall_back_to_the_daemon",
         full_maps_fall_back_to_the_daemon,
     ),
+    ("warm_read_path_wakes_no_daemon", warm_read_path_wakes_no_daemon),
+    ("kernel_opens_are_never_stale", kernel_opens_are_never_stale),
+    ("writers_reach_the_daemon", writers_reach_the_daemon),
+    (
+        "backing_ids_are_bounded_and_released",
+        backing_ids_are_bounded_and_released,
+    ),
 ];
 
 fn main() {
@@ -483,6 +490,15 @@ fn detach_under_load() {
                 let p = &paths[i % paths.len()];
                 let a = stat_key(&mnt.join(p)).unwrap_or_else(|e| panic!("stat {}: {e}", p.display()));
                 assert_eq!(a, stat_key(&back.join(p)).unwrap(), "{}", p.display());
+                if back.join(p).is_file() {
+                    // Opens answered by BPF, or by the daemon once detached.
+                    assert_eq!(
+                        py_read(&mnt.join(p)).0,
+                        fs::read(back.join(p)).unwrap(),
+                        "{}",
+                        p.display()
+                    );
+                }
                 if i % 50 == 0 {
                     drop_caches();
                 }
@@ -580,4 +596,321 @@ fn full_maps_fall_back_to_the_daemon() {
         "inodes still held"
     );
     assert_eq!(mount_stats(&m.mnt())["excess_forgets"], 0);
+}
+
+/// What Python's `open(p, 'rb').read()` does: open, fstat, isatty (TCGETS),
+/// read, close. Returns the bytes and the errno of the TCGETS.
+fn py_read(p: &Path) -> (Vec<u8>, i32) {
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let mut f = fs::File::open(p).unwrap_or_else(|e| panic!("open {}: {e}", p.display()));
+    let st = f.metadata().unwrap();
+    // SAFETY: zeroed plain-data out struct.
+    let mut t: libc::termios = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out pointer.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, &mut t) };
+    assert_eq!(rc, -1, "TCGETS succeeded on {}", p.display());
+    let tty_errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    let mut buf = Vec::with_capacity(st.len() as usize + 1);
+    f.read_to_end(&mut buf).unwrap();
+    (buf, tty_errno)
+}
+
+/// lgetxattr(2): Ok(value length) or the errno.
+fn lgetxattr(p: &Path, name: &str, size: usize) -> Result<usize, i32> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; size];
+    // SAFETY: valid C strings and a buffer of `size` bytes.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), size) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r as usize)
+    }
+}
+
+type LsLine = (Vec<u8>, StatKey, Result<usize, i32>, Result<usize, i32>);
+
+/// What GNU `ls -l` asks of each entry: lstat, the SELinux label and the
+/// access ACL (the VM's busybox ls asks neither, so this does it).
+fn ls_l(dir: &Path) -> Vec<LsLine> {
+    let mut out: Vec<LsLine> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let p = e.path();
+            (
+                e.file_name().as_encoded_bytes().to_vec(),
+                stat_key(&p).unwrap(),
+                lgetxattr(&p, "security.selinux", 255),
+                lgetxattr(&p, "system.posix_acl_access", 0),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Upcalls (tracepoints) and daemon counts of `op` between two stats.
+fn sent(before: &serde_json::Value, after: &serde_json::Value, op: &str) -> (u64, u64) {
+    (
+        upcalls(after, op) - upcalls(before, op),
+        daemon_count(after, op) - daemon_count(before, op),
+    )
+}
+
+const WARM_OPS: [&str; 6] = ["OPEN", "RELEASE", "FLUSH", "IOCTL", "GETXATTR", "GETATTR"];
+
+fn warm_read_path_wakes_no_daemon() {
+    let m = bpf_mount();
+    let n = 1000;
+    fs::create_dir(m.b("data")).unwrap();
+    let files: Vec<PathBuf> = (0..n).map(|i| PathBuf::from(format!("data/f{i:04}"))).collect();
+    for (i, p) in files.iter().enumerate() {
+        fs::write(m.b(p), format!("file {i}\n").repeat(i % 7 + 1)).unwrap();
+    }
+    settle();
+    assert!(prefetch(&m.mnt()) > n as u64);
+    let s = mount_stats(&m.mnt());
+    let answers = &s["bpf"]["answers"];
+    assert!(
+        answers["open"].as_bool().unwrap()
+            && answers["ioctl"].as_bool().unwrap()
+            && answers["getxattr"].as_bool().unwrap(),
+        "the kernel's hook lacks ops: {answers}"
+    );
+    assert_eq!(
+        bpf(&s, "opens"),
+        n as u64,
+        "open map after prefetch: {}",
+        s["bpf"]
+    );
+    let before = mount_stats(&m.mnt());
+    for p in &files {
+        let (data, tty) = py_read(&m.m(p));
+        assert_eq!(data, fs::read(m.b(p)).unwrap(), "{}", p.display());
+        assert_eq!(tty, libc::ENOTTY, "isatty of {}", p.display());
+    }
+    let want = ls_l(&m.b("data"));
+    for _ in 0..2 {
+        let got = ls_l(&m.m("data"));
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            // atime may lag on the mount (SEMANTICS.md); the rest must agree.
+            assert_eq!(g, w, "ls -l entry {}", String::from_utf8_lossy(&g.0));
+        }
+    }
+    let after = mount_stats(&m.mnt());
+    for op in WARM_OPS {
+        assert_eq!(
+            sent(&before, &after, op),
+            (0, 0),
+            "{op} reached the daemon (upcalls, daemon count)"
+        );
+    }
+    assert_eq!(bpf(&after, "open_hits") - bpf(&before, "open_hits"), n as u64);
+    assert!(bpf(&after, "ioctl_hits") - bpf(&before, "ioctl_hits") >= n as u64);
+    assert!(bpf(&after, "getxattr_hits") - bpf(&before, "getxattr_hits") >= 2 * n as u64);
+    // Read again, then a second time with every dentry dropped: the
+    // lookups come back from the maps, the opens still from BPF.
+    drop_caches();
+    let before = mount_stats(&m.mnt());
+    for p in files.iter().step_by(10) {
+        assert_eq!(py_read(&m.m(p)).0, fs::read(m.b(p)).unwrap());
+    }
+    let after = mount_stats(&m.mnt());
+    for op in ["OPEN", "RELEASE", "FLUSH", "IOCTL"] {
+        assert_eq!(sent(&before, &after, op), (0, 0), "{op} after drop_caches");
+    }
+}
+
+fn kernel_opens_are_never_stale() {
+    let m = bpf_mount();
+    m.seed_file("k/a", b"version 1");
+    m.seed_file("k/b", b"bbbb");
+    m.seed_file("k/x", b"x");
+    settle();
+    prefetch(&m.mnt());
+    let hits = |m: &TestMount| bpf(&mount_stats(&m.mnt()), "open_hits");
+    let h = hits(&m);
+    assert_eq!(py_read(&m.m("k/a")).0, b"version 1");
+    assert_eq!(hits(&m), h + 1, "not opened by BPF");
+
+    // Through the mount: each change is seen by the next open, BPF or not.
+    fs::write(m.m("k/a"), b"version 2, longer").unwrap();
+    assert_eq!(py_read(&m.m("k/a")).0, b"version 2, longer");
+    assert_eq!(stat_key(&m.m("k/a")).unwrap(), stat_key(&m.b("k/a")).unwrap());
+    prefetch(&m.mnt());
+    fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.m("k/a"))
+        .unwrap();
+    assert_eq!(py_read(&m.m("k/a")).0, b"");
+    assert_eq!(fs::metadata(m.m("k/a")).unwrap().len(), 0);
+    prefetch(&m.mnt());
+    fs::rename(m.m("k/b"), m.m("k/a")).unwrap();
+    assert_eq!(py_read(&m.m("k/a")).0, b"bbbb");
+    assert_eq!(stat_key(&m.m("k/a")).unwrap(), stat_key(&m.b("k/a")).unwrap());
+    prefetch(&m.mnt());
+    // xattrs: an inode recorded as having none gets one.
+    assert_eq!(lgetxattr(&m.m("k/x"), "user.tag", 64), Err(libc::ENODATA));
+    xattr_set(&m.m("k/x"), "user.tag", b"v1");
+    assert_eq!(lgetxattr(&m.m("k/x"), "user.tag", 64), Ok(2));
+    assert_eq!(lgetxattr(&m.b("k/x"), "user.tag", 64), Ok(2));
+
+    // Behind the mount: seen once the watch fires, never reverted later.
+    prefetch(&m.mnt());
+    assert_eq!(py_read(&m.m("k/a")).0, b"bbbb");
+    fs::write(m.b("k/a"), b"changed behind").unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || py_read(&m.m("k/a")).0
+            == b"changed behind"
+            && stat_key(&m.m("k/a")).ok() == stat_key(&m.b("k/a")).ok()),
+        "a change behind the mount was not seen"
+    );
+    m.seed_file("k/y", b"y");
+    settle();
+    prefetch(&m.mnt());
+    assert_eq!(lgetxattr(&m.m("k/y"), "user.tag", 64), Err(libc::ENODATA));
+    xattr_set(&m.b("k/y"), "user.tag", b"behind");
+    assert!(
+        eventually(Duration::from_secs(5), || lgetxattr(&m.m("k/y"), "user.tag", 64)
+            == Ok(6)),
+        "an xattr set behind the mount was not seen"
+    );
+    for _ in 0..3 {
+        drop_caches();
+        assert_eq!(py_read(&m.m("k/a")).0, b"changed behind");
+        assert_eq!(lgetxattr(&m.m("k/y"), "user.tag", 64), Ok(6));
+    }
+}
+
+fn xattr_set(p: &Path, name: &str, v: &[u8]) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and value buffer.
+    let r = unsafe { libc::lsetxattr(c.as_ptr(), n.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+fn writers_reach_the_daemon() {
+    use std::io::{Read, Seek, Write};
+    let m = bpf_mount();
+    m.seed_file("w/f", b"0123456789");
+    m.seed_file("w/secret", b"s");
+    fs::set_permissions(m.b("w/secret"), fs::Permissions::from_mode(0o600)).unwrap();
+    settle();
+    prefetch(&m.mnt());
+    // A reader opened by BPF stays open while a writer comes.
+    let h = bpf(&mount_stats(&m.mnt()), "open_hits");
+    let mut reader = fs::File::open(m.m("w/f")).unwrap();
+    assert_eq!(bpf(&mount_stats(&m.mnt()), "open_hits"), h + 1);
+    for (what, opts) in [
+        ("O_WRONLY", fs::OpenOptions::new().write(true).clone()),
+        ("O_RDWR", fs::OpenOptions::new().read(true).write(true).clone()),
+    ] {
+        let before = mount_stats(&m.mnt());
+        let mut w = opts
+            .open(m.m("w/f"))
+            .unwrap_or_else(|e| panic!("{what} open beside a BPF reader: {e}"));
+        w.write_all(b"AB").unwrap();
+        drop(w);
+        let after = mount_stats(&m.mnt());
+        assert_eq!(
+            sent(&before, &after, "OPEN").1,
+            1,
+            "{what} open did not reach the daemon"
+        );
+    }
+    // The reader reads the file itself (passthrough), so it sees the write.
+    let mut got = String::new();
+    reader.rewind().unwrap();
+    reader.read_to_string(&mut got).unwrap();
+    assert_eq!(got, "AB23456789");
+    drop(reader);
+    let before = mount_stats(&m.mnt());
+    fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(m.m("w/f"))
+        .unwrap();
+    let after = mount_stats(&m.mnt());
+    assert_eq!(
+        sent(&before, &after, "OPEN").1,
+        1,
+        "O_TRUNC open did not reach the daemon"
+    );
+    assert_eq!(fs::read(m.m("w/f")).unwrap(), b"");
+    // Permission: refused for another user exactly as on the plain directory.
+    let (mnt_p, back_p) = (m.m("w/secret"), m.b("w/secret"));
+    let errs = std::thread::spawn(move || {
+        // SAFETY: per-thread fsuid/fsgid change, for this thread only.
+        unsafe {
+            libc::setfsgid(65534);
+            libc::setfsuid(65534);
+        }
+        let e = |p: &Path| fs::File::open(p).err().and_then(|e| e.raw_os_error());
+        (e(&mnt_p), e(&back_p))
+    })
+    .join()
+    .unwrap();
+    assert_eq!(errs, (Some(libc::EACCES), Some(libc::EACCES)));
+    assert_eq!(fs::read(m.m("w/secret")).unwrap(), b"s");
+}
+
+fn backing_ids_are_bounded_and_released() {
+    let t = efuse_tests::Tmpfs::new();
+    let cfg = t.path().join("small.toml");
+    fs::write(&cfg, "[bpf]\nbacking_max = 10\n").unwrap();
+    let m = TestMount::with_args_in(t.path(), &["--offload", "bpf", "--config", cfg.to_str().unwrap()]);
+    let paths = make_tree(&m.backing(), 1, 50);
+    settle();
+    prefetch(&m.mnt());
+    let s = mount_stats(&m.mnt());
+    assert_eq!(bpf(&s, "backing_held"), 10, "{}", s["bpf"]);
+    assert_eq!(bpf(&s, "opens"), 10);
+    assert!(bpf(&s, "backing_full") >= 40);
+    // Beyond the bound the daemon answers, and every byte is right.
+    let before = mount_stats(&m.mnt());
+    for p in paths.iter().filter(|p| m.b(p).is_file()) {
+        assert_eq!(py_read(&m.m(p)).0, fs::read(m.b(p)).unwrap(), "{}", p.display());
+    }
+    let after = mount_stats(&m.mnt());
+    assert_eq!(bpf(&after, "open_hits") - bpf(&before, "open_hits"), 10);
+    assert_eq!(sent(&before, &after, "OPEN").1, 40);
+    // Detached: the held ids go with the inodes the kernel forgets.
+    offload(&m, "kernel");
+    drop_caches();
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            drop_caches();
+            let s = mount_stats(&m.mnt());
+            bpf(&s, "backing_held") == 0 && bpf(&s, "backing_ids") == 0
+        }),
+        "backing ids left after detach: {}",
+        mount_stats(&m.mnt())["bpf"]
+    );
+    offload(&m, "bpf");
+    prefetch(&m.mnt());
+    assert_eq!(bpf(&mount_stats(&m.mnt()), "backing_held"), 10);
+    // Unmounted: no backing file stays open, so the backing filesystem
+    // unmounts without MNT_DETACH.
+    assert!(m.unmount().success());
+    let c = std::ffi::CString::new(t.path().as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid path.
+    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+    assert_eq!(
+        rc,
+        0,
+        "backing tmpfs busy after unmount: {}",
+        std::io::Error::last_os_error()
+    );
 }
