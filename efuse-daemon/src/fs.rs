@@ -1348,6 +1348,11 @@ mod tests {
         );
         let maps = Arc::new(crate::offload::ModelMaps {
             capacity,
+            answers: crate::offload::Answers {
+                open: true,
+                ioctl: true,
+                getxattr: true,
+            },
             ..Default::default()
         });
         fs.mirror.attach(maps.clone());
@@ -1386,6 +1391,49 @@ mod tests {
         fs.unlink(1, OsStr::new("f")).unwrap();
         assert!(maps.entries.lock().is_empty());
         assert_eq!(fs.inodes().len(), 0);
+    }
+
+    #[test]
+    fn xattr_records_follow_changes_and_writers() {
+        let (fs, maps) = bpf_fs(0);
+        fs.set_xattrs(crate::config::Xattr::On);
+        let ino = file(&fs, "f");
+        fs.lookup(1, OsStr::new("f")).unwrap();
+        // No attributes: recorded with the backend's errno per namespace.
+        let v = *maps.noxattr.lock().get(&ino).expect("no-xattr record");
+        assert_eq!(v.security_errno as i32, libc::ENODATA);
+        assert_ne!(v.acl_errno, 0);
+        // A setxattr deletes the record before it returns.
+        fs.setxattr(ino, OsStr::new("user.k"), b"v", 0).unwrap();
+        assert!(!maps.noxattr.lock().contains_key(&ino));
+        // With an attribute, no record comes back.
+        fs.getattr(ino).unwrap();
+        assert!(!maps.noxattr.lock().contains_key(&ino));
+        fs.removexattr(ino, OsStr::new("user.k")).unwrap();
+        fs.getattr(ino).unwrap();
+        assert!(maps.noxattr.lock().contains_key(&ino));
+        // A writer open takes everything about the inode out of the maps,
+        // and nothing comes back until it is released.
+        let o = fs.open(ino, libc::O_WRONLY).unwrap();
+        assert!(!maps.noxattr.lock().contains_key(&ino));
+        assert!(!maps.attrs.lock().contains_key(&ino));
+        fs.getattr(ino).unwrap();
+        fs.lookup(1, OsStr::new("f")).unwrap();
+        assert!(
+            !maps.attrs.lock().contains_key(&ino),
+            "attributes offered while a writer is open"
+        );
+        assert!(
+            maps.entries.lock().is_empty(),
+            "entry offered while a writer is open"
+        );
+        fs.release(o.fh);
+        fs.getattr(ino).unwrap();
+        assert!(maps.attrs.lock().contains_key(&ino));
+        // A read-only open leaves the attributes (atime may lag, see SEMANTICS.md).
+        let o = fs.open(ino, libc::O_RDONLY).unwrap();
+        assert!(maps.attrs.lock().contains_key(&ino));
+        fs.release(o.fh);
     }
 
     #[test]

@@ -813,8 +813,14 @@ pub struct ModelMaps {
     pub attrs: Mutex<HashMap<u64, AttrValue>>,
     /// Lookup counts.
     pub lookups: Mutex<HashMap<u64, u64>>,
+    /// No-xattr map.
+    pub noxattr: Mutex<HashMap<u64, NoXattr>>,
+    /// Open map.
+    pub opens: Mutex<HashMap<u64, OpenValue>>,
     /// Capacity of the entry map (0 = unbounded).
     pub capacity: usize,
+    /// The optional programs the model has.
+    pub answers: Answers,
 }
 
 impl ModelMaps {
@@ -856,5 +862,22 @@ impl KernelMaps for ModelMaps {
     }
     fn counters(&self) -> [u64; COUNTERS as usize] {
         [0; COUNTERS as usize]
+    }
+    fn answers(&self) -> Answers {
+        self.answers
+    }
+    fn put_open(&self, ino: u64, value: &OpenValue) -> Result<(), MapError> {
+        self.opens.lock().insert(ino, *value);
+        Ok(())
+    }
+    fn del_open(&self, ino: u64) {
+        self.opens.lock().remove(&ino);
+    }
+    fn put_noxattr(&self, ino: u64, value: &NoXattr) -> Result<(), MapError> {
+        self.noxattr.lock().insert(ino, *value);
+        Ok(())
+    }
+    fn del_noxattr(&self, ino: u64) {
+        self.noxattr.lock().remove(&ino);
     }
 }
