@@ -322,6 +322,7 @@ impl Bench {
         tier: &str,
         extra: &[&str],
     ) -> anyhow::Result<Target> {
+        let _mounting = mounting();
         let mnt = self.work.join("mnt").join(name);
         fs::create_dir_all(&mnt)?;
         let log = self.out.join("logs").join(format!("{name}.log"));
@@ -353,6 +354,7 @@ impl Bench {
     }
 
     fn mount_peer(&self, name: &str, mut cmd: Command, mnt: PathBuf) -> anyhow::Result<Target> {
+        let _mounting = mounting();
         let child = cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
         let pid = child.id();
         let mut t = Target {
@@ -646,6 +648,63 @@ impl Bench {
     }
 }
 
+/// Ctrl-C (or SIGTERM, SIGHUP) ends the bench without leaving its mounts:
+/// a thread waits for the signal, aborts and detaches every mount under
+/// the scratch directory (a workload blocked on one returns), removes the
+/// scratch tree and exits. Call before any other thread exists, so only
+/// that thread takes the signals (children get an empty mask from std).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// Held while a target mounts, so the signal thread's sweep sees every mount.
+static MOUNTING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+
+/// Wait until the bench ends (the signal thread exits the process).
+fn park_forever() -> ! {
+    loop {
+        std::thread::park();
+    }
+}
+
+/// Enter a mount: never once a signal came (the sweep may be done).
+fn mounting() -> parking_lot::MutexGuard<'static, ()> {
+    let g = MOUNTING.lock();
+    if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        drop(g);
+        park_forever();
+    }
+    g
+}
+
+fn on_signal_unmount(work: &Path) -> anyhow::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut sigs = SigSet::empty();
+    for s in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        sigs.add(s);
+    }
+    sigs.thread_block().context("cannot block signals")?;
+    let work = work.to_owned();
+    std::thread::Builder::new()
+        .name("efuse-bench-signals".into())
+        .spawn(move || {
+            let Ok(sig) = sigs.wait() else { return };
+            INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+            let _sweep = MOUNTING.lock();
+            eprintln!("efuse bench: {sig}: unmounting its targets");
+            let mnt = work.join("mnt");
+            for m in crate::daemon::mountinfo().unwrap_or_default() {
+                if m.mountpoint.starts_with(&mnt) {
+                    if m.fstype.starts_with("fuse") {
+                        let _ = fs::write(format!("/sys/fs/fuse/connections/{}/abort", m.dev), b"1");
+                    }
+                    let _ = nix::mount::umount2(&m.mountpoint, nix::mount::MntFlags::MNT_DETACH);
+                }
+            }
+            let _ = fs::remove_dir_all(&work);
+            std::process::exit(128 + sig as i32);
+        })
+        .context("spawning the signal thread")?;
+    Ok(())
+}
+
 /// Entries of the `ls -l` workload's directory.
 const LSL_ENTRIES: usize = 1000;
 
@@ -746,6 +805,15 @@ fn upcalls(t: &Target) -> Option<u64> {
 
 /// `efuse bench`.
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let r = run_bench(args);
+    if r.is_err() && INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        // Interrupted mid-way (its files swept away): the signal thread exits.
+        park_forever();
+    }
+    r
+}
+
+fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("efuse bench mounts filesystems and must run as root");
     }
@@ -768,6 +836,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let _ = fs::remove_dir_all(work.join("data"));
     let _ = fs::remove_dir_all(work.join("mnt"));
     fs::create_dir_all(work.join("data"))?;
+    on_signal_unmount(&work)?;
     let mut bench = Bench {
         scale: Scale::new(args.quick),
         data: work.join("data"),
@@ -807,6 +876,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 // costs that row, not the whole comparison.
                 let p = match bench.pass(w, t) {
                     Ok(p) => p,
+                    // The signal thread is tearing down; it exits the process.
+                    Err(_) if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) => park_forever(),
                     Err(e) => {
                         let msg = format!("{} on {}: failed: {e:#}", w.label(), t.name);
                         eprintln!("efuse bench: {msg}");

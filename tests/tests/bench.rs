@@ -75,3 +75,45 @@ fn quick_bench_writes_table_json_and_plots() {
         "bench left a mount behind"
     );
 }
+
+#[test]
+fn interrupted_bench_leaves_no_mount() {
+    let out = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    fs::write(work.path().join("keep-me"), b"user data").unwrap();
+    let mut child = std::process::Command::new(efuse_tests::efuse_bin())
+        .args(["bench", "--quick", "--out"])
+        .arg(out.path())
+        .arg("--work-dir")
+        .arg(work.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mounted = || {
+        fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(work.path().to_str().unwrap()))
+            .count()
+    };
+    assert!(
+        efuse_tests::eventually(std::time::Duration::from_secs(120), || mounted() >= 2),
+        "the bench mounted nothing"
+    );
+    // Ctrl-C in the middle of a run.
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let st = efuse_tests::wait_timeout(&mut child, std::time::Duration::from_secs(20)).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("the bench did not exit after SIGINT")
+    });
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), None);
+    assert_eq!(st.code(), Some(128 + libc::SIGINT));
+    assert_eq!(mounted(), 0, "mounts left after SIGINT");
+    assert!(
+        !work.path().join("efuse-bench").exists(),
+        "scratch directory left behind"
+    );
+    assert_eq!(fs::read(work.path().join("keep-me")).unwrap(), b"user data");
+}
