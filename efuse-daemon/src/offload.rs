@@ -545,11 +545,12 @@ impl BpfMirror {
             Err(MapError::Full) => return Self::warn_full(&mut m, "attribute"),
             Err(MapError::Other(e)) => return tracing::warn!("cannot update the BPF attribute map: {e}"),
         }
+        // Offered again with every attribute refresh, also when present:
+        // the answers carry the new deadline (expired ones ask the daemon,
+        // whose GETATTR reply lands here).
         let answers = maps.answers();
-        let want_open = answers.open && attr.kind == FileKind::File && !m.opens.contains(&attr.ino);
-        let want_noxattr = answers.getxattr
-            && self.xattrs.load(std::sync::atomic::Ordering::Relaxed)
-            && !m.noxattr.contains(&attr.ino);
+        let want_open = answers.open && attr.kind == FileKind::File;
+        let want_noxattr = answers.getxattr && self.xattrs.load(std::sync::atomic::Ordering::Relaxed);
         drop(m);
         if !want_open && !want_noxattr {
             return;

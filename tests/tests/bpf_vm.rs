@@ -41,6 +41,7 @@ const SCENARIOS: &[Scenario] = &[
         "backing_ids_are_bounded_and_released",
         backing_ids_are_bounded_and_released,
     ),
+    ("expired_answers_are_renewed", expired_answers_are_renewed),
 ];
 
 fn main() {
@@ -913,4 +914,36 @@ fn backing_ids_are_bounded_and_released() {
         "backing tmpfs busy after unmount: {}",
         std::io::Error::last_os_error()
     );
+}
+
+fn expired_answers_are_renewed() {
+    let m = TestMount::with_config(
+        "[kernel]\nentry_ttl_ms = 1000\nattr_ttl_ms = 1000\n",
+        &["--offload", "bpf"],
+    );
+    m.seed_file("r/f", b"renewed");
+    settle();
+    prefetch(&m.mnt());
+    let hits = |m: &TestMount, k: &str| bpf(&mount_stats(&m.mnt()), k);
+    for round in 0..3 {
+        let (o, x) = (hits(&m, "open_hits"), hits(&m, "getxattr_hits"));
+        assert_eq!(py_read(&m.m("r/f")).0, b"renewed");
+        assert_eq!(
+            lgetxattr(&m.m("r/f"), "security.selinux", 255),
+            lgetxattr(&m.b("r/f"), "security.selinux", 255)
+        );
+        assert_eq!(
+            hits(&m, "open_hits"),
+            o + 1,
+            "round {round}: open not answered by BPF"
+        );
+        assert!(
+            hits(&m, "getxattr_hits") > x,
+            "round {round}: getxattr not answered by BPF"
+        );
+        // Everything expires; the next stat asks the daemon, whose reply
+        // renews the open and xattr answers with the attributes.
+        std::thread::sleep(Duration::from_millis(1500));
+        assert_eq!(stat_key(&m.m("r/f")).unwrap(), stat_key(&m.b("r/f")).unwrap());
+    }
 }
