@@ -187,6 +187,7 @@ impl ControlState {
             Offload::Bpf if !crate::daemon::bpf_hook_available() => {
                 bail!("{}", crate::daemon::bpf_tier_refusal())
             }
+            Offload::Auto if self.fs.bpf_refused() => Offload::Kernel,
             Offload::Auto => crate::daemon::resolve_tier(Offload::Auto),
             t => t,
         };

@@ -236,6 +236,9 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
     if cfg.offload == Offload::Bpf && !bpf_hook_available() {
         bail!("{}", bpf_tier_refusal());
     }
+    if cfg.offload == Offload::Bpf && allow_root(cfg) {
+        bail!("{ALLOW_ROOT_NO_BPF}");
+    }
     if let Some(m) = mounted_at(mp)? {
         let dead = m.fstype == "fuse.efuse" && connection_dead(mp);
         if dead {
@@ -315,6 +318,19 @@ pub fn bpf_tier_refusal() -> String {
          doc/KERNEL.md), or use --offload kernel (or auto, which picks it on this kernel)",
         release.trim()
     )
+}
+
+/// Why `allow_root` mounts do not get the bpf tier: its programs answer
+/// any process the kernel lets in, and with allow_root the kernel lets in
+/// every user (allow_other), leaving the daemon to refuse all but the owner
+/// and root; answers given in the kernel would skip that.
+pub const ALLOW_ROOT_NO_BPF: &str = "-o allow_root mounts use the kernel tier: the bpf tier answers every \
+     user the kernel admits (allow_root admits all and leaves refusing them to the daemon); use \
+     allow_other, or no option, for the bpf tier";
+
+/// Does the mount use `allow_root`?
+pub fn allow_root(cfg: &MountConfig) -> bool {
+    cfg.options.iter().any(|o| o == "allow_root")
 }
 
 /// Resolve `auto` to the best tier this kernel has.
@@ -551,6 +567,10 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let mut cfg = cfg.clone();
     if cfg.offload == Offload::Auto {
         cfg.offload = resolve_tier(Offload::Auto);
+        if cfg.offload == Offload::Bpf && allow_root(&cfg) {
+            tracing::info!("{ALLOW_ROOT_NO_BPF}");
+            cfg.offload = Offload::Kernel;
+        }
         tracing::info!(tier = %cfg.offload, "offload auto: picked the best tier this kernel has");
     }
     let cfg = &cfg;
@@ -590,6 +610,9 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         }
     }
     fs.set_xattrs(cfg.xattr);
+    if allow_root(cfg) {
+        fs.refuse_bpf(ALLOW_ROOT_NO_BPF);
+    }
     if !fs.xattrs() {
         tracing::info!(
             backend = %kind,

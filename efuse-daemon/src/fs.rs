@@ -230,6 +230,8 @@ pub struct EfuseFs {
     /// Writable handles and their inodes: while an inode has one, the bpf
     /// tier answers nothing about it (see `BpfMirror::writer_opened`).
     writer_fhs: parking_lot::Mutex<HashMap<Fh, u64>>,
+    /// Why this mount may not use the bpf tier, if it may not.
+    bpf_refusal: std::sync::OnceLock<&'static str>,
     inodes: Arc<InodeTable>,
     kernel_cfg: KernelTierConfig,
     /// What the bpf tier's maps hold (inactive unless attached).
@@ -296,6 +298,7 @@ impl EfuseFs {
             posix_acl: std::sync::atomic::AtomicBool::new(false),
             no_xattrs: std::sync::atomic::AtomicBool::new(false),
             writer_fhs: parking_lot::Mutex::new(HashMap::new()),
+            bpf_refusal: std::sync::OnceLock::new(),
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
             notifier: std::sync::OnceLock::new(),
@@ -316,6 +319,9 @@ impl EfuseFs {
     /// Load the bpf tier's programs and attach them to this mount's
     /// connection; on failure nothing is attached and the error says why.
     pub fn attach_bpf(self: &Arc<Self>) -> anyhow::Result<()> {
+        if let Some(why) = self.bpf_refusal.get() {
+            anyhow::bail!("{why}");
+        }
         let mut slot = self.bpf.lock();
         if slot.is_some() {
             return Ok(());
@@ -580,6 +586,16 @@ impl EfuseFs {
         };
         self.no_xattrs.store(!on, std::sync::atomic::Ordering::Relaxed);
         self.mirror.set_xattrs(on);
+    }
+
+    /// Never use the bpf tier on this mount, for `why`.
+    pub fn refuse_bpf(&self, why: &'static str) {
+        let _ = self.bpf_refusal.set(why);
+    }
+
+    /// Is the bpf tier refused on this mount?
+    pub fn bpf_refused(&self) -> bool {
+        self.bpf_refusal.get().is_some()
     }
 
     /// The connection's passthrough backing ids (once the session exists).
@@ -935,6 +951,7 @@ impl EfuseFs {
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         // Passthrough reads change the atime without the daemon: the bpf
         // tier's attributes keep the old one up to their TTL (SEMANTICS.md).
+        let epoch = self.mirror.epoch();
         let p = self.policy();
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
 
@@ -952,6 +969,10 @@ impl EfuseFs {
             self.writer_opened(fh, ino);
         } else if flags & libc::O_TRUNC != 0 {
             self.mirror.changed(&[], &[ino]);
+        } else {
+            // An open that could have been answered in the kernel: its
+            // answer had expired (or was never made); offer it again.
+            self.mirror.renew_open(epoch, ino, p.attr_ttl);
         }
         let mut staged = false;
         let backing = match (p.passthrough, self.backend.backing_file(fh), attr) {
@@ -1259,7 +1280,12 @@ impl EfuseFs {
 
     /// Get an xattr: its size if `size` is 0, else its value (ERANGE if it does not fit).
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<XattrReply> {
-        let v = self.backend.getxattr(self.b(ino), name)?;
+        let epoch = self.mirror.epoch();
+        let v = self.backend.getxattr(self.b(ino), name).inspect_err(|e| {
+            if matches!(e.to_errno(), libc::ENODATA | libc::EOPNOTSUPP) {
+                self.mirror.renew_noxattr(epoch, ino, self.policy().attr_ttl);
+            }
+        })?;
         sized(v, size)
     }
 

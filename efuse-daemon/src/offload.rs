@@ -549,25 +549,56 @@ impl BpfMirror {
         // the answers carry the new deadline (expired ones ask the daemon,
         // whose GETATTR reply lands here).
         let answers = maps.answers();
-        let want_open = answers.open && attr.kind == FileKind::File;
+        // Remote backends have no local file to pass through (staged copies
+        // are made per daemon open), so their opens stay with the daemon.
+        let want_open = answers.open && attr.kind == FileKind::File && !self.backend.is_remote();
         let want_noxattr = answers.getxattr && self.xattrs.load(std::sync::atomic::Ordering::Relaxed);
         drop(m);
+        self.offer_extras(epoch, attr.ino, until, want_open, want_noxattr);
+    }
+
+    /// Offer the open and no-xattr answers of `ino` (outside the mirror
+    /// lock: these are backend calls).
+    fn offer_extras(&self, epoch: u64, ino: u64, until: u64, want_open: bool, want_noxattr: bool) {
         if !want_open && !want_noxattr {
             return;
         }
-        // Outside the mirror lock: these are backend calls.
-        let b = self.b(attr.ino);
-        let Ok(list) = self.backend.listxattr(b) else {
+        let Ok(list) = self.backend.listxattr(self.b(ino)) else {
             return;
         };
         // An ACL is checked by the backend, not by the kernel's mode check
         // an answered open gets: such files open through the daemon.
         let acl = list.split(|c| *c == 0).any(|n| n == b"system.posix_acl_access");
         if want_open && !acl {
-            self.offer_open(epoch, attr.ino, until);
+            self.offer_open(epoch, ino, until);
         }
         if want_noxattr && list.is_empty() {
-            self.offer_noxattr(epoch, attr.ino, until);
+            self.offer_noxattr(epoch, ino, until);
+        }
+    }
+
+    /// A read-only open of the regular file `ino` reached the daemon (its
+    /// answer expired while the kernel's attributes did not, so no GETATTR
+    /// renewed it): offer it again. `epoch` was read before the open.
+    pub fn renew_open(&self, epoch: u64, ino: u64, ttl: Duration) {
+        let Some(maps) = self.inner.lock().maps.clone() else {
+            return;
+        };
+        if maps.answers().open && !self.backend.is_remote() && !ttl.is_zero() {
+            self.offer_extras(epoch, ino, deadline(monotonic_ns(), ttl), true, false);
+        }
+    }
+
+    /// A GETXATTR reached the daemon and found nothing: renew the inode's
+    /// no-xattr answer (expired, with the kernel's attributes still valid).
+    /// `epoch` was read before the backend call.
+    pub fn renew_noxattr(&self, epoch: u64, ino: u64, ttl: Duration) {
+        let Some(maps) = self.inner.lock().maps.clone() else {
+            return;
+        };
+        if maps.answers().getxattr && self.xattrs.load(std::sync::atomic::Ordering::Relaxed) && !ttl.is_zero()
+        {
+            self.offer_extras(epoch, ino, deadline(monotonic_ns(), ttl), false, true);
         }
     }
 

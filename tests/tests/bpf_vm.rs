@@ -42,6 +42,10 @@ const SCENARIOS: &[Scenario] = &[
         backing_ids_are_bounded_and_released,
     ),
     ("expired_answers_are_renewed", expired_answers_are_renewed),
+    (
+        "allow_root_keeps_the_kernel_tier",
+        allow_root_keeps_the_kernel_tier,
+    ),
 ];
 
 fn main() {
@@ -946,4 +950,37 @@ fn expired_answers_are_renewed() {
         std::thread::sleep(Duration::from_millis(1500));
         assert_eq!(stat_key(&m.m("r/f")).unwrap(), stat_key(&m.b("r/f")).unwrap());
     }
+}
+
+fn allow_root_keeps_the_kernel_tier() {
+    // allow_root lets every user through the kernel and leaves refusing
+    // them to the daemon, which BPF answers would skip.
+    let (_t, src, mnt) = efuse_tests::src_and_mnt();
+    fs::write(src.join("f"), b"f").unwrap();
+    let _guard = efuse_tests::Daemonized { mnt: mnt.clone() };
+    let mount = |tier: &str| {
+        efuse(&[
+            OsStr::new("mount"),
+            src.as_os_str(),
+            mnt.as_os_str(),
+            OsStr::new("-o"),
+            OsStr::new("allow_root"),
+            OsStr::new("--offload"),
+            OsStr::new(tier),
+        ])
+    };
+    let (code, _, err) = mount("bpf");
+    assert_ne!(code, 0, "allow_root with --offload bpf was mounted");
+    assert!(err.contains("allow_root"), "{err}");
+    assert!(efuse_tests::mount_connection(&mnt).is_none());
+    let (code, _, err) = mount("auto");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mount_stats(&mnt)["offload"], "kernel");
+    let (code, _, err) = efuse(&[OsStr::new("offload"), mnt.as_os_str(), OsStr::new("bpf")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("allow_root"), "{err}");
+    assert_eq!(mount_stats(&mnt)["offload"], "kernel");
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"f");
+    let (code, _, err) = efuse(&[OsStr::new("umount"), mnt.as_os_str()]);
+    assert_eq!(code, 0, "{err}");
 }
