@@ -413,6 +413,22 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_documented_example_is_a_valid_config() {
+        // doc/CONFIGURATION.md's example names every section: it must parse
+        // (unknown keys are refused) and its values must be the defaults.
+        let doc = include_str!("../../doc/CONFIGURATION.md");
+        let start = doc.find("```toml\n").expect("a toml block") + "```toml\n".len();
+        let end = start + doc[start..].find("```").expect("its end");
+        let c: MountConfig = toml::from_str(&doc[start..end]).expect("the documented config parses");
+        let d = MountConfig::default();
+        assert_eq!(c.bpf, d.bpf, "documented [bpf] values differ from the defaults");
+        assert_eq!(
+            c.kernel, d.kernel,
+            "documented [kernel] values differ from the defaults"
+        );
+    }
+
+    #[test]
     fn toml_roundtrip_and_unknown_keys_refused() {
         let c: MountConfig = toml::from_str(
             r#"

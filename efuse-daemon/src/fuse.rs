@@ -539,6 +539,18 @@ impl Dispatcher {
     /// (other opens use it), the bit is cleared now, since no write of this
     /// open will reach the daemon.
     fn reply_open(&self, ino: u64, o: Opened, out: &mut Out, sgid_writer: Option<Caller>) -> FsResult<()> {
+        let sgid_now = self.reply_open_locked(ino, o, out)?;
+        // Outside the passthrough lock: this takes the mirror's (the bpf
+        // tier takes that one first, then this).
+        if sgid_now && let Some(who) = sgid_writer {
+            let _ = self.fs.drop_sgid(ino, who);
+        }
+        Ok(())
+    }
+
+    /// [`Self::reply_open`] under the passthrough lock; true if the open
+    /// got a live backing id (so a writer's S_ISGID must be cleared now).
+    fn reply_open_locked(&self, ino: u64, o: Opened, out: &mut Out) -> FsResult<bool> {
         let mut b = self.pt.state();
         let live_staged = b
             .by_ino
@@ -558,11 +570,7 @@ impl Dispatcher {
                 && !has_cached
                 && self.negotiated.passthrough.load(Ordering::Relaxed)
                 && !self.negotiated.passthrough_refused.load(Ordering::Relaxed));
-        if let Some(who) = sgid_writer
-            && live.is_some()
-        {
-            let _ = self.fs.drop_sgid(ino, who);
-        }
+        let sgid_now = live.is_some();
         // An inode with a live passthrough open must get passthrough for
         // every open (the kernel fails a cached open of it with EIO), also
         // for an open that asked for none (the off tier, after a switch):
@@ -580,7 +588,7 @@ impl Dispatcher {
                 b.by_fh.insert(o.fh, (ino, id.clone()));
                 let flags = (fopen_flags(&o) & !fopen::KEEP_CACHE) | fopen::PASSTHROUGH;
                 open_out(out, o.fh, flags, id.id);
-                return Ok(());
+                return Ok(sgid_now);
             }
             Some(Err(e)) if !self.negotiated.passthrough_refused.swap(true, Ordering::Relaxed) => {
                 self.pt.set_granted(false);
@@ -593,7 +601,7 @@ impl Dispatcher {
         }
         b.add_cached(o.fh, ino);
         open_out(out, o.fh, fopen_flags(&o), 0);
-        Ok(())
+        Ok(sgid_now)
     }
 
     fn released(&self, fh: u64) {
