@@ -175,7 +175,11 @@ fn every_open_flag_behaves_as_on_the_plain_directory() {
 /// Copy /usr/bin/sleep to `dir/s` and run it from there.
 fn run_from(dir: &Path) -> std::process::Child {
     let s = dir.join("s");
-    fs::copy("/usr/bin/sleep", &s).unwrap();
+    // Copied by cp(1), not here: a descriptor this process held for writing
+    // would be inherited by any child a concurrent test forks, until that
+    // child execs, and the exec below would then fail with ETXTBSY.
+    let st = Command::new("cp").arg("/usr/bin/sleep").arg(&s).status().unwrap();
+    assert!(st.success(), "cp /usr/bin/sleep {}", s.display());
     fs::set_permissions(&s, fs::Permissions::from_mode(0o755)).unwrap();
     let child = Command::new(&s).arg("30").stdin(Stdio::null()).spawn().unwrap();
     // Until exec has happened the file is not yet a running text.
