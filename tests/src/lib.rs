@@ -72,6 +72,29 @@ fn lazy_unmount(p: &Path) {
     unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
 }
 
+/// Guard for tests whose mounts are made by a program (say `efuse bench`):
+/// on drop, even after a failed assertion, every mount under the path is
+/// aborted (FUSE) and detached, deepest first.
+pub struct UnmountUnder(pub PathBuf);
+
+impl Drop for UnmountUnder {
+    fn drop(&mut self) {
+        let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut under: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+            .filter(|m| m.starts_with(&self.0) && m != &self.0)
+            .collect();
+        under.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in under {
+            if let Some(conn) = mount_connection(&m) {
+                let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
+            }
+            lazy_unmount(&m);
+        }
+    }
+}
+
 /// FUSE connection id of the mount at `p`, from mountinfo (no syscall on
 /// the mount itself, so it works on a dead or failing mount).
 pub fn mount_connection(p: &Path) -> Option<u32> {

@@ -11,6 +11,7 @@ use efuse_tests::efuse;
 fn quick_bench_writes_table_json_and_plots() {
     let out = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
+    let _mounts = efuse_tests::UnmountUnder(work.path().to_owned());
     // The bench may only touch its own subdirectory of --work-dir.
     fs::write(work.path().join("keep-me"), b"user data").unwrap();
     fs::create_dir(work.path().join("data")).unwrap();
@@ -80,8 +81,10 @@ fn quick_bench_writes_table_json_and_plots() {
 fn interrupted_bench_leaves_no_mount() {
     let out = tempfile::tempdir().unwrap();
     let work = tempfile::tempdir().unwrap();
+    // Declared before the child's guard, so dropped after it is killed.
+    let _mounts = efuse_tests::UnmountUnder(work.path().to_owned());
     fs::write(work.path().join("keep-me"), b"user data").unwrap();
-    let mut child = std::process::Command::new(efuse_tests::efuse_bin())
+    let child = std::process::Command::new(efuse_tests::efuse_bin())
         .args(["bench", "--quick", "--out"])
         .arg(out.path())
         .arg("--work-dir")
@@ -90,6 +93,7 @@ fn interrupted_bench_leaves_no_mount() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
+    let mut child = KillOnDrop(child);
     let mounted = || {
         fs::read_to_string("/proc/self/mountinfo")
             .unwrap()
@@ -103,11 +107,9 @@ fn interrupted_bench_leaves_no_mount() {
     );
     // Ctrl-C in the middle of a run.
     // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let st = efuse_tests::wait_timeout(&mut child, std::time::Duration::from_secs(20)).unwrap_or_else(|| {
-        let _ = child.kill();
-        panic!("the bench did not exit after SIGINT")
-    });
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGINT) };
+    let st = efuse_tests::wait_timeout(&mut child.0, std::time::Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("the bench did not exit after SIGINT"));
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&st), None);
     assert_eq!(st.code(), Some(128 + libc::SIGINT));
     assert_eq!(mounted(), 0, "mounts left after SIGINT");
@@ -116,4 +118,14 @@ fn interrupted_bench_leaves_no_mount() {
         "scratch directory left behind"
     );
     assert_eq!(fs::read(work.path().join("keep-me")).unwrap(), b"user data");
+}
+
+/// The bench process, killed if the test ends early.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
