@@ -548,11 +548,8 @@ impl BpfMirror {
         // Offered again with every attribute refresh, also when present:
         // the answers carry the new deadline (expired ones ask the daemon,
         // whose GETATTR reply lands here).
-        let answers = maps.answers();
-        // Remote backends have no local file to pass through (staged copies
-        // are made per daemon open), so their opens stay with the daemon.
-        let want_open = answers.open && attr.kind == FileKind::File && !self.backend.is_remote();
-        let want_noxattr = answers.getxattr && self.xattrs.load(std::sync::atomic::Ordering::Relaxed);
+        let (can_open, want_noxattr) = self.extras(maps.answers());
+        let want_open = can_open && attr.kind == FileKind::File;
         drop(m);
         self.offer_extras(epoch, attr.ino, until, want_open, want_noxattr);
     }
@@ -577,29 +574,38 @@ impl BpfMirror {
         }
     }
 
-    /// A read-only open of the regular file `ino` reached the daemon (its
-    /// answer expired while the kernel's attributes did not, so no GETATTR
-    /// renewed it): offer it again. `epoch` was read before the open.
-    pub fn renew_open(&self, epoch: u64, ino: u64, ttl: Duration) {
+    /// Which extra answers the attached programs and this mount can give:
+    /// (opens: local backends only; no-xattr: only if xattrs are served).
+    fn extras(&self, a: Answers) -> (bool, bool) {
+        (
+            a.open && !self.backend.is_remote(),
+            a.getxattr && self.xattrs.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Offer `ino`'s open (`open`) or no-xattr answer again, valid for
+    /// `ttl`: a request it would have answered reached the daemon (the
+    /// answer had expired while the kernel's attributes had not, so no
+    /// GETATTR renewed it). `epoch` was read before the daemon's backend call.
+    fn renew(&self, epoch: u64, ino: u64, ttl: Duration, open: bool) {
         let Some(maps) = self.inner.lock().maps.clone() else {
             return;
         };
-        if maps.answers().open && !self.backend.is_remote() && !ttl.is_zero() {
-            self.offer_extras(epoch, ino, deadline(monotonic_ns(), ttl), true, false);
+        let (can_open, can_noxattr) = self.extras(maps.answers());
+        let (o, x) = (open && can_open, !open && can_noxattr);
+        if !ttl.is_zero() {
+            self.offer_extras(epoch, ino, deadline(monotonic_ns(), ttl), o, x);
         }
     }
 
-    /// A GETXATTR reached the daemon and found nothing: renew the inode's
-    /// no-xattr answer (expired, with the kernel's attributes still valid).
-    /// `epoch` was read before the backend call.
+    /// A read-only open of the regular file `ino` reached the daemon.
+    pub fn renew_open(&self, epoch: u64, ino: u64, ttl: Duration) {
+        self.renew(epoch, ino, ttl, true);
+    }
+
+    /// A GETXATTR of `ino` reached the daemon and found nothing.
     pub fn renew_noxattr(&self, epoch: u64, ino: u64, ttl: Duration) {
-        let Some(maps) = self.inner.lock().maps.clone() else {
-            return;
-        };
-        if maps.answers().getxattr && self.xattrs.load(std::sync::atomic::Ordering::Relaxed) && !ttl.is_zero()
-        {
-            self.offer_extras(epoch, ino, deadline(monotonic_ns(), ttl), false, true);
-        }
+        self.renew(epoch, ino, ttl, false);
     }
 
     /// Put `v` into a map if nothing changed since `epoch` and `ino` has no
