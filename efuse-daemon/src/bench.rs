@@ -224,8 +224,13 @@ impl Drop for Target {
             }
             // Whatever happened above (no efuse binary to run, a peer's
             // mount): abort and detach what is still mounted here.
-            if let Some(dev) = crate::daemon::connection_of(&self.root) {
-                let _ = fs::write(format!("/sys/fs/fuse/connections/{dev}/abort"), b"1");
+            if let Some(m) = crate::daemon::mountinfo()
+                .unwrap_or_default()
+                .into_iter()
+                .rev()
+                .find(|m| m.mountpoint == self.root)
+            {
+                m.abort();
                 let _ = nix::mount::umount2(&self.root, nix::mount::MntFlags::MNT_DETACH);
             }
         }
@@ -692,9 +697,7 @@ fn on_signal_unmount(work: &Path) -> anyhow::Result<()> {
             let mnt = work.join("mnt");
             for m in crate::daemon::mountinfo().unwrap_or_default() {
                 if m.mountpoint.starts_with(&mnt) {
-                    if m.fstype.starts_with("fuse") {
-                        let _ = fs::write(format!("/sys/fs/fuse/connections/{}/abort", m.dev), b"1");
-                    }
+                    m.abort();
                     let _ = nix::mount::umount2(&m.mountpoint, nix::mount::MntFlags::MNT_DETACH);
                 }
             }

@@ -1,17 +1,18 @@
 //! Loader of the `bpf` tier: attaches efuse's struct_ops programs
-//! (`efuse-ebpf/src/ops.rs`) to one FUSE connection through the kernel's
-//! `fuse_bpf_ops` (the patch in `kernel/patches/`).
+//! (`efuse-ebpf/src/ops.rs`) to one FUSE connection through the
+//! `efuse_bpf_ops` hook (kernel/patches/), built into the kernel or in
+//! efuse.ko (`crate::kfuse`).
 //!
 //! aya 0.14 cannot load struct_ops (aya issue 220), so this does it with
 //! raw bpf(2) calls: aya creates the maps and aya-obj relocates the
 //! programs' map references; then each program is loaded as
-//! BPF_PROG_TYPE_STRUCT_OPS against the kernel's `fuse_bpf_ops` BTF, a
+//! BPF_PROG_TYPE_STRUCT_OPS against the hook's BTF (vmlinux's or the module's), a
 //! struct_ops map is filled with the program descriptors and the
 //! connection number, and a link registers it. Dropping the link
 //! unregisters: the kernel waits for running programs (RCU) before the
 //! unlink returns.
 
-mod btf;
+pub mod btf;
 mod sys;
 
 use std::collections::HashSet;
@@ -35,9 +36,7 @@ use crate::offload::{Answers, KernelMaps, MapError};
 
 static OPS_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/efuse-ops"));
 
-/// The kernel struct the programs implement, and its struct_ops value type.
-const OPS_STRUCT: &str = "fuse_bpf_ops";
-const OPS_VALUE_STRUCT: &str = "bpf_struct_ops_fuse_bpf_ops";
+use crate::kfuse::{Hook, OPS_STRUCT, OPS_VALUE_STRUCT};
 
 /// The maps of an attached instance, as [`KernelMaps`].
 pub struct BpfMaps {
@@ -186,10 +185,12 @@ pub fn programs_built() -> bool {
     !OPS_OBJECT.is_empty()
 }
 
-/// Load the programs and maps and attach them to FUSE connection `dev`
-/// (the number under /sys/fs/fuse/connections). Miss events are handed to
+/// Load the programs and maps and attach them through `hook` to FUSE
+/// connection `dev` (the number under /sys/fs/fuse/connections, or
+/// /sys/fs/efuse/connections for the module). Miss events are handed to
 /// `on_miss` on a thread of their own.
 pub fn attach(
+    hook: &Hook,
     dev: u32,
     cfg: &BpfConfig,
     on_miss: impl Fn(MissEvent) + Send + 'static,
@@ -223,10 +224,17 @@ pub fn attach(
         .context("relocating map references")?;
     obj.relocate_calls(&text_sections).context("relocating calls")?;
 
-    let btf = btf::Btf::vmlinux()?;
+    // A module's struct_ops type is named by its BTF object.
+    let (btf, module_btf) = match hook {
+        Hook::BuiltIn => (btf::Btf::vmlinux()?, None),
+        Hook::Module { .. } => (
+            btf::Btf::module(crate::kfuse::MODULE)?,
+            Some(sys::module_btf_fd(crate::kfuse::MODULE).context("finding efuse.ko's BTF object")?),
+        ),
+    };
     let ops = btf
         .find_struct(OPS_STRUCT)
-        .context("this kernel lacks the efuse FUSE BPF hook")?;
+        .with_context(|| format!("the efuse FUSE BPF hook ({hook}) has no {OPS_STRUCT}"))?;
     let value = btf.find_struct(OPS_VALUE_STRUCT)?;
     let data_off = value.member("data")?.offset as usize;
 
@@ -248,7 +256,7 @@ pub fn attach(
             Err(e) if prog == PROG_LOOKUP || prog == PROG_GETATTR => return Err(e),
             Err(_) => {
                 tracing::info!(
-                    "this kernel's fuse_bpf_ops has no `{member}`: {member} requests go to the daemon \
+                    "this kernel's {OPS_STRUCT} has no `{member}`: {member} requests go to the daemon \
                      (apply kernel/patches/ in full)"
                 );
                 continue;
@@ -262,7 +270,7 @@ pub fn attach(
             .get(prog)
             .with_context(|| format!("BPF object has no program {prog}"))?;
         let insns = &obj.functions[&p.function_key()].instructions;
-        let fd = sys::load_struct_ops_prog(prog, insns, ops.id, m.index)?;
+        let fd = sys::load_struct_ops_prog(prog, insns, ops.id, m.index, module_btf.as_ref())?;
         let off = data_off + m.offset as usize;
         kvalue[off..off + 8].copy_from_slice(&(fd.as_raw_fd() as u64).to_ne_bytes());
         progs.push(fd);
@@ -276,13 +284,15 @@ pub fn attach(
     let off = data_off + ops.member("dev")?.offset as usize;
     kvalue[off..off + 4].copy_from_slice(&dev.to_ne_bytes());
 
-    let ops_map = sys::create_struct_ops_map("efuse_ops", value.id, value.size).with_context(|| {
-        format!(
-            "creating the fuse_bpf_ops struct_ops map (value type {OPS_VALUE_STRUCT} id {}, {} bytes)",
-            value.id, value.size
-        )
-    })?;
-    sys::update_struct_ops_map(&ops_map, &kvalue).context("filling the fuse_bpf_ops struct_ops map")?;
+    let ops_map = sys::create_struct_ops_map("efuse_ops", value.id, value.size, module_btf.as_ref())
+        .with_context(|| {
+            format!(
+                "creating the {OPS_STRUCT} struct_ops map (value type {OPS_VALUE_STRUCT} id {}, {} bytes)",
+                value.id, value.size
+            )
+        })?;
+    sys::update_struct_ops_map(&ops_map, &kvalue)
+        .with_context(|| format!("filling the {OPS_STRUCT} struct_ops map"))?;
     // The map holds the programs now.
     drop(progs);
 
@@ -300,7 +310,7 @@ pub fn attach(
     let link = sys::link_struct_ops(&ops_map).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) => anyhow::anyhow!("FUSE connection {dev} already has BPF programs attached"),
         Some(libc::ENOENT) => anyhow::anyhow!("no FUSE connection {dev} to attach the BPF programs to"),
-        _ => anyhow::Error::new(e).context("linking the fuse_bpf_ops struct_ops"),
+        _ => anyhow::Error::new(e).context(format!("linking the {OPS_STRUCT} struct_ops")),
     })?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -328,7 +338,7 @@ pub fn attach(
             }
         })
         .context("spawning the miss-event thread")?;
-    tracing::info!(dev, "bpf tier: programs attached to FUSE connection {dev}");
+    tracing::info!(dev, %hook, "bpf tier: programs attached to FUSE connection {dev}");
     Ok((
         maps,
         Attachment {

@@ -50,6 +50,12 @@ pub struct MountStats {
     pub transport: String,
     /// FUSE connection id.
     pub connection: u32,
+    /// The kernel FUSE the mount goes through.
+    #[serde(default)]
+    pub fuse: crate::kfuse::Fuse,
+    /// Where the bpf tier's hook is, once the tier was attached.
+    #[serde(default)]
+    pub hook: Option<crate::kfuse::Hook>,
     /// Seconds since the mount was made.
     pub uptime_s: f64,
     /// Tracing state.
@@ -122,6 +128,8 @@ impl ControlState {
             offload: self.fs.tier().to_string(),
             transport: self.transport.clone(),
             connection: self.connection,
+            fuse: self.fs.kfuse(),
+            hook: self.fs.bpf_hook(),
             uptime_s: self.started.elapsed().as_secs_f64(),
             trace,
             kernel,
@@ -184,11 +192,15 @@ impl ControlState {
     /// passthrough open keeps it until its last close).
     pub fn switch(&self, tier: Offload) -> anyhow::Result<Switched> {
         let tier = match tier {
-            Offload::Bpf if !crate::daemon::bpf_hook_available() => {
-                bail!("{}", crate::daemon::bpf_tier_refusal())
+            Offload::Bpf => {
+                if let Err(why) = crate::kfuse::hook_for(self.fs.kfuse()) {
+                    bail!("{why}")
+                }
+                Offload::Bpf
             }
             Offload::Auto if self.fs.bpf_refused() => Offload::Kernel,
-            Offload::Auto => crate::daemon::resolve_tier(Offload::Auto),
+            Offload::Auto if crate::kfuse::hook_for(self.fs.kfuse()).is_ok() => Offload::Bpf,
+            Offload::Auto => Offload::Kernel,
             t => t,
         };
         if tier == Offload::Bpf {

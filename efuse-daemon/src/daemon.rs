@@ -58,6 +58,9 @@ pub struct MountRecord {
     pub pid: u32,
     /// FUSE connection id (kernel dev_t of the mount).
     pub connection: u32,
+    /// The kernel FUSE the mount goes through.
+    #[serde(default)]
+    pub fuse: crate::kfuse::Fuse,
     /// Unix time the mount became ready.
     pub started: u64,
     /// Daemon log file, if daemonized.
@@ -138,7 +141,7 @@ pub fn read_record(mp: &Path) -> Option<MountRecord> {
 pub struct MountInfo {
     /// Mount point.
     pub mountpoint: PathBuf,
-    /// Filesystem type (`fuse.efuse`).
+    /// Filesystem type (`fuse.efuse`, or `efuse` through efuse.ko).
     pub fstype: String,
     /// Source.
     pub source: String,
@@ -146,6 +149,23 @@ pub struct MountInfo {
     pub dev: u32,
     /// Mount options: the per-mount ones, then the superblock's.
     pub options: Vec<String>,
+}
+
+impl MountInfo {
+    /// The FUSE behind this mount if it is an efuse mount.
+    pub fn efuse(&self) -> Option<crate::kfuse::Fuse> {
+        crate::kfuse::Fuse::of_fstype(&self.fstype)
+    }
+
+    /// Abort this mount's FUSE connection (any FUSE mount, efuse's or a
+    /// peer's, through the kernel's FUSE or efuse.ko); false if it is not
+    /// a FUSE mount or the control filesystem refused.
+    pub fn abort(&self) -> bool {
+        crate::kfuse::Fuse::of_any_fstype(&self.fstype).is_some_and(|f| {
+            f.mount_control();
+            fs::write(f.abort_file(self.dev), b"1").is_ok()
+        })
+    }
 }
 
 fn unescape_mountinfo(s: &str) -> PathBuf {
@@ -228,19 +248,27 @@ fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("efuse must run as root: it mounts with mount(2) and loads BPF programs (try sudo)");
     }
-    if !Path::new("/dev/fuse").exists() {
-        bail!(
-            "/dev/fuse is missing: load the FUSE module (modprobe fuse) or, in a container, pass --device /dev/fuse"
-        );
-    }
-    if cfg.offload == Offload::Bpf && !bpf_hook_available() {
-        bail!("{}", bpf_tier_refusal());
+    let fuse = if cfg.offload == Offload::Bpf {
+        crate::kfuse::for_bpf().map_err(|e| anyhow::anyhow!(e))?
+    } else {
+        crate::kfuse::Fuse::Kernel
+    };
+    let dev = fuse.device().to_string_lossy();
+    if !Path::new(&*dev).exists() {
+        match fuse {
+            crate::kfuse::Fuse::Kernel => bail!(
+                "/dev/fuse is missing: load the FUSE module (modprobe fuse) or, in a container, pass --device /dev/fuse"
+            ),
+            crate::kfuse::Fuse::Module => bail!(
+                "{dev} is missing although efuse.ko is loaded (no devtmpfs on /dev?); in a container, pass --device {dev}"
+            ),
+        }
     }
     if cfg.offload == Offload::Bpf && allow_root(cfg) {
         bail!("{ALLOW_ROOT_NO_BPF}");
     }
     if let Some(m) = mounted_at(mp)? {
-        let dead = m.fstype == "fuse.efuse" && connection_dead(mp);
+        let dead = m.efuse().is_some() && connection_dead(mp);
         if dead {
             tracing::warn!(mountpoint = %mp.display(), "removing the stale mount of a dead efuse daemon");
             lazy_unmount(mp)?;
@@ -297,29 +325,6 @@ fn lazy_unmount(mp: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot detach {}", mp.display()))
 }
 
-/// True if the running kernel has efuse's BPF hook for FUSE (the
-/// `fuse_bpf_ops` struct_ops type in its BTF).
-pub fn bpf_hook_available() -> bool {
-    fs::read("/sys/kernel/btf/vmlinux")
-        .map(|btf| {
-            btf.windows(b"fuse_bpf_ops\0".len())
-                .any(|w| w == b"fuse_bpf_ops\0")
-        })
-        .unwrap_or(false)
-}
-
-/// Why `bpf` cannot be used here.
-pub fn bpf_tier_refusal() -> String {
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!(
-        "--offload bpf needs the efuse BPF hook for FUSE (struct_ops `fuse_bpf_ops`, Linux 6.12 with \
-         efuse's kernel/patches applied), which Linux {} does not have: mainline has no hook that \
-         lets BPF answer a FUSE request. Build the patched kernel with `cargo xtask kernel` (see \
-         doc/KERNEL.md), or use --offload kernel (or auto, which picks it on this kernel)",
-        release.trim()
-    )
-}
-
 /// Why `allow_root` mounts do not get the bpf tier: its programs answer
 /// any process the kernel lets in, and with allow_root the kernel lets in
 /// every user (allow_other), leaving the daemon to refuse all but the owner
@@ -336,7 +341,7 @@ pub fn allow_root(cfg: &MountConfig) -> bool {
 /// Resolve `auto` to the best tier this kernel has.
 pub fn resolve_tier(t: Offload) -> Offload {
     match t {
-        Offload::Auto if bpf_hook_available() => Offload::Bpf,
+        Offload::Auto if crate::kfuse::hook().is_ok() => Offload::Bpf,
         Offload::Auto => Offload::Kernel,
         t => t,
     }
@@ -398,7 +403,7 @@ fn fuse_config(cfg: &MountConfig) -> (crate::mount::MountSpec, bool) {
 fn remount(args: &MountArgs) -> anyhow::Result<()> {
     let mp = absolute(&args.mountpoint)?;
     let m = match mounted_at(&mp)? {
-        Some(m) if m.fstype == "fuse.efuse" => m,
+        Some(m) if m.efuse().is_some() => m,
         Some(m) => bail!("{} is a {} mount, not efuse", mp.display(), m.fstype),
         None => bail!(
             "{} is not mounted; remount needs a mounted efuse filesystem",
@@ -574,12 +579,18 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         tracing::info!(tier = %cfg.offload, "offload auto: picked the best tier this kernel has");
     }
     let cfg = &cfg;
+    // The bpf tier goes through whichever FUSE has the hook (checked by
+    // preflight); every other tier through the kernel's own.
+    let fuse = match cfg.offload {
+        Offload::Bpf => crate::kfuse::for_bpf().map_err(|e| anyhow::anyhow!(e))?,
+        _ => crate::kfuse::Fuse::Kernel,
+    };
     let backend = build_backend(cfg)?;
     let kind = backend.kind();
     // Tracing starts before the mount so that FUSE_INIT is counted.
     let slow_ns = cfg.trace_slow_us * 1000;
     let (tracer, trace_off_reason) = if cfg.trace {
-        match crate::trace::Tracer::start(slow_ns) {
+        match crate::trace::Tracer::start(slow_ns, fuse.trace_system()) {
             Ok(t) => (Some(t), None),
             Err(e) => {
                 tracing::warn!("eBPF tracing unavailable, mounting without it: {e:#}");
@@ -628,8 +639,10 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
     let (spec, others) = fuse_config(cfg);
-    let fd =
-        crate::mount::mount_fuse(mp, &spec).with_context(|| format!("cannot mount on {}", mp.display()))?;
+    let fd = crate::mount::mount_fuse(mp, &spec, fuse)
+        .with_context(|| format!("cannot mount on {}", mp.display()))?;
+    // The module's control filesystem is nobody else's to mount.
+    fuse.mount_control();
     let dev = connection_of(mp).unwrap_or(0);
     let allow_root = cfg.options.iter().any(|o| o == "allow_root");
     let (f2, m2) = (fs.clone(), metrics.clone());
@@ -663,7 +676,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         fs.set_notifier(Arc::new(crate::fuse::Notify::new(d)));
     }
     let transport = session.in_use().clone();
-    fs.set_connection(dev);
+    fs.set_connection(dev, fuse);
     if cfg.offload == Offload::Bpf
         && let Err(e) = fs.attach_bpf()
     {
@@ -726,6 +739,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
         transport: transport.kind.to_string(),
         pid: std::process::id(),
         connection: dev,
+        fuse,
         started: SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
@@ -820,7 +834,7 @@ pub fn connection_of(mp: &Path) -> Option<u32> {
 /// `efuse offload`.
 pub fn offload(args: &crate::cli::OffloadArgs) -> anyhow::Result<()> {
     let mp = absolute(&args.mountpoint)?;
-    if mounted_at(&mp)?.is_none_or(|m| m.fstype != "fuse.efuse") {
+    if mounted_at(&mp)?.is_none_or(|m| m.efuse().is_none()) {
         bail!("{} is not an efuse mount", mp.display());
     }
     let s = crate::control::switch_tier(&mp, args.tier)?;
@@ -843,7 +857,7 @@ pub fn prefetch(args: &crate::cli::PrefetchArgs) -> anyhow::Result<()> {
     let path = fs::canonicalize(&args.path).with_context(|| format!("{}", args.path.display()))?;
     let mut mp = path.as_path();
     loop {
-        if mounted_at(mp)?.is_some_and(|m| m.fstype == "fuse.efuse") {
+        if mounted_at(mp)?.is_some_and(|m| m.efuse().is_some()) {
             break;
         }
         mp = mp
@@ -975,19 +989,24 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
     let Some(m) = mounted_at(&mp)? else {
         bail!("{} is not mounted", mp.display());
     };
-    if m.fstype != "fuse.efuse" {
+    let Some(fuse) = m.efuse() else {
         bail!(
             "{} is a {} mount, not efuse; use umount(8)",
             mp.display(),
             m.fstype
         );
-    }
+    };
     let pid = read_record(&mp).as_ref().and_then(daemon_pid);
     if args.force {
-        let abort = format!("/sys/fs/fuse/connections/{}/abort", m.dev);
+        fuse.mount_control();
+        let abort = fuse.abort_file(m.dev);
         match fs::write(&abort, b"1") {
             Ok(()) => tracing::info!(connection = m.dev, "aborted FUSE connection"),
-            Err(e) => tracing::warn!("cannot abort {abort}: {e} (is fusectl mounted?)"),
+            Err(e) => tracing::warn!(
+                "cannot abort {abort}: {e} (is {} mounted on {}?)",
+                fuse.control_fstype(),
+                fuse.connections()
+            ),
         }
     }
     let flags = if args.lazy || args.force {
@@ -1052,13 +1071,15 @@ struct StatusRow {
     transport: String,
     pid: Option<u32>,
     connection: u32,
+    /// `kernel` (the kernel's FUSE) or `module` (efuse.ko).
+    fuse: crate::kfuse::Fuse,
     state: &'static str,
 }
 
 /// `efuse status`.
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
     let mut rows = Vec::new();
-    for m in mountinfo()?.into_iter().filter(|m| m.fstype == "fuse.efuse") {
+    for m in mountinfo()?.into_iter().filter(|m| m.efuse().is_some()) {
         let rec = read_record(&m.mountpoint);
         // Never touch the mount itself: a stalled backend would block us.
         // The record names the daemon; its control socket answers at once
@@ -1085,6 +1106,7 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|| "?".into()),
             pid: rec.as_ref().map(|r| r.pid),
             connection: m.dev,
+            fuse: m.efuse().unwrap_or_default(),
             state,
             mountpoint: m.mountpoint,
         });
@@ -1110,16 +1132,17 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<8} {:<8} {:<9} {:>8} {:>6}  {:<24} SOURCE",
-        "MOUNTPOINT", "BACKEND", "OFFLOAD", "TRANSPORT", "PID", "CONN", "STATE"
+        "{:<32} {:<8} {:<8} {:<9} {:<6} {:>8} {:>6}  {:<24} SOURCE",
+        "MOUNTPOINT", "BACKEND", "OFFLOAD", "TRANSPORT", "FUSE", "PID", "CONN", "STATE"
     );
     for r in rows {
         println!(
-            "{:<32} {:<8} {:<8} {:<9} {:>8} {:>6}  {:<24} {}",
+            "{:<32} {:<8} {:<8} {:<9} {:<6} {:>8} {:>6}  {:<24} {}",
             r.mountpoint.display(),
             r.backend,
             r.offload,
             r.transport,
+            r.fuse,
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             r.connection,
             r.state,

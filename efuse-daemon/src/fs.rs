@@ -239,8 +239,10 @@ pub struct EfuseFs {
     /// The attached programs of the bpf tier.
     bpf: parking_lot::Mutex<Option<crate::bpf::Attachment>>,
     bpf_cfg: crate::config::BpfConfig,
-    /// FUSE connection number, once mounted.
-    connection: std::sync::OnceLock<u32>,
+    /// FUSE connection number and the FUSE it belongs to, once mounted.
+    connection: std::sync::OnceLock<(u32, crate::kfuse::Fuse)>,
+    /// Where the attached bpf tier's hook is (for status).
+    bpf_hook: parking_lot::Mutex<Option<crate::kfuse::Hook>>,
     tier: parking_lot::RwLock<(Offload, CachePolicy)>,
     /// Zero-message opens: one backend handle per inode, opened on first
     /// use and closed when the kernel forgets the inode.
@@ -289,6 +291,7 @@ impl EfuseFs {
             bpf: parking_lot::Mutex::new(None),
             bpf_cfg: crate::config::BpfConfig::default(),
             connection: std::sync::OnceLock::new(),
+            bpf_hook: parking_lot::Mutex::new(None),
             backend,
             inodes,
             kernel_cfg,
@@ -311,9 +314,19 @@ impl EfuseFs {
         self
     }
 
-    /// The mount is up on FUSE connection `dev`.
-    pub fn set_connection(&self, dev: u32) {
-        let _ = self.connection.set(dev);
+    /// The mount is up on connection `dev` of `fuse`.
+    pub fn set_connection(&self, dev: u32, fuse: crate::kfuse::Fuse) {
+        let _ = self.connection.set((dev, fuse));
+    }
+
+    /// The FUSE this mount goes through (the kernel's until mounted).
+    pub fn kfuse(&self) -> crate::kfuse::Fuse {
+        self.connection.get().map(|c| c.1).unwrap_or_default()
+    }
+
+    /// The hook the bpf tier was last attached through.
+    pub fn bpf_hook(&self) -> Option<crate::kfuse::Hook> {
+        self.bpf_hook.lock().clone()
     }
 
     /// Load the bpf tier's programs and attach them to this mount's
@@ -326,18 +339,20 @@ impl EfuseFs {
         if slot.is_some() {
             return Ok(());
         }
-        let dev = *self
+        let (dev, fuse) = *self
             .connection
             .get()
             .ok_or_else(|| anyhow::anyhow!("the mount has no FUSE connection yet"))?;
+        let hook = crate::kfuse::hook_for(fuse).map_err(|e| anyhow::anyhow!(e))?;
         let weak = Arc::downgrade(self);
-        let res = crate::bpf::attach(dev, &self.bpf_cfg, move |ev| {
+        let res = crate::bpf::attach(&hook, dev, &self.bpf_cfg, move |ev| {
             if let Some(fs) = weak.upgrade() {
                 fs.miss(ev);
             }
         });
         match res {
             Ok((maps, attachment)) => {
+                *self.bpf_hook.lock() = Some(hook);
                 self.mirror.attach(maps);
                 *slot = Some(attachment);
                 Ok(())

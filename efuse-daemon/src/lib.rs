@@ -22,6 +22,7 @@ pub mod daemon;
 pub mod fs;
 pub mod fuse;
 pub mod inode;
+pub mod kfuse;
 pub mod logging;
 pub mod metrics;
 pub mod mount;

@@ -30,13 +30,16 @@ pub struct MountSpec {
     pub default_permissions: bool,
 }
 
-/// Open `/dev/fuse` and mount it at `mp` as `fuse.efuse`. Returns the
+/// Open the device of `fuse` (`/dev/fuse`, or `/dev/efuse` for efuse.ko)
+/// and mount it at `mp` (type `fuse.efuse`, or `efuse`). Returns the
 /// connection's descriptor; the kernel sends FUSE_INIT on it next.
-pub fn mount_fuse(mp: &Path, spec: &MountSpec) -> anyhow::Result<OwnedFd> {
+pub fn mount_fuse(mp: &Path, spec: &MountSpec, fuse: crate::kfuse::Fuse) -> anyhow::Result<OwnedFd> {
+    let device = fuse.device();
     // SAFETY: a constant C string; the fd is owned below.
-    let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let fd = unsafe { libc::open(device.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
     if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("cannot open /dev/fuse");
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot open {}", device.to_string_lossy()));
     }
     // SAFETY: just opened, owned from here.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -57,12 +60,13 @@ pub fn mount_fuse(mp: &Path, spec: &MountSpec) -> anyhow::Result<OwnedFd> {
     let source = CString::new(spec.source.as_bytes()).context("source contains NUL")?;
     let target = CString::new(mp.as_os_str().as_bytes()).context("mountpoint contains NUL")?;
     let data = CString::new(data).expect("no NUL in numbers");
+    let fstype = CString::new(fuse.fstype()).expect("no NUL in a constant");
     // SAFETY: valid C strings for the duration of the call.
     let rc = unsafe {
         libc::mount(
             source.as_ptr(),
             target.as_ptr(),
-            c"fuse.efuse".as_ptr(),
+            fstype.as_ptr(),
             spec.flags.bits(),
             data.as_ptr().cast(),
         )
@@ -70,7 +74,14 @@ pub fn mount_fuse(mp: &Path, spec: &MountSpec) -> anyhow::Result<OwnedFd> {
     if rc != 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::ENODEV) {
-            bail!("the kernel has no FUSE filesystem type (modprobe fuse): {e}");
+            bail!(
+                "the kernel has no {} filesystem type ({}): {e}",
+                fuse.fstype(),
+                match fuse {
+                    crate::kfuse::Fuse::Kernel => "modprobe fuse",
+                    crate::kfuse::Fuse::Module => "efuse.ko was unloaded: modprobe efuse",
+                }
+            );
         }
         return Err(e).with_context(|| format!("mount(2) of {} failed", mp.display()));
     }

@@ -81,6 +81,16 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
     if !s.transport.is_empty() {
         let _ = writeln!(out, "transport: {}", s.transport);
     }
+    let _ = writeln!(
+        out,
+        "FUSE: {} ({}){}",
+        s.fuse.label(),
+        s.fuse.device().to_string_lossy(),
+        match &s.hook {
+            Some(h) => format!("; bpf hook: {h}"),
+            None => String::new(),
+        }
+    );
     if !s.trace.enabled {
         let _ = writeln!(
             out,

@@ -90,8 +90,12 @@ pub struct Tracer {
 }
 
 /// Read a tracepoint format file into field name -> (offset, size).
-fn read_format(event: &str) -> anyhow::Result<BTreeMap<String, (usize, usize)>> {
-    let path = Path::new(TRACEFS).join("events/fuse").join(event).join("format");
+fn read_format(system: &str, event: &str) -> anyhow::Result<BTreeMap<String, (usize, usize)>> {
+    let path = Path::new(TRACEFS)
+        .join("events")
+        .join(system)
+        .join(event)
+        .join("format");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut out = BTreeMap::new();
     for line in text.lines() {
@@ -118,8 +122,9 @@ fn read_format(event: &str) -> anyhow::Result<BTreeMap<String, (usize, usize)>> 
     Ok(out)
 }
 
-/// Check that the kernel's tracepoint layout is the one the programs read.
-pub fn check_layout() -> anyhow::Result<()> {
+/// Check that the tracepoint layout of `system` (`fuse`, or `efuse` for
+/// efuse.ko) is the one the programs read.
+pub fn check_layout(system: &str) -> anyhow::Result<()> {
     if !Path::new(TRACEFS).join("events").exists() {
         // Mount tracefs if the system has not.
         let _ = nix::mount::mount(
@@ -130,9 +135,14 @@ pub fn check_layout() -> anyhow::Result<()> {
             None::<&str>,
         );
     }
-    if !Path::new(TRACEFS).join("events/fuse/fuse_request_send").exists() {
+    if !Path::new(TRACEFS)
+        .join("events")
+        .join(system)
+        .join("fuse_request_send")
+        .exists()
+    {
         bail!(
-            "this kernel has no fuse:fuse_request_send/fuse_request_end tracepoints \
+            "this kernel has no {system}:fuse_request_send/fuse_request_end tracepoints \
              (fs/fuse/fuse_trace.h, CONFIG_FUSE_FS with tracing; recent mainline kernels have them) \
              or tracefs is not mounted at {TRACEFS}"
         );
@@ -146,15 +156,15 @@ pub fn check_layout() -> anyhow::Result<()> {
         ("fuse_request_end", "error", layout::END_ERROR, 4),
     ];
     for event in ["fuse_request_send", "fuse_request_end"] {
-        let fields = read_format(event)?;
+        let fields = read_format(system, event)?;
         for (_, field, off, size) in want.iter().filter(|w| w.0 == event) {
             match fields.get(*field) {
                 Some(&(o, s)) if o == *off && s == *size => {}
                 Some(&(o, s)) => bail!(
-                    "fuse:{event} field {field} is at offset {o} size {s}, efuse expects offset {off} size {size}; \
+                    "{system}:{event} field {field} is at offset {o} size {s}, efuse expects offset {off} size {size}; \
                      tracing disabled for this kernel"
                 ),
-                None => bail!("fuse:{event} has no field {field}; tracing disabled for this kernel"),
+                None => bail!("{system}:{event} has no field {field}; tracing disabled for this kernel"),
             }
         }
     }
@@ -162,15 +172,17 @@ pub fn check_layout() -> anyhow::Result<()> {
 }
 
 impl Tracer {
-    /// Load and attach the tracing programs. Call before mounting.
-    pub fn start(slow_ns: u64) -> anyhow::Result<Self> {
+    /// Load and attach the tracing programs to the tracepoints of `system`
+    /// (`fuse`, or `efuse` for mounts through efuse.ko). Call before
+    /// mounting.
+    pub fn start(slow_ns: u64, system: &str) -> anyhow::Result<Self> {
         if BPF_OBJECT.is_empty() {
             bail!(
                 "efuse was built without its BPF programs (bpf-linker was missing at build time); \
                  run `cargo xtask setup` and rebuild"
             );
         }
-        check_layout()?;
+        check_layout(system)?;
         let mut ebpf = EbpfLoader::new()
             .load(BPF_OBJECT)
             .context("loading the efuse BPF object")?;
@@ -184,8 +196,8 @@ impl Tracer {
                 .with_context(|| format!("program {prog} missing from the BPF object"))?
                 .try_into()?;
             p.load().with_context(|| format!("loading {prog}"))?;
-            p.attach("fuse", event)
-                .with_context(|| format!("attaching {prog} to fuse:{event}"))?;
+            p.attach(system, event)
+                .with_context(|| format!("attaching {prog} to {system}:{event}"))?;
         }
         let mut tracer = Self {
             ebpf,
@@ -309,13 +321,13 @@ mod tests {
 
     #[test]
     fn format_parser_reads_this_kernels_tracepoints() {
-        if check_layout().is_err() {
+        if check_layout("fuse").is_err() {
             // The layout check itself is exercised by the mount tests; here we
             // only need the parser on a kernel that has the events.
             assert!(!Path::new(TRACEFS).join("events/fuse/fuse_request_send").exists());
             return;
         }
-        let f = read_format("fuse_request_send").unwrap();
+        let f = read_format("fuse", "fuse_request_send").unwrap();
         assert_eq!(f["opcode"], (layout::SEND_OPCODE, 4));
     }
 }

@@ -88,10 +88,19 @@ impl Drop for UnmountUnder {
         under.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
         for m in under {
             if let Some(conn) = mount_connection(&m) {
-                let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
+                abort_connection(conn);
             }
             lazy_unmount(&m);
         }
+    }
+}
+
+/// Abort FUSE connection `conn`, of the kernel's FUSE or of efuse.ko
+/// (connection numbers are device numbers from one allocator: a number
+/// names one connection of either at a time).
+pub fn abort_connection(conn: u32) {
+    for ctl in ["/sys/fs/fuse/connections", "/sys/fs/efuse/connections"] {
+        let _ = fs::write(format!("{ctl}/{conn}/abort"), b"1");
     }
 }
 
@@ -313,7 +322,7 @@ impl Drop for TestMount {
         // while our mount is still there under our id, and before detaching.
         if let Some(conn) = mount_connection(&mnt) {
             if conn == self.connection {
-                let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
+                abort_connection(conn);
             }
             lazy_unmount(&mnt);
         }
@@ -560,7 +569,7 @@ impl Drop for Daemonized {
     fn drop(&mut self) {
         let pid = status_pid(&self.mnt);
         if let Some(conn) = mount_connection(&self.mnt) {
-            let _ = fs::write(format!("/sys/fs/fuse/connections/{conn}/abort"), b"1");
+            abort_connection(conn);
             lazy_unmount(&self.mnt);
         }
         if let Some(pid) = pid {

@@ -1,12 +1,16 @@
 //! Boot a kernel under qemu with a throwaway initramfs and run one shell
 //! command in it: how the `bpf` tier is tested on a kernel with efuse's
-//! patch while the host runs a stock kernel.
+//! hook while the host runs a kernel without it. The kernel is Debian's
+//! stock image with efuse.ko (the default), or a kernel built with the
+//! patches in (`cargo xtask kernel`).
 //!
 //! The initramfs holds busybox (static), the given binaries and the shared
-//! libraries they need (found with ldd). Its `/init` mounts proc, sysfs,
-//! devtmpfs, tmpfs, tracefs, bpffs and fusectl, runs the command, prints
-//! an exit marker on the serial console and powers off. The guest has no
-//! network and no disk; its tmpfs is its only storage.
+//! libraries they need (found with ldd), and the module if one is given.
+//! Its `/init` mounts proc, sysfs, devtmpfs, tmpfs, tracefs, bpffs and
+//! fusectl, prints the kernel release, loads the module (and mounts its
+//! control filesystem efusectl) and prints its version, runs the command,
+//! prints an exit marker on the serial console and powers off. The guest
+//! has no network and no disk; its tmpfs is its only storage.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -56,6 +60,16 @@ mount -t tracefs tracefs /sys/kernel/tracing
 mount -t bpf bpf /sys/fs/bpf
 mount -t fusectl fusectl /sys/fs/fuse/connections
 ulimit -n 1048576
+echo "efuse-vm: kernel $(uname -r) ($(cat /proc/version))"
+if [ -f /lib/efuse.ko ]; then
+    if ! insmod /lib/efuse.ko; then
+        echo "efuse-vm: insmod efuse.ko failed"; dmesg | tail -20
+        echo "EFUSE-VM-EXIT=97"; reboot -f
+    fi
+    mkdir -p /sys/fs/efuse/connections
+    mount -t efusectl efusectl /sys/fs/efuse/connections
+    echo "efuse-vm: efuse.ko $(cat /sys/module/efuse/version) loaded ($(grep -c . /sys/kernel/btf/efuse) lines of module BTF)"
+fi
 export HOME=/tmp TMPDIR=/tmp EFUSE_BIN=/bin/efuse RUST_BACKTRACE=1
 cd /tmp
 sh /cmd
@@ -64,9 +78,14 @@ sync
 reboot -f
 "#;
 
-/// Build the initramfs (gzip'd newc cpio) with `files` in /bin and the
-/// command `cmd`; returns its path inside `work`.
-pub fn initramfs(work: &Path, files: &[PathBuf], cmd: &str) -> std::io::Result<PathBuf> {
+/// Build the initramfs (gzip'd newc cpio) with `files` in /bin, `module`
+/// as /lib/efuse.ko and the command `cmd`; returns its path inside `work`.
+pub fn initramfs(
+    work: &Path,
+    files: &[PathBuf],
+    module: Option<&Path>,
+    cmd: &str,
+) -> std::io::Result<PathBuf> {
     let root = work.join("root");
     let _ = fs::remove_dir_all(&root);
     for d in ["bin", "proc", "sys", "dev", "tmp", "run", "etc"] {
@@ -83,6 +102,9 @@ pub fn initramfs(work: &Path, files: &[PathBuf], cmd: &str) -> std::io::Result<P
     }
     for l in libs {
         copy_into(&root, &l, &l)?;
+    }
+    if let Some(m) = module {
+        copy_into(&root, m, Path::new("/lib/efuse.ko"))?;
     }
     fs::write(root.join("init"), INIT)?;
     fs::set_permissions(root.join("init"), fs::Permissions::from_mode(0o755))?;
@@ -114,11 +136,35 @@ pub struct VmRun {
     pub console: String,
 }
 
-/// Boot `kernel` with `files` and run `cmd`; the console is echoed to
+/// The kernel a VM boots.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    /// The kernel image (bzImage / vmlinuz).
+    pub kernel: PathBuf,
+    /// efuse.ko built for that kernel, loaded before the command runs.
+    pub module: Option<PathBuf>,
+}
+
+impl Guest {
+    /// The guest the test environment names: `EFUSE_VM_KERNEL` (an image)
+    /// and `EFUSE_VM_MODULE` (efuse.ko for it, if the hook is not built
+    /// in), as `cargo xtask test` sets them.
+    pub fn from_env() -> Option<Self> {
+        Some(Self {
+            kernel: std::env::var_os("EFUSE_VM_KERNEL")?.into(),
+            module: std::env::var_os("EFUSE_VM_MODULE")
+                .filter(|m| !m.is_empty())
+                .map(PathBuf::from),
+        })
+    }
+}
+
+/// Boot `guest` with `files` and run `cmd`; the console is echoed to
 /// stderr line by line. The guest is killed after `timeout`.
-pub fn run(kernel: &Path, files: &[PathBuf], cmd: &str, timeout: Duration) -> std::io::Result<VmRun> {
+pub fn run(guest: &Guest, files: &[PathBuf], cmd: &str, timeout: Duration) -> std::io::Result<VmRun> {
     let work = tempfile::tempdir()?;
-    let initrd = initramfs(work.path(), files, cmd)?;
+    let initrd = initramfs(work.path(), files, guest.module.as_deref(), cmd)?;
+    let kernel = &guest.kernel;
     let mut child = Command::new("qemu-system-x86_64")
         // TCG: nested KVM is not dependable on CI machines (it hangs here).
         .args(["-accel", "tcg"])

@@ -65,21 +65,30 @@ fn main() {
     host();
 }
 
-/// Boot the patched kernel and run the scenarios in it.
+/// Boot the VM kernel (Debian's stock kernel with efuse.ko, as `cargo
+/// xtask test` sets it up) and run the scenarios in it.
 fn host() {
-    let kernel = match std::env::var_os("EFUSE_VM_KERNEL") {
-        Some(k) => PathBuf::from(k),
-        None => newest_kernel().unwrap_or_else(|| {
-            panic!("no patched kernel: run `cargo xtask kernel` (or set EFUSE_VM_KERNEL)")
-        }),
-    };
+    let guest = efuse_tests::vm::Guest::from_env().unwrap_or_else(|| {
+        panic!(
+            "no VM kernel: run this test through `cargo xtask test` (it fetches Debian's kernel and \
+             builds efuse.ko for it), or set EFUSE_VM_KERNEL (and EFUSE_VM_MODULE)"
+        )
+    });
     let me = std::env::current_exe().expect("current exe");
     let exe = me.file_name().unwrap().to_string_lossy().into_owned();
     let cmd = format!("EFUSE_IN_VM=1 EFUSE_LOG=warn /bin/{exe}");
-    eprintln!("{NAME}: booting {} with the scenarios", kernel.display());
+    eprintln!(
+        "{NAME}: booting {} {} with the scenarios",
+        guest.kernel.display(),
+        guest
+            .module
+            .as_ref()
+            .map(|m| format!("and {}", m.display()))
+            .unwrap_or_default()
+    );
     let started = Instant::now();
-    let r = efuse_tests::vm::run(&kernel, &[me, efuse_bin()], &cmd, Duration::from_secs(900))
-        .expect("run the VM");
+    let r =
+        efuse_tests::vm::run(&guest, &[me, efuse_bin()], &cmd, Duration::from_secs(900)).expect("run the VM");
     eprintln!("{NAME}: VM run took {:.1?}", started.elapsed());
     let passed = r.console.lines().filter(|l| l.starts_with("PASS ")).count();
     assert_eq!(
@@ -89,15 +98,12 @@ fn host() {
         SCENARIOS.len()
     );
     assert_eq!(passed, SCENARIOS.len(), "not every scenario reported");
-}
-
-fn newest_kernel() -> Option<PathBuf> {
-    fs::read_dir("/var/cache/efuse/kernel")
-        .ok()?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("bzImage-"))
-        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
-        .map(|e| e.path())
+    if guest.module.is_some() {
+        assert!(
+            r.console.contains("efuse-vm: efuse.ko") && r.console.contains(" loaded"),
+            "the module was not reported loaded"
+        );
+    }
 }
 
 fn guest() -> i32 {

@@ -90,7 +90,7 @@ fn bad_input_gets_clear_errors() {
                 OsStr::new("--offload"),
                 OsStr::new("bpf"),
             ],
-            "fuse_bpf_ops",
+            "efuse_bpf_ops",
         ),
         (
             vec![OsStr::new("mount"), src.as_os_str(), inner_missing.as_os_str()],

@@ -3,6 +3,7 @@
 //! Every command installs what it needs first and is safe to run again:
 //! `setup` checks each prerequisite and installs only what is missing.
 
+mod stock;
 mod vm;
 
 use std::path::{Path, PathBuf};
@@ -45,17 +46,26 @@ enum Cmd {
         #[arg(long, default_value = "bench-out")]
         out: PathBuf,
     },
-    /// Build the patched test kernel (Linux 6.12 + kernel/patches, a small
-    /// config; cached by the hash of patches, config and source version)
-    /// and print the bzImage path.
+    /// Build a whole kernel with the hook built in (Linux 6.12 +
+    /// kernel/patches, a small config; cached by the hash of patches, config
+    /// and source version) and print the bzImage path. The VM's default
+    /// kernel is Debian's stock one with efuse.ko (`kmod`).
     Kernel,
-    /// Boot the test kernel under qemu with an initramfs holding busybox,
-    /// efuse and the given files, run a shell command as root, and exit
-    /// with its status.
+    /// Fetch Debian's stock 6.12 kernel (image and headers, cached by
+    /// version), build efuse.ko for it (cached by the hash of the patches
+    /// and the module glue) and print the module's path.
+    Kmod,
+    /// Boot Debian's stock kernel with efuse.ko loaded under qemu, with an
+    /// initramfs holding busybox, efuse and the given files, run a shell
+    /// command as root, and exit with its status.
     Vm {
         /// Files to put into the VM's /bin (e.g. a test binary).
         #[arg(long = "add")]
         add: Vec<PathBuf>,
+        /// Boot the whole kernel built with the hook in (`cargo xtask
+        /// kernel`) instead of Debian's kernel with the module.
+        #[arg(long)]
+        patched: bool,
         /// Shell command to run inside the VM.
         #[arg(trailing_var_arg = true, required = true)]
         cmd: Vec<String>,
@@ -266,18 +276,23 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         run(cargo().args(["fmt", "--all", "--check"]))?;
         run(cargo().args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     }
-    // The bpf tier's tests boot the patched kernel under qemu.
-    let image = vm::kernel()?;
+    // The bpf tier's tests boot Debian's stock kernel with efuse.ko under
+    // qemu.
+    let guest = stock_guest()?;
     // Every mount of the run uses one transport; the suite runs once per
     // transport the kernel offers: io_uring first (`auto` would pick it),
     // then classic /dev/fuse. The VM scenarios run in the first pass only
-    // (the patched 6.12 test kernel has no io_uring: they use classic).
+    // (6.12's FUSE has no io_uring: they use classic).
     let first = if uring_enabled() { "uring" } else { "classic" };
     eprintln!("xtask: test run 1: EFUSE_TRANSPORT={first}");
     run(cargo()
         .arg("test")
         .args(args)
-        .env("EFUSE_VM_KERNEL", &image)
+        .env("EFUSE_VM_KERNEL", &guest.kernel)
+        .env(
+            "EFUSE_VM_MODULE",
+            guest.module.as_deref().unwrap_or(Path::new("")),
+        )
         .env("EFUSE_TRANSPORT", first))?;
     if first == "uring" {
         eprintln!("xtask: test run 2: EFUSE_TRANSPORT=classic (the real-mount suite again)");
@@ -289,6 +304,16 @@ fn test(args: &[String]) -> anyhow::Result<()> {
         run(c.args(args).env("EFUSE_TRANSPORT", "classic"))?;
     }
     Ok(())
+}
+
+/// Debian's stock kernel and efuse.ko built for it.
+fn stock_guest() -> anyhow::Result<efuse_tests::vm::Guest> {
+    let k = stock::kernel()?;
+    let module = stock::module(&k)?;
+    Ok(efuse_tests::vm::Guest {
+        kernel: k.vmlinuz,
+        module: Some(module),
+    })
 }
 
 fn demo() -> anyhow::Result<()> {
@@ -366,18 +391,30 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Bench { quick, out } => bench(quick, &out),
         Cmd::Kernel => {
-            let image = vm::kernel()?;
+            let image = vm::patched_kernel()?;
             println!("{}", image.display());
             Ok(())
         }
-        Cmd::Vm { add, cmd } => {
+        Cmd::Kmod => {
+            let g = stock_guest()?;
+            println!("{}", g.module.unwrap_or_default().display());
+            Ok(())
+        }
+        Cmd::Vm { add, patched, cmd } => {
             setup()?;
             run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
-            let image = vm::kernel()?;
+            let guest = if patched {
+                efuse_tests::vm::Guest {
+                    kernel: vm::patched_kernel()?,
+                    module: None,
+                }
+            } else {
+                stock_guest()?
+            };
             let mut files = vec![root().join("target/debug/efuse")];
             files.extend(add);
             let code = vm::run_in_vm(
-                &image,
+                &guest,
                 &files,
                 &cmd.join(" "),
                 std::time::Duration::from_secs(1800),

@@ -1,12 +1,14 @@
-//! The patched test kernel and the qemu runner (`cargo xtask kernel`,
-//! `cargo xtask vm`).
+//! The patched whole kernel (`cargo xtask kernel`, `cargo xtask vm
+//! --patched`) and the qemu runner. The default VM kernel is Debian's
+//! stock kernel with efuse.ko (`crate::stock`); this one is for people who
+//! build their own kernel with the hook built in.
 //!
 //! The kernel is Debian's linux-source-6.12 with `kernel/patches/*.patch`
 //! applied and configured from `make tinyconfig` plus
 //! `kernel/config.fragment`: a few MB bzImage with no modules that boots in
-//! seconds. Builds are cached under /var/cache/efuse/kernel, keyed by a
-//! hash of the patches, the fragment and the source package version, so a
-//! second run costs nothing and a changed patch rebuilds.
+//! seconds. Builds are cached under /var/cache/efuse/kernel/patched, keyed
+//! by a hash of the patches, the fragment and the source package version,
+//! so a second run costs nothing and a changed patch rebuilds.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,14 +34,21 @@ const KERNEL_PACKAGES: &[&str] = &[
 ];
 
 const SOURCE_TARBALL: &str = "/usr/src/linux-source-6.12.tar.xz";
-/// Where builds are cached (`EFUSE_KERNEL_CACHE` overrides).
-fn cache_dir() -> PathBuf {
+/// Where kernels and modules are cached (`EFUSE_KERNEL_CACHE` overrides).
+pub fn cache_root() -> PathBuf {
     std::env::var_os("EFUSE_KERNEL_CACHE")
         .map_or_else(|| PathBuf::from("/var/cache/efuse/kernel"), PathBuf::from)
 }
 
+fn cache_dir() -> PathBuf {
+    cache_root().join("patched")
+}
+
+/// FNV-1a's offset basis.
+pub const FNV_INIT: u64 = 0xcbf2_9ce4_8422_2325;
+
 /// FNV-1a, 64 bits: a stable cache key (std's hasher may change).
-fn fnv(data: &[u8], mut h: u64) -> u64 {
+pub fn fnv(data: &[u8], mut h: u64) -> u64 {
     for b in data {
         h ^= u64::from(*b);
         h = h.wrapping_mul(0x100_0000_01b3);
@@ -58,7 +67,7 @@ fn patches() -> anyhow::Result<Vec<PathBuf>> {
 }
 
 fn cache_key() -> anyhow::Result<String> {
-    let mut h = 0xcbf2_9ce4_8422_2325;
+    let mut h = FNV_INIT;
     for p in patches()? {
         h = fnv(&std::fs::read(&p)?, h);
     }
@@ -72,7 +81,7 @@ fn cache_key() -> anyhow::Result<String> {
 }
 
 /// Build (or find in the cache) the patched kernel; returns the bzImage.
-pub fn kernel() -> anyhow::Result<PathBuf> {
+pub fn patched_kernel() -> anyhow::Result<PathBuf> {
     apt_install(KERNEL_PACKAGES)?;
     let key = cache_key()?;
     let cache_dir = cache_dir();
@@ -147,14 +156,14 @@ fn check_config(tree: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Boot `image`, run `cmd` with `files` in /bin; returns the guest exit status.
+/// Boot `guest`, run `cmd` with `files` in /bin; returns the guest exit status.
 pub fn run_in_vm(
-    image: &Path,
+    guest: &efuse_tests::vm::Guest,
     files: &[PathBuf],
     cmd: &str,
     timeout: std::time::Duration,
 ) -> anyhow::Result<i32> {
-    let r = efuse_tests::vm::run(image, files, cmd, timeout).context("running the VM")?;
+    let r = efuse_tests::vm::run(guest, files, cmd, timeout).context("running the VM")?;
     r.code.with_context(
         || "the VM exited without reporting a status (kernel panic or timeout; see its console above)",
     )

@@ -13,13 +13,19 @@ use aya_obj::generated::bpf_insn;
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 const BPF_BTF_LOAD: libc::c_long = 18;
+const BPF_BTF_GET_FD_BY_ID: libc::c_long = 19;
+const BPF_BTF_GET_NEXT_ID: libc::c_long = 23;
 const BPF_LINK_CREATE: libc::c_long = 28;
 
 const BPF_PROG_TYPE_STRUCT_OPS: u32 = 27;
 const BPF_MAP_TYPE_STRUCT_OPS: u32 = 26;
 const BPF_STRUCT_OPS: u32 = 44;
 const BPF_F_LINK: u32 = 1 << 13;
+/// The struct_ops value type is in the BTF object `value_type_btf_obj_fd`
+/// (a module's), Linux 6.9.
+const BPF_F_VTYPE_BTF_OBJ_FD: u32 = 1 << 15;
 
 #[repr(C, align(8))]
 struct Attr([u8; 160]);
@@ -48,25 +54,77 @@ impl Attr {
     }
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+/// bpf(2) for a command that returns a number (0 or an id).
+fn bpf_call(cmd: libc::c_long, attr: &mut Attr) -> io::Result<i64> {
     // SAFETY: `attr` is a valid, fully initialised bpf_attr-sized buffer
     // that outlives the call; pointers written into it are live.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.0.as_mut_ptr(), attr.0.len() as u32) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(r)
+}
+
+/// bpf(2) for a command that returns a new descriptor.
+fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+    let r = bpf_call(cmd, attr)?;
     // SAFETY: these commands return a new descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
+/// A descriptor of the kernel BTF object of module `name` (what
+/// /sys/kernel/btf/NAME shows), found by walking the loaded BTF objects:
+/// struct_ops types of a module are named through it.
+pub fn module_btf_fd(name: &str) -> io::Result<OwnedFd> {
+    let mut id = 0u32;
+    loop {
+        let mut a = Attr::new();
+        a.u32(0, id);
+        id = match bpf_call(BPF_BTF_GET_NEXT_ID, &mut a) {
+            Ok(_) => u32::from_ne_bytes(a.0[4..8].try_into().expect("4 bytes")),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("no BTF object of module {name} is loaded"),
+                ));
+            }
+            Err(e) => return Err(e),
+        };
+        let mut a = Attr::new();
+        a.u32(0, id);
+        let fd = match bpf(BPF_BTF_GET_FD_BY_ID, &mut a) {
+            Ok(fd) => fd,
+            // Unloaded since the walk saw it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        };
+        let mut obj_name = [0u8; 64];
+        // struct bpf_btf_info: btf, btf_size, id, name, name_len, kernel_btf.
+        let mut info = [0u8; 32];
+        info[16..24].copy_from_slice(&(obj_name.as_mut_ptr() as u64).to_ne_bytes());
+        info[24..28].copy_from_slice(&(obj_name.len() as u32).to_ne_bytes());
+        let mut a = Attr::new();
+        a.u32(0, fd.as_raw_fd() as u32)
+            .u32(4, info.len() as u32)
+            .u64(8, info.as_mut_ptr() as u64);
+        bpf_call(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+        let kernel = u32::from_ne_bytes(info[28..32].try_into().expect("4 bytes")) != 0;
+        let end = obj_name.iter().position(|&c| c == 0).unwrap_or(obj_name.len());
+        if kernel && &obj_name[..end] == name.as_bytes() {
+            return Ok(fd);
+        }
+    }
+}
+
 /// Load a struct_ops program implementing member `member_index` of the
-/// struct `attach_btf_id` of vmlinux. On failure the error carries the
-/// verifier's log.
+/// struct `attach_btf_id` of vmlinux, or of the module whose BTF object is
+/// `module_btf`. On failure the error carries the verifier's log.
 pub fn load_struct_ops_prog(
     name: &str,
     insns: &[bpf_insn],
     attach_btf_id: u32,
     member_index: u32,
+    module_btf: Option<&OwnedFd>,
 ) -> anyhow::Result<OwnedFd> {
     let license = CString::new("GPL").expect("no NUL");
     let mut log = vec![0u8; 1 << 20];
@@ -79,6 +137,10 @@ pub fn load_struct_ops_prog(
             .name(48, name)
             .u32(68, member_index)
             .u32(108, attach_btf_id);
+        if let Some(m) = module_btf {
+            // attach_btf_obj_fd
+            a.u32(112, m.as_raw_fd() as u32);
+        }
         if log_level > 0 {
             log.fill(0);
             a.u32(24, log_level)
@@ -135,17 +197,29 @@ fn load_stub_btf() -> io::Result<OwnedFd> {
     bpf(BPF_BTF_LOAD, &mut a)
 }
 
-/// Create a struct_ops map for the value type `value_type_id` (vmlinux
-/// `bpf_struct_ops_<name>`) of `value_size` bytes, to be linked.
-pub fn create_struct_ops_map(name: &str, value_type_id: u32, value_size: u32) -> io::Result<OwnedFd> {
+/// Create a struct_ops map for the value type `value_type_id`
+/// (`bpf_struct_ops_<name>` of vmlinux, or of the module whose BTF object
+/// is `module_btf`) of `value_size` bytes, to be linked.
+pub fn create_struct_ops_map(
+    name: &str,
+    value_type_id: u32,
+    value_size: u32,
+    module_btf: Option<&OwnedFd>,
+) -> io::Result<OwnedFd> {
     let btf = load_stub_btf()?;
     let mut a = Attr::new();
     a.u32(48, btf.as_raw_fd() as u32);
+    let mut flags = BPF_F_LINK;
+    if let Some(m) = module_btf {
+        flags |= BPF_F_VTYPE_BTF_OBJ_FD;
+        // value_type_btf_obj_fd
+        a.u32(72, m.as_raw_fd() as u32);
+    }
     a.u32(0, BPF_MAP_TYPE_STRUCT_OPS)
         .u32(4, 4)
         .u32(8, value_size)
         .u32(12, 1)
-        .u32(16, BPF_F_LINK)
+        .u32(16, flags)
         .name(28, name)
         .u32(60, value_type_id);
     bpf(BPF_MAP_CREATE, &mut a)
@@ -158,19 +232,7 @@ pub fn update_struct_ops_map(map: &OwnedFd, value: &[u8]) -> io::Result<()> {
     a.u32(0, map.as_raw_fd() as u32)
         .u64(8, &key as *const u32 as u64)
         .u64(16, value.as_ptr() as u64);
-    // SAFETY: as in `bpf`; MAP_UPDATE_ELEM returns 0, not a descriptor.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_MAP_UPDATE_ELEM,
-            a.0.as_mut_ptr(),
-            a.0.len() as u32,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    bpf_call(BPF_MAP_UPDATE_ELEM, &mut a).map(drop)
 }
 
 /// Link (register) a filled struct_ops map; dropping the link unregisters.
