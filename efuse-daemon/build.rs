@@ -6,9 +6,40 @@
 //! unavailable and why, instead of failing the build.
 use std::{env, fs, path::PathBuf};
 
+/// Embed the kernel module's sources (kernel/patches, kernel/module) so
+/// that `efuse kmod install` needs nothing but the efuse binary: a table of
+/// (path under kernel/, contents).
+fn embed_kernel_files(manifest_dir: &std::path::Path, out_dir: &std::path::Path) -> anyhow::Result<()> {
+    let kernel = manifest_dir.join("../kernel").canonicalize()?;
+    let mut rows = Vec::new();
+    for sub in ["patches", "module"] {
+        let dir = kernel.join(sub);
+        println!("cargo:rerun-if-changed={}", dir.display());
+        let mut files: Vec<PathBuf> = fs::read_dir(&dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_file())
+            .collect();
+        files.sort();
+        for f in files {
+            let name = f.file_name().and_then(|n| n.to_str()).expect("utf-8 name");
+            rows.push(format!(
+                "    ({:?}, include_str!({:?})),\n",
+                format!("{sub}/{name}"),
+                f.display().to_string()
+            ));
+        }
+    }
+    fs::write(
+        out_dir.join("kernel_files.rs"),
+        format!("&[\n{}]\n", rows.concat()),
+    )?;
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
+    embed_kernel_files(&manifest_dir, &out_dir)?;
     let ebpf_dir = manifest_dir.join("../efuse-ebpf");
     println!("cargo:rerun-if-changed={}", ebpf_dir.join("src").display());
     println!("cargo:rerun-if-changed=../efuse-common/src");

@@ -47,6 +47,10 @@ pub enum Command {
     Prefetch(PrefetchArgs),
     /// Run the latency comparison: raw directory, plain FUSE, efuse tiers, peer FUSE filesystems.
     Bench(BenchArgs),
+    /// efuse's FUSE module with the BPF hook (efuse.ko) for this kernel:
+    /// install, status, remove.
+    #[command(subcommand)]
+    Kmod(crate::kmod::KmodCommand),
 }
 
 /// `efuse offload`.

@@ -192,6 +192,8 @@ impl ControlState {
     /// passthrough open keeps it until its last close).
     pub fn switch(&self, tier: Offload) -> anyhow::Result<Switched> {
         let tier = match tier {
+            // A mount that refuses the tier (allow_root) says so first.
+            Offload::Bpf if self.fs.bpf_refused() => Offload::Bpf,
             Offload::Bpf => {
                 if let Err(why) = crate::kfuse::hook_for(self.fs.kfuse()) {
                     bail!("{why}")

@@ -23,6 +23,7 @@ pub mod fs;
 pub mod fuse;
 pub mod inode;
 pub mod kfuse;
+pub mod kmod;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
@@ -66,6 +67,11 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
         cli::Command::Bench(b) => bench::run(b),
         cli::Command::Offload(o) => daemon::offload(o),
         cli::Command::Prefetch(p) => daemon::prefetch(p),
+        cli::Command::Kmod(k) => match k {
+            kmod::KmodCommand::Install(a) => kmod::install(a),
+            kmod::KmodCommand::Status => kmod::status(),
+            kmod::KmodCommand::Remove => kmod::remove(),
+        },
     };
     match res {
         Ok(()) => 0,

@@ -46,6 +46,9 @@ const SCENARIOS: &[Scenario] = &[
         "allow_root_keeps_the_kernel_tier",
         allow_root_keeps_the_kernel_tier,
     ),
+    ("module_beside_the_kernels_fuse", module_beside_the_kernels_fuse),
+    // Last: it unloads the module (and loads it again).
+    ("module_unloads_after_unmount", module_unloads_after_unmount),
 ];
 
 fn main() {
@@ -482,8 +485,19 @@ fn loaded_objects() -> (usize, usize) {
     (progs, maps)
 }
 
+/// How long the kernel may take to free a detached struct_ops map and its
+/// programs: the link's release returns once no program runs (RCU), the
+/// memory goes later, from a workqueue after an RCU-tasks grace period
+/// (seconds under TCG).
+const FREE_GRACE: Duration = Duration::from_secs(30);
+
 fn detach_under_load() {
-    assert_eq!(loaded_objects(), (0, 0));
+    // Objects of earlier scenarios may still be on their way out.
+    assert!(
+        eventually(FREE_GRACE, || loaded_objects() == (0, 0)),
+        "objects of earlier scenarios left: {:?}",
+        loaded_objects()
+    );
     let m = bpf_mount();
     let paths = make_tree(&m.backing(), 4, 50);
     settle();
@@ -521,7 +535,12 @@ fn detach_under_load() {
     for _ in 0..3 {
         std::thread::sleep(Duration::from_millis(300));
         offload(&m, "kernel");
-        assert_eq!(loaded_objects().0, 0, "programs left after detach");
+        assert!(!mount_stats(&m.mnt())["bpf"]["attached"].as_bool().unwrap());
+        assert!(
+            eventually(FREE_GRACE, || loaded_objects().0 == 0),
+            "programs left after detach: {:?}",
+            loaded_objects()
+        );
         std::thread::sleep(Duration::from_millis(300));
         offload(&m, "bpf");
         prefetch(&m.mnt());
@@ -541,7 +560,7 @@ fn detach_under_load() {
     let st = m.unmount();
     assert!(st.success(), "daemon exit {st}");
     assert!(
-        eventually(Duration::from_secs(5), || loaded_objects() == (0, 0)),
+        eventually(FREE_GRACE, || loaded_objects() == (0, 0)),
         "programs or maps leaked: {:?}",
         loaded_objects()
     );
@@ -697,6 +716,34 @@ fn warm_read_path_wakes_no_daemon() {
         "open map after prefetch: {}",
         s["bpf"]
     );
+    // cat(1) of 100 files, twice: every open, read and close stays in the
+    // kernel (the read is passthrough), nothing wakes the daemon.
+    let before = mount_stats(&m.mnt());
+    for _ in 0..2 {
+        let out = std::process::Command::new("cat")
+            .args(files.iter().take(100).map(|p| m.m(p)))
+            .output()
+            .expect("run cat");
+        assert!(
+            out.status.success(),
+            "cat: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let want: Vec<u8> = files
+            .iter()
+            .take(100)
+            .flat_map(|p| fs::read(m.b(p)).unwrap())
+            .collect();
+        assert_eq!(out.stdout, want, "cat through the mount");
+    }
+    let after = mount_stats(&m.mnt());
+    for op in ["OPEN", "RELEASE", "FLUSH", "GETATTR", "IOCTL"] {
+        assert_eq!(
+            sent(&before, &after, op),
+            (0, 0),
+            "cat of 100 files twice: {op} reached the daemon (upcalls, daemon count)"
+        );
+    }
     let before = mount_stats(&m.mnt());
     for p in &files {
         let (data, tty) = py_read(&m.m(p));
@@ -989,4 +1036,172 @@ fn allow_root_keeps_the_kernel_tier() {
     assert_eq!(fs::read(mnt.join("f")).unwrap(), b"f");
     let (code, _, err) = efuse(&[OsStr::new("umount"), mnt.as_os_str()]);
     assert_eq!(code, 0, "{err}");
+}
+
+/// The kernel's FUSE of this boot: built in with the hook (a patched
+/// kernel), or efuse.ko beside the kernel's own.
+fn module_loaded() -> bool {
+    Path::new("/sys/module/efuse").exists()
+}
+
+fn fstype_of(mnt: &Path) -> String {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            (Path::new(f[4]) == mnt).then(|| f[sep + 1].to_string())
+        })
+        .last()
+        .unwrap_or_default()
+}
+
+fn module_beside_the_kernels_fuse() {
+    if !module_loaded() {
+        println!("hook built in: no module to test beside the kernel's FUSE");
+        return;
+    }
+    // A kernel-tier mount goes through the kernel's own FUSE, a bpf-tier
+    // mount through efuse.ko; both serve at once.
+    let k = TestMount::with_args(&["--offload", "kernel"]);
+    let b = bpf_mount();
+    assert_eq!(fstype_of(&k.mnt()), "fuse.efuse");
+    assert_eq!(fstype_of(&b.mnt()), "efuse");
+    for m in [&k, &b] {
+        m.seed_file("d/f", b"side by side");
+        m.seed_file("d/g", b"g");
+    }
+    settle();
+    prefetch(&b.mnt());
+    for m in [&k, &b] {
+        let before = mount_stats(&m.mnt());
+        for p in ["d", "d/f", "d/g"] {
+            assert_eq!(stat_key(&m.m(p)).unwrap(), stat_key(&m.b(p)).unwrap(), "{p}");
+        }
+        assert_eq!(fs::read(m.m("d/f")).unwrap(), b"side by side");
+        fs::write(m.m("d/new"), b"written").unwrap();
+        assert_eq!(fs::read(m.b("d/new")).unwrap(), b"written");
+        let mut names: Vec<_> = fs::read_dir(m.m("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["f", "g", "new"]);
+        let after = mount_stats(&m.mnt());
+        // Tracing works on both FUSEs: the create reached the daemon and
+        // was seen by the tracepoints of the FUSE the mount goes through.
+        assert!(
+            upcalls(&after, "CREATE") > upcalls(&before, "CREATE"),
+            "no CREATE traced on {}: {}",
+            fstype_of(&m.mnt()),
+            after["trace"]
+        );
+    }
+    let ks = mount_stats(&k.mnt());
+    let bs = mount_stats(&b.mnt());
+    assert_eq!(
+        (ks["fuse"].as_str(), ks["offload"].as_str()),
+        (Some("kernel"), Some("kernel"))
+    );
+    assert_eq!(
+        (bs["fuse"].as_str(), bs["offload"].as_str()),
+        (Some("module"), Some("bpf"))
+    );
+    assert_eq!(bs["hook"]["kind"], "module", "{}", bs["hook"]);
+    assert!(bpf(&bs, "lookup_hits") > 0);
+    // efuse status names the FUSE of each mount.
+    let (code, out, err) = efuse(&[OsStr::new("status")]);
+    assert_eq!(code, 0, "{err}");
+    for (m, fuse) in [(&k, "kernel"), (&b, "module")] {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&*m.mnt().to_string_lossy()))
+            .unwrap_or_else(|| panic!("{} not in status:\n{out}", m.mnt().display()));
+        assert!(line.split_whitespace().any(|w| w == fuse), "{line}");
+    }
+    // The kernel's FUSE has no hook: switching that mount to bpf is refused
+    // with the way to get it, and changes nothing.
+    let (code, _, err) = efuse(&[OsStr::new("offload"), k.mnt().as_os_str(), OsStr::new("bpf")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("efuse.ko") && err.contains("remount"), "{err}");
+    assert_eq!(mount_stats(&k.mnt())["offload"], "kernel");
+    // The module mount switches tiers at run time like any other.
+    offload(&b, "kernel");
+    assert_eq!(fs::read(b.m("d/g")).unwrap(), b"g");
+    offload(&b, "bpf");
+    prefetch(&b.mnt());
+    assert_eq!(fs::read(b.m("d/g")).unwrap(), b"g");
+    // Busy: the kernel refuses to unload a module whose filesystem is
+    // mounted (or whose struct_ops are attached).
+    let st = std::process::Command::new("rmmod").arg("efuse").status().unwrap();
+    assert!(!st.success(), "rmmod efuse succeeded with a mount");
+    assert!(module_loaded());
+    assert_eq!(fs::read(b.m("d/f")).unwrap(), b"side by side");
+    assert!(k.unmount().success());
+    assert!(b.unmount().success());
+}
+
+fn module_unloads_after_unmount() {
+    if !module_loaded() {
+        println!("hook built in: no module to unload");
+        return;
+    }
+    let m = bpf_mount();
+    m.seed_file("x", b"x");
+    settle();
+    prefetch(&m.mnt());
+    assert_eq!(fs::read(m.m("x")).unwrap(), b"x");
+    assert!(m.unmount().success());
+    // The control filesystem holds the module too.
+    let st = std::process::Command::new("umount")
+        .arg("/sys/fs/efuse/connections")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // A detached struct_ops map keeps its module until the kernel frees it.
+    assert!(
+        eventually(FREE_GRACE, || std::process::Command::new("rmmod")
+            .arg("efuse")
+            .status()
+            .is_ok_and(|s| s.success())),
+        "rmmod efuse kept failing after unmount"
+    );
+    // Nothing left: device, filesystem types, sysfs, BTF, tracepoints.
+    let filesystems = fs::read_to_string("/proc/filesystems").unwrap();
+    for gone in [
+        "/dev/efuse",
+        "/sys/module/efuse",
+        "/sys/fs/efuse",
+        "/sys/kernel/btf/efuse",
+        "/sys/kernel/tracing/events/efuse",
+    ] {
+        assert!(!Path::new(gone).exists(), "{gone} left after rmmod");
+    }
+    assert!(
+        !filesystems
+            .lines()
+            .any(|l| l.ends_with("\tefuse") || l.ends_with("\tefuseblk")),
+        "{filesystems}"
+    );
+    // The kernel's own FUSE is untouched and the bpf tier is refused now.
+    assert!(Path::new("/dev/fuse").exists());
+    let k = TestMount::with_args(&["--offload", "kernel"]);
+    k.seed_file("y", b"y");
+    assert_eq!(fs::read(k.m("y")).unwrap(), b"y");
+    let (code, _, err) = efuse(&[OsStr::new("offload"), k.mnt().as_os_str(), OsStr::new("bpf")]);
+    assert_ne!(code, 0);
+    assert!(err.contains("efuse kmod install"), "{err}");
+    assert!(k.unmount().success());
+    // Load it again: the module comes back whole.
+    let st = std::process::Command::new("insmod")
+        .arg("/lib/efuse.ko")
+        .status()
+        .unwrap();
+    assert!(st.success(), "insmod efuse.ko again");
+    assert!(Path::new("/dev/efuse").exists() && Path::new("/sys/kernel/btf/efuse").exists());
+    let m = bpf_mount();
+    m.seed_file("z", b"z");
+    assert_eq!(fs::read(m.m("z")).unwrap(), b"z");
+    assert_eq!(mount_stats(&m.mnt())["fuse"], "module");
+    assert!(m.unmount().success());
 }

@@ -314,7 +314,9 @@ fn bpf_tier_is_refused_with_the_missing_hook_named() {
     ]);
     assert_ne!(code, 0);
     assert!(
-        err.contains("efuse_bpf_ops") && err.contains("efuse kmod install") && err.contains("--offload kernel"),
+        err.contains("efuse_bpf_ops")
+            && err.contains("efuse kmod install")
+            && err.contains("--offload kernel"),
         "{err}"
     );
     // The mount is untouched.
