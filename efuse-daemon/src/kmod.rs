@@ -26,6 +26,25 @@ pub static KERNEL_FILES: &[(&str, &str)] = include!(concat!(env!("OUT_DIR"), "/k
 const WORK: &str = "/var/lib/efuse/kmod";
 /// Loads the module at boot.
 const MODULES_LOAD: &str = "/etc/modules-load.d/efuse.conf";
+/// Rebuilds the module for each kernel the package manager installs (the
+/// hook directory Debian's kernel packages run, as DKMS uses).
+const KERNEL_HOOK: &str = "/etc/kernel/postinst.d/zz-efuse";
+
+/// The kernel-upgrade hook for the efuse binary at `efuse`.
+fn kernel_hook(efuse: &Path) -> String {
+    let e = efuse.display();
+    format!(
+        "#!/bin/sh\n\
+         # Written by `efuse kmod install`: build efuse.ko for each kernel the\n\
+         # package manager installs. Removed by `efuse kmod remove`.\n\
+         version=\"$1\"\n\
+         [ -x '{e}' ] || exit 0\n\
+         if ! '{e}' kmod install --kernel \"$version\" --no-load >>/var/log/efuse-kmod.log 2>&1; then\n\
+         \techo \"efuse: efuse.ko not built for $version (see /var/log/efuse-kmod.log); run 'efuse kmod install' once it runs\" >&2\n\
+         fi\n\
+         exit 0\n"
+    )
+}
 
 /// `efuse kmod install`.
 #[derive(Debug, clap::Args, Clone)]
@@ -570,8 +589,10 @@ pub fn remove() -> anyhow::Result<()> {
         let _ = run(Command::new("depmod").arg("-a").arg(&release));
         println!("efuse kmod: removed {}", installed.display());
     }
-    if Path::new(MODULES_LOAD).exists() {
-        std::fs::remove_file(MODULES_LOAD)?;
+    for f in [MODULES_LOAD, KERNEL_HOOK] {
+        if Path::new(f).exists() {
+            std::fs::remove_file(f)?;
+        }
     }
     Ok(())
 }
@@ -586,6 +607,16 @@ mod tests {
         assert_eq!(release_version("6.1.0-28-amd64"), Some((6, 1)));
         assert_eq!(release_version("5.15.0-100-generic"), Some((5, 15)));
         assert_eq!(release_version("garbage"), None);
+    }
+
+    #[test]
+    fn the_kernel_hook_is_a_shell_script_that_never_fails_an_upgrade() {
+        let h = kernel_hook(Path::new("/usr/local/bin/efuse"));
+        assert!(h.starts_with("#!/bin/sh\n"));
+        assert!(h.contains("'/usr/local/bin/efuse' kmod install --kernel \"$version\" --no-load"));
+        assert!(h.trim_end().ends_with("exit 0"));
+        let st = Command::new("sh").arg("-n").arg("-c").arg(&h).status().unwrap();
+        assert!(st.success(), "sh -n rejects the hook:\n{h}");
     }
 
     #[test]

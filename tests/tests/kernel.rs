@@ -506,8 +506,27 @@ fn remote_files_are_staged_locally_for_passthrough() {
     assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY));
     drop(reader);
     // Once readers are gone, writes go to the backend, and the next open
-    // stages the new version (close-to-open).
-    let mut w = OpenOptions::new().write(true).open(m.m("model.bin")).unwrap();
+    // stages the new version (close-to-open). The daemon learns of the
+    // reader's close from RELEASE, which the kernel sends after close(2)
+    // has returned (asynchronously): until it arrives the writer is still
+    // refused, with ETXTBSY and nothing else.
+    let mut opened = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            match OpenOptions::new().write(true).open(m.m("model.bin")) {
+                Ok(f) => {
+                    opened = Some(f);
+                    true
+                }
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ETXTBSY), "{e}");
+                    false
+                }
+            }
+        }),
+        "a writer is still refused 10 s after the last reader closed"
+    );
+    let mut w = opened.unwrap();
     w.write_all(b"NEW!").unwrap();
     drop(w);
     assert_eq!(&fs::read(m.b("model.bin")).unwrap()[..4], b"NEW!");

@@ -243,8 +243,9 @@ fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
 
 /// The integration test files that mount through the host kernel and whose
 /// mounts follow EFUSE_TRANSPORT: every file in tests/tests but the VM
-/// scenarios and the bench smoke test (`efuse bench` mounts each target
-/// with its transport named, both of them in one run).
+/// scenarios, the module build (no mount) and the bench smoke test (`efuse
+/// bench` mounts each target with its transport named, both of them in one
+/// run).
 fn real_mount_suites() -> anyhow::Result<Vec<String>> {
     let mut v = Vec::new();
     for e in std::fs::read_dir(root().join("tests/tests")).context("tests/tests")? {
@@ -253,6 +254,7 @@ fn real_mount_suites() -> anyhow::Result<Vec<String>> {
             && p.extension().is_some_and(|x| x == "rs")
             && stem != "bpf_vm"
             && stem != "bench"
+            && stem != "kmod"
         {
             v.push(stem.to_string());
         }
@@ -278,7 +280,11 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     }
     // The bpf tier's tests boot Debian's stock kernel with efuse.ko under
     // qemu.
-    let guest = stock_guest()?;
+    let stock = stock::kernel()?;
+    let guest = efuse_tests::vm::Guest {
+        kernel: stock.vmlinuz.clone(),
+        module: Some(stock::module(&stock)?),
+    };
     // Every mount of the run uses one transport; the suite runs once per
     // transport the kernel offers: io_uring first (`auto` would pick it),
     // then classic /dev/fuse. The VM scenarios run in the first pass only
@@ -293,6 +299,10 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             "EFUSE_VM_MODULE",
             guest.module.as_deref().unwrap_or(Path::new("")),
         )
+        // tests/kmod.rs builds the module for that kernel as a user would.
+        .env("EFUSE_KMOD_RELEASE", &stock.release)
+        .env("EFUSE_KMOD_BUILD", &stock.build)
+        .env("EFUSE_KMOD_SOURCE", &stock.fuse_src)
         .env("EFUSE_TRANSPORT", first))?;
     if first == "uring" {
         eprintln!("xtask: test run 2: EFUSE_TRANSPORT=classic (the real-mount suite again)");
