@@ -445,6 +445,13 @@ pub fn install(args: &InstallArgs) -> anyhow::Result<()> {
             MODULES_LOAD,
             "# efuse's FUSE with the BPF hook (efuse kmod install)\nefuse\n",
         )?;
+        if Path::new(KERNEL_HOOK).parent().is_some_and(Path::exists)
+            && let Ok(me) = std::env::current_exe()
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(KERNEL_HOOK, kernel_hook(&me))?;
+            std::fs::set_permissions(KERNEL_HOOK, std::fs::Permissions::from_mode(0o755))?;
+        }
     }
     if let Some(v) = module_loaded_version() {
         if Some(&v) == modinfo_version(&installed).as_ref() {

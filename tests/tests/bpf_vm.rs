@@ -1052,7 +1052,7 @@ fn fstype_of(mnt: &Path) -> String {
             let sep = f.iter().position(|x| *x == "-")?;
             (Path::new(f[4]) == mnt).then(|| f[sep + 1].to_string())
         })
-        .last()
+        .next_back()
         .unwrap_or_default()
 }
 
