@@ -34,6 +34,7 @@ pub mod staging;
 pub mod stats;
 pub mod trace;
 pub mod transport;
+pub mod unixtime;
 
 /// Run the command line; returns the process exit code.
 pub fn run(args: Vec<std::ffi::OsString>) -> i32 {

@@ -40,7 +40,7 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use efuse_common::ops::{
     AttrValue, COUNTERS, EntryValue, FOPEN_NOFLUSH, FOPEN_PASSTHROUGH, FuseAttr, FuseAttrOut, FuseEntryOut,
@@ -226,11 +226,9 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// The same conversion as the daemon's replies (before 1970 too).
 fn split_time(t: SystemTime) -> (u64, u32) {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (d.as_secs(), d.subsec_nanos()),
-        Err(_) => (0, 0),
-    }
+    crate::unixtime::to_fuse(t)
 }
 
 /// The kernel's `struct fuse_attr` for attributes with a FUSE inode number.

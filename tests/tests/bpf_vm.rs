@@ -46,6 +46,7 @@ const SCENARIOS: &[Scenario] = &[
         "allow_root_keeps_the_kernel_tier",
         allow_root_keeps_the_kernel_tier,
     ),
+    ("times_before_1970_from_the_maps", times_before_1970_from_the_maps),
     ("module_beside_the_kernels_fuse", module_beside_the_kernels_fuse),
     // Last: it unloads the module (and loads it again).
     ("module_unloads_after_unmount", module_unloads_after_unmount),
@@ -1204,4 +1205,46 @@ fn module_unloads_after_unmount() {
     assert_eq!(fs::read(m.m("z")).unwrap(), b"z");
     assert_eq!(mount_stats(&m.mnt())["fuse"], "module");
     assert!(m.unmount().success());
+}
+
+fn times_before_1970_from_the_maps() {
+    // The maps carry the same time conversion as the daemon's replies:
+    // before 1970 and at the ends of the range, a stat answered in the
+    // kernel shows what the backing directory shows.
+    let m = bpf_mount();
+    let cases = [
+        (-1i64, 500_000_000i64),
+        (-86_400 * 365 * 30, 1),
+        (i64::MIN, 0),
+        (i64::MAX, 999_999_999),
+    ];
+    for (i, (sec, nsec)) in cases.iter().enumerate() {
+        let p = m.b(format!("old{i}"));
+        fs::write(&p, b"o").unwrap();
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        let ts = [libc::timespec {
+            tv_sec: *sec,
+            tv_nsec: *nsec,
+        }; 2];
+        // SAFETY: valid C string and two timespecs.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
+        assert_eq!(rc, 0);
+    }
+    settle();
+    assert!(prefetch(&m.mnt()) >= cases.len() as u64);
+    let before = mount_stats(&m.mnt());
+    for i in 0..cases.len() {
+        let p = format!("old{i}");
+        let (a, b) = (fs::metadata(m.m(&p)).unwrap(), fs::metadata(m.b(&p)).unwrap());
+        assert_eq!(
+            (a.mtime(), a.mtime_nsec(), a.atime(), a.atime_nsec()),
+            (b.mtime(), b.mtime_nsec(), b.atime(), b.atime_nsec()),
+            "{p}"
+        );
+    }
+    let after = mount_stats(&m.mnt());
+    assert!(
+        bpf(&after, "lookup_hits") - bpf(&before, "lookup_hits") >= cases.len() as u64,
+        "the stats were not answered from the maps"
+    );
 }

@@ -584,3 +584,120 @@ fn terminal_ioctls_on_files_fail_as_on_the_plain_directory() {
         .unwrap_err();
     }
 }
+
+/// Run `f` on a thread of its own and wait at most `d` for it: a request
+/// the daemon never answers must fail the test, not hang it (the mount's
+/// guard aborts the connection, which frees the thread).
+fn answered_within<T: Send + 'static>(d: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(d)
+        .unwrap_or_else(|_| panic!("the request was not answered within {d:?}"))
+}
+
+#[test]
+fn a_request_that_panics_is_answered_and_the_daemon_keeps_serving() {
+    // Every backend call panics (the sim backend's injected panic); remote
+    // backends run on the I/O pool, so this covers pool tasks on both
+    // transports.
+    let m = TestMount::with_config(
+        "backend = \"sim\"\noffload = \"off\"\n[sim]\nmeta_us = 0\nsmall_read_us = 0\nlarge_read_us = 0\nwrite_us = 0\njitter = 0.0\npanic_rate = 1.0\n",
+        &[],
+    );
+    for i in 0..5 {
+        let p = m.m(format!("f{i}"));
+        let r = answered_within(Duration::from_secs(20), move || fs::metadata(&p).map(|_| ()));
+        assert_eq!(r.map_err(|e| e.raw_os_error()), Err(Some(libc::EIO)), "stat {i}");
+        let p = m.m(format!("new{i}"));
+        let r = answered_within(Duration::from_secs(20), move || fs::write(&p, b"x"));
+        assert_eq!(
+            r.map_err(|e| e.raw_os_error()),
+            Err(Some(libc::EIO)),
+            "create {i}"
+        );
+    }
+    // The daemon is alive and still serving its control socket.
+    let s = efuse_tests::mount_stats(&m.mnt());
+    assert_eq!(s["offload"], "off");
+    assert!(m.unmount().success(), "the daemon exited with a failure");
+}
+
+#[test]
+fn times_at_the_ends_of_the_range_and_before_1970_match_a_plain_directory() {
+    // utimensat with the extremes of tv_sec and times before the epoch:
+    // the backing filesystem clamps to its range; through the mount the
+    // result must be the same, and the daemon must not fall over.
+    fn set_times(p: &Path, sec: i64, nsec: i64) -> Result<(), i32> {
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        let ts = [libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec,
+        }; 2];
+        // SAFETY: valid C string and two timespecs.
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+        }
+    }
+    for setup in SETUPS {
+        let m = TestMount::with_args(setup);
+        let twin = tempfile::tempdir_in(m.backing().parent().unwrap()).unwrap();
+        for (i, (sec, nsec)) in [
+            (i64::MIN, 0),
+            (i64::MIN + 1, 999_999_999),
+            (-1, 500_000_000),
+            (-86_400 * 365 * 30, 1),
+            (0, 0),
+            (i64::MAX, 999_999_999),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let name = format!("t{i}");
+            fs::write(m.m(&name), b"t").unwrap();
+            fs::write(twin.path().join(&name), b"t").unwrap();
+            let through = set_times(&m.m(&name), sec, nsec);
+            let plain = set_times(&twin.path().join(&name), sec, nsec);
+            let on_mem = setup.contains(&"mem");
+            if !on_mem {
+                assert_eq!(through, plain, "{setup:?} utimensat({sec}, {nsec})");
+            }
+            if through.is_ok() && plain.is_ok() && !on_mem {
+                let a = fs::metadata(m.m(&name)).unwrap();
+                let b = fs::metadata(twin.path().join(&name)).unwrap();
+                assert_eq!(
+                    (a.mtime(), a.mtime_nsec(), a.atime(), a.atime_nsec()),
+                    (b.mtime(), b.mtime_nsec(), b.atime(), b.atime_nsec()),
+                    "{setup:?} times after utimensat({sec}, {nsec})"
+                );
+            }
+            if on_mem {
+                // mem is compared with tmpfs, the other in-memory
+                // filesystem (its time range is the kernel's).
+                let shm = tempfile::tempdir_in("/dev/shm").unwrap();
+                let p = shm.path().join(&name);
+                fs::write(&p, b"t").unwrap();
+                assert_eq!(
+                    through,
+                    set_times(&p, sec, nsec),
+                    "{setup:?} utimensat({sec}, {nsec}) vs tmpfs"
+                );
+                if through.is_ok() {
+                    let a = fs::metadata(m.m(&name)).unwrap();
+                    let b = fs::metadata(&p).unwrap();
+                    assert_eq!(
+                        (a.mtime(), a.mtime_nsec()),
+                        (b.mtime(), b.mtime_nsec()),
+                        "{setup:?} mem vs tmpfs after utimensat({sec}, {nsec})"
+                    );
+                }
+            }
+        }
+        // Still serving.
+        assert_eq!(fs::read(m.m("t0")).unwrap(), b"t");
+    }
+}

@@ -105,6 +105,7 @@ fn handles_open_the_same_file_while_it_exists_then_estale() {
                 // SAFETY: valid dirfd and C string.
                 let fd =
                     unsafe { libc::openat(d.as_raw_fd(), c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+                // SAFETY: plain C data: all zeroes is a valid value.
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };
                 // SAFETY: valid fd and out pointer.
                 let rc = unsafe { libc::fstat(fd, &mut st) };

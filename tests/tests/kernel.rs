@@ -365,11 +365,14 @@ fn zero_message_opens() {
     assert_eq!(&fs::read(m.m("small")).unwrap()[..4], b"new!");
     // fallocate and SEEK_DATA/SEEK_HOLE go through the inode's handle too.
     let f = OpenOptions::new().write(true).open(m.m("small")).unwrap();
+    // SAFETY: a descriptor this test owns; no memory is passed.
     let rc = unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&f), 0, 0, 1 << 20) };
     assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
     assert_eq!(fs::metadata(m.b("small")).unwrap().len(), 1 << 20);
+    // SAFETY: a descriptor this test owns; no memory is passed.
     let off = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&f), 0, libc::SEEK_HOLE) };
     let b = File::open(m.b("small")).unwrap();
+    // SAFETY: a descriptor this test owns; no memory is passed.
     let want = unsafe { libc::lseek(std::os::fd::AsRawFd::as_raw_fd(&b), 0, libc::SEEK_HOLE) };
     assert!(want > 0);
     assert_eq!(off, want, "SEEK_HOLE through the mount and on the backing file");

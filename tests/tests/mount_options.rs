@@ -188,11 +188,10 @@ fn filetime_set_old(p: &Path) -> i64 {
         tv_sec: 1_000_000_000,
         tv_nsec: 0,
     };
+    let times = [t, t];
     // SAFETY: valid C string and two timespecs.
-    assert_eq!(
-        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) },
-        0
-    );
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(rc, 0);
     1_000_000_000
 }
 

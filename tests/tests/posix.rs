@@ -47,6 +47,7 @@ fn stat_matches_backing_for_every_kind() {
     fs::write(m.b("f"), b"hello").unwrap();
     fs::create_dir(m.b("d")).unwrap();
     symlink("f", m.b("l")).unwrap();
+    // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
     rc(unsafe { libc::mkfifo(c(&m.b("p")).as_ptr(), 0o640) }).unwrap();
     for name in ["f", "d", "l", "p"] {
         assert_eq!(
@@ -127,6 +128,7 @@ fn setattr_chmod_chown_utimens() {
     })
     .unwrap();
     m.both("chown", |r| {
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe { libc::chown(c(&r.join("f")).as_ptr(), 1234, 5678) })
     })
     .unwrap();
@@ -141,6 +143,7 @@ fn setattr_chmod_chown_utimens() {
                 tv_nsec: 987_654_321,
             },
         ];
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe { libc::utimensat(libc::AT_FDCWD, c(&r.join("f")).as_ptr(), t.as_ptr(), 0) })
     })
     .unwrap();
@@ -154,6 +157,7 @@ fn setattr_chmod_chown_utimens() {
         (1_000_000, 123_456_789, 2_000_000, 987_654_321)
     );
     // UTIME_NOW sets the time to now on the backing file.
+    // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
     rc(unsafe { libc::utimensat(libc::AT_FDCWD, c(&m.m("f")).as_ptr(), std::ptr::null(), 0) }).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -199,6 +203,7 @@ fn directories_rename_and_errnos() {
     m.both("rename dir", |r| fs::rename(r.join("y"), r.join("x/y")))
         .unwrap();
     let renameat2 = |r: &Path, a: &str, b: &str, flags: u32| {
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe {
             libc::renameat2(
                 libc::AT_FDCWD,
@@ -390,11 +395,13 @@ fn xattrs() {
     m.seed_file("f", b"x");
     let set = |p: &Path, k: &str, v: &[u8], flags: i32| {
         let k = CString::new(k).unwrap();
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe { libc::setxattr(c(p).as_ptr(), k.as_ptr(), v.as_ptr().cast(), v.len(), flags) })
     };
     let get = |p: &Path, k: &str| -> io::Result<Vec<u8>> {
         let k = CString::new(k).unwrap();
         let mut buf = vec![0u8; 256];
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         let n = unsafe { libc::getxattr(c(p).as_ptr(), k.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
@@ -404,6 +411,7 @@ fn xattrs() {
     };
     let list = |p: &Path| -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; 1024];
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         let n = unsafe { libc::listxattr(c(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
         if n < 0 {
             return Err(io::Error::last_os_error());
@@ -429,6 +437,7 @@ fn xattrs() {
     m.both("listxattr", |r| list(&r.join("f"))).unwrap();
     m.both("getxattr size query", |r| {
         let k = CString::new("user.b").unwrap();
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         let n = unsafe { libc::getxattr(c(&r.join("f")).as_ptr(), k.as_ptr(), std::ptr::null_mut(), 0) };
         if n < 0 {
             Err(io::Error::last_os_error())
@@ -440,6 +449,7 @@ fn xattrs() {
     m.both("getxattr small buffer", |r| {
         let k = CString::new("user.b").unwrap();
         let mut b = [0u8; 1];
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         let n = unsafe { libc::getxattr(c(&r.join("f")).as_ptr(), k.as_ptr(), b.as_mut_ptr().cast(), 1) };
         if n < 0 {
             Err(io::Error::last_os_error())
@@ -450,6 +460,7 @@ fn xattrs() {
     .unwrap_err();
     m.both("removexattr", |r| {
         let k = CString::new("user.a").unwrap();
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe { libc::removexattr(c(&r.join("f")).as_ptr(), k.as_ptr()) })
     })
     .unwrap();
@@ -493,6 +504,7 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
     .unwrap();
     let seek = |r: &Path, off: i64, whence: i32| -> io::Result<i64> {
         let f = File::open(r.join("sparse"))?;
+        // SAFETY: a descriptor this test owns; no memory is passed.
         let n = unsafe { libc::lseek(f.as_raw_fd(), off, whence) };
         if n < 0 {
             Err(io::Error::last_os_error())
@@ -522,7 +534,9 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
             .create(true)
             .truncate(true)
             .open(r.join("alloc"))?;
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 1 << 20) })?;
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe { libc::fallocate(f.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 1 << 20, 1 << 20) })?;
         Ok(f.metadata()?.len())
     })
@@ -530,6 +544,7 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
     m.both("punch hole", |r| {
         let f = OpenOptions::new().write(true).open(r.join("alloc"))?;
         f.write_all_at(&[7u8; 8192], 0)?;
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe {
             libc::fallocate(
                 f.as_raw_fd(),
@@ -550,6 +565,7 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
         let b = File::create(r.join("dst"))?;
         let mut copied = 0;
         while copied < 100_000 {
+            // SAFETY: a descriptor this test owns; no memory is passed.
             let n = unsafe {
                 libc::copy_file_range(
                     a.as_raw_fd(),
@@ -578,7 +594,9 @@ fn sparse_gigabyte_file_fallocate_lseek_copy_file_range() {
 fn statfs_matches_backing() {
     let m = TestMount::new();
     let sv = |p: &Path| {
+        // SAFETY: statvfs is plain data: all zeroes is a valid value.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: NUL-terminated strings and buffers that outlive the call, with their true lengths.
         rc(unsafe { libc::statvfs(c(p).as_ptr(), &mut s) }).unwrap();
         s
     };

@@ -23,7 +23,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use parking_lot::{Mutex, RwLock};
 
@@ -184,11 +184,7 @@ fn check(op: &'static str, rc: libc::c_int) -> Result<libc::c_int> {
 }
 
 fn ts(sec: i64, nsec: i64) -> SystemTime {
-    if sec >= 0 {
-        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
-    } else {
-        UNIX_EPOCH - Duration::from_secs((-sec) as u64) + Duration::from_nanos(nsec as u64)
-    }
+    crate::unixtime::from_unix(sec, nsec)
 }
 
 /// Convert a `struct stat` to [`Attr`].
@@ -237,22 +233,10 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
             tv_nsec: libc::UTIME_NOW,
         },
         Some(SetTime::At(t)) => {
-            let (sec, nsec) = match t.duration_since(UNIX_EPOCH) {
-                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
-                Err(e) => {
-                    let d = e.duration();
-                    let mut sec = -(d.as_secs() as i64);
-                    let mut nsec = -(d.subsec_nanos() as i64);
-                    if nsec < 0 {
-                        sec -= 1;
-                        nsec += 1_000_000_000;
-                    }
-                    (sec, nsec)
-                }
-            };
+            let (sec, nsec) = crate::unixtime::to_unix(t);
             libc::timespec {
                 tv_sec: sec,
-                tv_nsec: nsec,
+                tv_nsec: i64::from(nsec),
             }
         }
     }

@@ -48,6 +48,9 @@ pub struct SimConfig {
     pub stall_rate: f64,
     /// Length of an injected stall, milliseconds.
     pub stall_ms: u64,
+    /// Probability that a call panics (tests that no request can take the
+    /// daemon down or leave its caller hanging).
+    pub panic_rate: f64,
 }
 
 impl Default for SimConfig {
@@ -64,6 +67,7 @@ impl Default for SimConfig {
             fault_errno: libc::EIO,
             stall_rate: 0.0,
             stall_ms: 0,
+            panic_rate: 0.0,
         }
     }
 }
@@ -79,6 +83,10 @@ impl SimConfig {
         anyhow::ensure!(
             (0.0..=1.0).contains(&self.stall_rate),
             "sim.stall_rate must be in 0..=1"
+        );
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&self.panic_rate),
+            "sim.panic_rate must be in 0..=1"
         );
         anyhow::ensure!(self.fault_errno > 0, "sim.fault_errno must be a positive errno");
         Ok(())
@@ -157,6 +165,9 @@ impl SimBackend {
         }
         if c.error_rate > 0.0 && rng.gen_bool(c.error_rate) {
             return Err(BackendError::Injected(c.fault_errno));
+        }
+        if c.panic_rate > 0.0 && rng.gen_bool(c.panic_rate) {
+            panic!("sim: injected panic");
         }
         Ok(guard)
     }

@@ -72,13 +72,7 @@ pub fn serve(disp: &Dispatcher, req: &[u8], reply: &mut [u8], send: impl FnOnce(
     };
     let (head, body) = reply.split_at_mut(OUT_HEADER_LEN);
     let mut out = Out::new(body);
-    let done = match wire::decode(h.opcode, fixed, tail) {
-        Ok(r) => disp.handle(&h, r, &mut out),
-        Err(e) => {
-            tracing::debug!(opcode = h.opcode, errno = e, "undecodable FUSE request");
-            Done::Error(e)
-        }
-    };
+    let done = super::dispatch(disp, &h, fixed, tail, &mut out);
     match done {
         Done::Reply => {
             let len = out.len();

@@ -28,7 +28,53 @@ use std::thread::JoinHandle;
 use anyhow::{Context, bail};
 
 use crate::config::Transport;
-use crate::fuse::Dispatcher;
+use crate::fuse::{Dispatcher, Done};
+
+/// Decode and serve one request whatever the transport. A panic anywhere
+/// under it (decoder, dispatcher, filesystem, backend) answers the request
+/// EIO, is logged once with its opcode and node, and leaves the worker
+/// serving: a request the daemon never answers would hang its caller until
+/// the connection is aborted.
+pub fn dispatch(
+    disp: &Dispatcher,
+    h: &wire::InHeader,
+    fixed: &[u8],
+    tail: &[u8],
+    out: &mut wire::Out,
+) -> Done {
+    let served = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        match wire::decode(h.opcode, fixed, tail) {
+            Ok(r) => disp.handle(h, r, out),
+            Err(e) => {
+                tracing::debug!(opcode = h.opcode, errno = e, "undecodable FUSE request");
+                Done::Error(e)
+            }
+        }
+    }));
+    match served {
+        Ok(done) => done,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            tracing::error!(
+                op = %crate::metrics::opcode_name(h.opcode),
+                nodeid = h.nodeid,
+                unique = h.unique,
+                "a request panicked, answered EIO: {what}"
+            );
+            out.clear();
+            // FORGETs have no reply; every other request gets one.
+            if matches!(h.opcode, abi::opcode::FORGET | abi::opcode::BATCH_FORGET) {
+                Done::NoReply
+            } else {
+                Done::Error(libc::EIO)
+            }
+        }
+    }
+}
 
 /// The transport a session ended up with, for `efuse status`/`stats`.
 #[derive(Clone, Debug, PartialEq, Eq)]

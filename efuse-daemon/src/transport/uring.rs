@@ -28,7 +28,7 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 use parking_lot::Mutex;
 
 use super::abi::{self, MAX_WRITE, OUT_HEADER_LEN, uring as u};
-use super::wire::{self, InHeader, Out};
+use super::wire::{self, Out};
 use crate::fuse::{Dispatcher, Done};
 
 /// Entries per queue with a local backend (requests are served inline,
@@ -92,18 +92,91 @@ struct Ent {
     iov: [libc::iovec; 2],
 }
 
-/// A queue's entries. An entry is touched by one party at a time: the
-/// kernel while its command is pending, then the thread serving its
-/// request until the commit is submitted.
-struct Ents(Vec<UnsafeCell<Ent>>);
-// SAFETY: access to each entry is handed over as described above, never shared.
+/// Who holds an entry's buffers.
+const KERNEL: u8 = 0;
+const SERVING: u8 = 1;
+
+/// One entry and who holds it. The kernel holds it from the submission of
+/// its command until the command's completion; then the party serving its
+/// request (the queue thread, or a pool thread), until the commit is
+/// queued. [`Ents::claim`] and [`Claimed`]'s drop make that hand-over an
+/// atomic state change that is checked, not only a convention.
+struct Slot {
+    owner: std::sync::atomic::AtomicU8,
+    ent: UnsafeCell<Ent>,
+}
+
+/// A queue's entries.
+struct Ents(Vec<Slot>);
+// SAFETY: an entry's buffers are reached only through `Ents::claim`, which
+// hands them to one party at a time (the atomic owner state), or by the
+// kernel while the owner state says KERNEL.
 unsafe impl Sync for Ents {}
-// SAFETY: as above.
+// SAFETY: as above; the buffers are plain heap memory.
 unsafe impl Send for Ents {}
 
-/// Handed-back entries (served on the pool) and the eventfd that wakes the ring.
+/// Exclusive use of an entry, from its command's completion until its
+/// commit is queued; dropping it gives the entry back to the kernel.
+struct Claimed<'a>(&'a Slot);
+
+impl std::ops::Deref for Claimed<'_> {
+    type Target = Ent;
+    fn deref(&self) -> &Ent {
+        // SAFETY: the owner state is SERVING for this claim alone.
+        unsafe { &*self.0.ent.get() }
+    }
+}
+
+impl std::ops::DerefMut for Claimed<'_> {
+    fn deref_mut(&mut self) -> &mut Ent {
+        // SAFETY: the owner state is SERVING for this claim alone.
+        unsafe { &mut *self.0.ent.get() }
+    }
+}
+
+impl Drop for Claimed<'_> {
+    fn drop(&mut self) {
+        self.0.owner.store(KERNEL, std::sync::atomic::Ordering::Release);
+    }
+}
+
+impl Ents {
+    /// Take entry `i`, which the kernel just handed over with a
+    /// completion. None (logged) if another party holds it: that would be
+    /// a completion the kernel should not have produced, and serving it
+    /// would share the buffers.
+    fn claim(&self, i: usize) -> Option<Claimed<'_>> {
+        let slot = self.0.get(i)?;
+        match slot.owner.compare_exchange(
+            KERNEL,
+            SERVING,
+            std::sync::atomic::Ordering::Acquire,
+            std::sync::atomic::Ordering::Relaxed,
+        ) {
+            Ok(_) => Some(Claimed(slot)),
+            Err(_) => {
+                tracing::error!(
+                    entry = i,
+                    "io_uring entry completed while it is being served; ignored"
+                );
+                None
+            }
+        }
+    }
+
+    /// The iovec of entry `i` for its REGISTER command, before the kernel
+    /// holds it.
+    fn iov(&self, i: usize) -> *const libc::iovec {
+        // SAFETY: called before any command is submitted: nobody else holds
+        // the entry; only the address is taken.
+        unsafe { (*self.0[i].ent.get()).iov.as_ptr() }
+    }
+}
+
+/// Handed-back entries (served on the pool) with their commit ids, and the
+/// eventfd that wakes the ring.
 struct Returns {
-    done: Mutex<Vec<usize>>,
+    done: Mutex<Vec<(usize, u64)>>,
     efd: OwnedFd,
 }
 
@@ -156,6 +229,10 @@ fn cmd_req(qid: u16, commit_id: u64) -> [u8; 80] {
     c
 }
 
+// The raw SQE patch below relies on these layouts.
+const _: () = assert!(std::mem::size_of::<squeue::Entry128>() == 128);
+const _: () = assert!(std::mem::align_of::<squeue::Entry128>() <= 8);
+
 fn register_sqe(fd: i32, qid: u16, idx: usize, iov: *const libc::iovec) -> squeue::Entry128 {
     let e = opcode::UringCmd80::new(types::Fd(fd), u::CMD_REGISTER)
         .cmd(cmd_req(qid, 0))
@@ -164,8 +241,9 @@ fn register_sqe(fd: i32, qid: u16, idx: usize, iov: *const libc::iovec) -> squeu
         .user_data(idx as u64);
     // The kernel wants the iovec count (2: headers, payload) in sqe->len,
     // which the crate's UringCmd80 does not set: patch the raw SQE.
-    // SAFETY: Entry128 is repr(C), 128 bytes, an io_uring_sqe (len at
-    // offset 24) followed by the command's tail.
+    // SAFETY: Entry128 is repr(C), 128 bytes (asserted above at compile
+    // time), an io_uring_sqe (len at offset 24) followed by the command's
+    // tail; every bit pattern of it is a valid [u8; 128] and back.
     unsafe {
         let mut raw: [u8; 128] = std::mem::transmute(e);
         raw[24..28].copy_from_slice(&2u32.to_ne_bytes());
@@ -225,7 +303,10 @@ fn queue(
                     iov_len: PAYLOAD_LEN,
                 },
             ];
-            v.push(UnsafeCell::new(Ent { header, payload, iov }));
+            v.push(Slot {
+                owner: std::sync::atomic::AtomicU8::new(KERNEL),
+                ent: UnsafeCell::new(Ent { header, payload, iov }),
+            });
         }
         // SAFETY: eventfd(2) returns a new descriptor or -1.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
@@ -267,9 +348,8 @@ fn queue(
     // function, and `ents` by pool tasks).
     unsafe {
         let mut sq = ring.submission();
-        for (i, e) in ents.0.iter().enumerate() {
-            let iov = (*e.get()).iov.as_ptr();
-            sq.push(&register_sqe(fd, qid, i, iov))
+        for i in 0..ents.0.len() {
+            sq.push(&register_sqe(fd, qid, i, ents.iov(i)))
                 .map_err(io::Error::other)?;
         }
         if pool.is_some() {
@@ -307,9 +387,7 @@ fn queue(
         for (ud, res) in batch.drain(..) {
             if ud == WAKE {
                 let mut back = std::mem::take(&mut *returns.done.lock());
-                for i in back.drain(..) {
-                    // SAFETY: the pool thread is done with entry i.
-                    let commit_id = unsafe { commit_id_of(&*ents.0[i].get()) };
+                for (i, commit_id) in back.drain(..) {
                     pending.push(commit_sqe(fd, qid, i, commit_id));
                 }
                 pending.push(wake_sqe(&mut wake_buf));
@@ -327,20 +405,20 @@ fn queue(
             }
             match &pool {
                 None => {
-                    // SAFETY: the kernel handed entry i over with this completion.
-                    let e = unsafe { &mut *ents.0[i].get() };
-                    let commit_id = answer(disp, e, &mut scratch);
+                    let Some(mut e) = ents.claim(i) else { continue };
+                    let commit_id = answer(disp, &mut e, &mut scratch);
+                    drop(e);
                     pending.push(commit_sqe(fd, qid, i, commit_id));
                 }
                 Some(p) => {
                     let (d, es, rs) = (disp.clone(), ents.clone(), returns.clone());
                     drop(p.spawn_blocking(move || {
-                        super::classic::with_pool_reply(|s| {
-                            // SAFETY: entry i is this task's until handed back.
-                            let e = unsafe { &mut *es.0[i].get() };
-                            answer(&d, e, s);
-                        });
-                        rs.done.lock().push(i);
+                        let Some(mut e) = es.claim(i) else { return };
+                        let commit_id = super::classic::with_pool_reply(|s| answer(&d, &mut e, s));
+                        // Back to the kernel before the queue thread can
+                        // submit the commit.
+                        drop(e);
+                        rs.done.lock().push((i, commit_id));
                         let one = 1u64.to_ne_bytes();
                         // SAFETY: writes 8 bytes from a live buffer.
                         unsafe { libc::write(rs.efd.as_raw_fd(), one.as_ptr().cast(), 8) };
@@ -382,29 +460,52 @@ fn commit_id_of(e: &Ent) -> u64 {
 
 /// Serve the request in entry `e` and write its reply into the entry
 /// (out-header in the header area, body in the payload, its length in
-/// `fuse_uring_ent_in_out.payload_sz`). Returns the commit id.
+/// `fuse_uring_ent_in_out.payload_sz`). Returns the commit id. Nothing here
+/// can panic on what the kernel wrote: lengths go through
+/// [`wire::split_uring`], and a reply larger than the payload buffer is
+/// answered EIO by the dispatcher (its encoder refuses to overflow).
 fn answer(disp: &Dispatcher, e: &mut Ent, scratch: &mut [u8]) -> u64 {
     let commit_id = commit_id_of(e);
-    let h = InHeader::parse(&e.header[..abi::IN_HEADER_LEN]).unwrap_or_default();
     let psz = u32::from_ne_bytes(e.header[ENT + 16..ENT + 20].try_into().unwrap_or_default()) as usize;
-    let psz = psz.min(e.payload.len());
-    let fl = wire::fixed_len(h.opcode).min(u::OP_IN_OUT_SZ);
-    let mut fixed = [0u8; u::OP_IN_OUT_SZ];
-    fixed[..fl].copy_from_slice(&e.header[OP_IN..OP_IN + fl]);
-    // A request with a tail (names, data) is answered into `scratch`, then
-    // copied: the tail lives in the payload buffer the reply goes to.
-    let (done, len) = if psz == 0 {
-        let mut out = Out::new(&mut e.payload);
-        let done = dispatch(disp, &h, &fixed[..fl], &[], &mut out);
-        (done, out.len())
-    } else {
-        let mut out = Out::new(scratch);
-        let done = dispatch(disp, &h, &fixed[..fl], &e.payload[..psz], &mut out);
-        let len = out.len();
-        if done == Done::Reply {
-            e.payload[..len].copy_from_slice(&scratch[..len]);
+    let cap = e.payload.len();
+    let (unique, done, len) = match wire::split_uring(
+        &e.header[..abi::IN_HEADER_LEN],
+        &e.header[OP_IN..OP_IN + u::OP_IN_OUT_SZ],
+        psz,
+        &e.payload,
+    ) {
+        Err((h, err)) => {
+            tracing::debug!(
+                opcode = h.opcode,
+                payload_sz = psz,
+                "malformed FUSE request on io_uring"
+            );
+            (h.unique, Done::Error(err), 0)
         }
-        (done, len)
+        Ok((h, fixed, tail)) => {
+            // The fixed part is copied out of the header area the reply
+            // header goes to.
+            let mut f = [0u8; u::OP_IN_OUT_SZ];
+            f[..fixed.len()].copy_from_slice(fixed);
+            let fixed = &f[..fixed.len()];
+            if tail.is_empty() {
+                let mut out = Out::new(&mut e.payload);
+                let done = super::dispatch(disp, &h, fixed, &[], &mut out);
+                (h.unique, done, out.len())
+            } else {
+                // A request with a tail (names, data) is answered into
+                // `scratch`, then copied: the tail lives in the payload
+                // buffer the reply goes to.
+                let room = scratch.len().min(cap);
+                let mut out = Out::new(&mut scratch[..room]);
+                let done = super::dispatch(disp, &h, fixed, tail, &mut out);
+                let len = out.len();
+                if done == Done::Reply {
+                    e.payload[..len].copy_from_slice(&scratch[..len]);
+                }
+                (h.unique, done, len)
+            }
+        }
     };
     let (err, len) = match done {
         Done::Reply => (0, len),
@@ -413,17 +514,7 @@ fn answer(disp: &Dispatcher, e: &mut Ent, scratch: &mut [u8]) -> u64 {
         // ever, an empty reply completes it.
         Done::NoReply => (0, 0),
     };
-    e.header[..OUT_HEADER_LEN].copy_from_slice(&wire::out_header(h.unique, err, len));
+    e.header[..OUT_HEADER_LEN].copy_from_slice(&wire::out_header(unique, err, len));
     e.header[ENT + 16..ENT + 20].copy_from_slice(&(len as u32).to_ne_bytes());
     commit_id
-}
-
-fn dispatch(disp: &Dispatcher, h: &InHeader, fixed: &[u8], tail: &[u8], out: &mut Out) -> Done {
-    match wire::decode(h.opcode, fixed, tail) {
-        Ok(r) => disp.handle(h, r, out),
-        Err(e) => {
-            tracing::debug!(opcode = h.opcode, errno = e, "undecodable FUSE request");
-            Done::Error(e)
-        }
-    }
 }

@@ -11,7 +11,7 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use super::abi::{self, GETATTR_FH, IN_HEADER_LEN, OUT_HEADER_LEN, fattr, opcode as op};
 
@@ -67,6 +67,9 @@ pub fn fixed_len(opcode: u32) -> usize {
         _ => 0,
     }
 }
+
+/// `struct fuse_init_in` before FUSE 7.36: major, minor, max_readahead, flags.
+pub const INIT_IN_MIN: usize = 16;
 
 /// A decoded request. Names borrow from the request buffer.
 #[derive(Debug, PartialEq, Eq)]
@@ -275,13 +278,7 @@ fn time_arg(valid: u32, set: u32, now: u32, (s, ns): (u64, u32)) -> Option<Optio
     if valid & set == 0 {
         return None;
     }
-    let s = s as i64;
-    let t = if s >= 0 {
-        UNIX_EPOCH + Duration::new(s as u64, ns.min(999_999_999))
-    } else {
-        UNIX_EPOCH - Duration::from_secs(s.unsigned_abs()) + Duration::from_nanos(ns.min(999_999_999) as u64)
-    };
-    Some(Some(t))
+    Some(Some(crate::unixtime::from_fuse(s, ns)))
 }
 
 /// A bounds-checked little reader over a byte slice.
@@ -357,9 +354,40 @@ pub fn split(buf: &[u8]) -> Result<Split<'_>, (InHeader, i32)> {
     Ok((h, a, b))
 }
 
+/// Split an io_uring request: the header from the entry's in/out area, the
+/// fixed part from its `op_in` area, the tail from the first `payload_sz`
+/// bytes of its payload buffer. The same checks as [`split`]: the header's
+/// length covers the header and the payload, the payload fits its buffer
+/// (no clamping: a kernel that claims more is answered EINVAL), and the
+/// extensions lie within the payload (they are cut off, as over /dev/fuse).
+pub fn split_uring<'a>(
+    in_out: &'a [u8],
+    op_in: &'a [u8],
+    payload_sz: usize,
+    payload: &'a [u8],
+) -> Result<Split<'a>, (InHeader, i32)> {
+    let h = InHeader::parse(in_out).map_err(|e| (InHeader::default(), e))?;
+    let len = h.len as usize;
+    if payload_sz > payload.len() || len < IN_HEADER_LEN || len - IN_HEADER_LEN < payload_sz {
+        return Err((h, libc::EINVAL));
+    }
+    let ext = h.total_extlen as usize * 8;
+    if ext > payload_sz {
+        return Err((h, libc::EINVAL));
+    }
+    let fixed = &op_in[..fixed_len(h.opcode).min(op_in.len())];
+    Ok((h, fixed, &payload[..payload_sz - ext]))
+}
+
 /// Decode request `opcode` from its fixed part and tail.
 pub fn decode<'a>(opcode: u32, fixed: &'a [u8], tail: &'a [u8]) -> Result<Req<'a>, i32> {
-    let need = fixed_len(opcode);
+    // FUSE_INIT's fixed part grew from 16 bytes (major, minor, readahead,
+    // flags; up to 7.35) to 64 (flags2 and padding, 7.36): an old kernel's
+    // must still decode, so that the version check names what is needed.
+    let need = match opcode {
+        op::INIT => fixed.len().clamp(INIT_IN_MIN, fixed_len(op::INIT)),
+        _ => fixed_len(opcode),
+    };
     if fixed.len() < need {
         return Err(libc::EINVAL);
     }
@@ -371,7 +399,7 @@ pub fn decode<'a>(opcode: u32, fixed: &'a [u8], tail: &'a [u8]) -> Result<Req<'a
             let minor = f.u32()?;
             let max_readahead = f.u32()?;
             let lo = f.u32()? as u64;
-            let hi = f.u32()? as u64;
+            let hi = if need >= 20 { f.u32()? as u64 } else { 0 };
             let flags = if lo & abi::init::INIT_EXT != 0 {
                 lo | hi << 32
             } else {
@@ -681,19 +709,7 @@ pub fn ttl(d: Duration) -> (u64, u32) {
 /// A time as FUSE's (seconds since the epoch, nanoseconds); before the
 /// epoch as a negative seconds count in two's complement.
 pub fn time(t: SystemTime) -> (u64, u32) {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => (d.as_secs(), d.subsec_nanos()),
-        Err(e) => {
-            let d = e.duration();
-            let mut s = -(d.as_secs() as i64);
-            let mut ns = d.subsec_nanos();
-            if ns > 0 {
-                s -= 1;
-                ns = 1_000_000_000 - ns;
-            }
-            (s as u64, ns)
-        }
-    }
+    crate::unixtime::to_fuse(t)
 }
 
 /// The out-header for a reply of `body` bytes (error 0) or an errno.
@@ -708,6 +724,7 @@ pub fn out_header(unique: u64, error: i32, body: usize) -> [u8; OUT_HEADER_LEN] 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::UNIX_EPOCH;
 
     fn header(opcode: u32, body: usize) -> Vec<u8> {
         let mut v = Vec::new();
@@ -860,6 +877,83 @@ mod tests {
             time(UNIX_EPOCH - Duration::from_secs(2) + Duration::from_nanos(500)),
             (-2i64 as u64, 500)
         );
+    }
+
+    #[test]
+    fn setattr_at_the_ends_of_time_does_not_panic() {
+        for secs in [i64::MIN, i64::MIN + 1, -1, i64::MAX] {
+            let mut b = vec![0u8; 88];
+            b[0..4].copy_from_slice(&(fattr::ATIME | fattr::MTIME).to_ne_bytes());
+            b[32..40].copy_from_slice(&(secs as u64).to_ne_bytes());
+            b[40..48].copy_from_slice(&(secs as u64).to_ne_bytes());
+            b[56..60].copy_from_slice(&u32::MAX.to_ne_bytes());
+            let Ok(Req::Setattr(s)) = decoded(&request(op::SETATTR, &b)) else {
+                panic!()
+            };
+            let t = s.atime().unwrap().unwrap();
+            // Back on the wire as the same seconds (nanoseconds clamped).
+            assert_eq!(time(t).0, secs as u64, "{secs}");
+        }
+    }
+
+    /// An io_uring entry: in/out header area, op_in area, payload.
+    fn uring_entry(opcode: u32, len: usize, extlen: u16, op_in: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut h = Vec::new();
+        h.extend_from_slice(&(len as u32).to_ne_bytes());
+        h.extend_from_slice(&opcode.to_ne_bytes());
+        h.extend_from_slice(&9u64.to_ne_bytes());
+        h.extend_from_slice(&1u64.to_ne_bytes());
+        h.extend_from_slice(&[0u8; 12]);
+        h.extend_from_slice(&extlen.to_ne_bytes());
+        h.extend_from_slice(&[0u8; 2]);
+        let mut o = op_in.to_vec();
+        o.resize(128, 0);
+        (h, o)
+    }
+
+    #[test]
+    fn io_uring_requests_get_the_same_length_checks() {
+        let mut payload = vec![0u8; 64];
+        payload[..4].copy_from_slice(b"abc\0");
+        // Well formed: 40-byte header + a 4-byte name.
+        let (h, o) = uring_entry(op::LOOKUP, IN_HEADER_LEN + 4, 0, &[]);
+        let (hd, fixed, tail) = split_uring(&h, &o, 4, &payload).unwrap();
+        assert_eq!((hd.unique, fixed.len(), tail), (9, 0, &b"abc\0"[..]));
+        assert_eq!(
+            decode(hd.opcode, fixed, tail),
+            Ok(Req::Lookup {
+                name: OsStr::new("abc")
+            })
+        );
+        // A payload size beyond the buffer is refused, not clamped.
+        assert_eq!(split_uring(&h, &o, 65, &payload).unwrap_err().1, libc::EINVAL);
+        // A header length that does not cover the payload, or the header.
+        let (h2, _) = uring_entry(op::LOOKUP, IN_HEADER_LEN + 2, 0, &[]);
+        assert_eq!(split_uring(&h2, &o, 4, &payload).unwrap_err().1, libc::EINVAL);
+        let (h3, _) = uring_entry(op::LOOKUP, 8, 0, &[]);
+        assert_eq!(split_uring(&h3, &o, 0, &payload).unwrap_err().1, libc::EINVAL);
+        // Extensions beyond the payload are refused; within it, cut off.
+        let (h4, _) = uring_entry(op::LOOKUP, IN_HEADER_LEN + 12, 2, &[]);
+        assert_eq!(split_uring(&h4, &o, 12, &payload).unwrap_err().1, libc::EINVAL);
+        let (h5, _) = uring_entry(op::LOOKUP, IN_HEADER_LEN + 12, 1, &[]);
+        assert_eq!(split_uring(&h5, &o, 12, &payload).unwrap().2, &payload[..4]);
+        // A short header area.
+        assert!(split_uring(&h[..20], &o, 0, &payload).is_err());
+    }
+
+    #[test]
+    fn init_of_a_kernel_before_7_36_decodes() {
+        // FUSE 7.31-7.35 send a 16-byte fuse_init_in.
+        let mut b = Vec::new();
+        for v in [7u32, 31, 131072, 0x1] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        let Ok(Req::Init(i)) = decoded(&request(op::INIT, &b)) else {
+            panic!("16-byte INIT refused")
+        };
+        assert_eq!((i.major, i.minor, i.flags), (7, 31, 1));
+        // Shorter than that is malformed.
+        assert_eq!(decoded(&request(op::INIT, &b[..12])), Err(libc::EINVAL));
     }
 
     #[test]
