@@ -33,10 +33,24 @@ enum Cmd {
     },
     /// Mount a demo directory with efuse (best tier: bpf on the patched kernel, else kernel), show it working, then run the quick latency comparison.
     Demo,
-    /// Heavier runs: the conformance suites ten times longer than `test`
-    /// (fsx 1,000,000 operations a setup, pjdfstest 30 runs a tier,
-    /// stress-ng 60 s a tier), then the real-tool and defect suites.
-    Soak,
+    /// Catch what a fresh or busy machine shows and a warm one hides: the
+    /// real-mount suites --repeat times in a row (alternating io_uring and
+    /// classic), with --load keeping every CPU busy meanwhile, then a report
+    /// of every test that failed at least once; and the fuzzers with
+    /// 100,000 cases. --long adds the conformance suites ten times longer
+    /// than `test` (fsx 1,000,000 operations a setup, pjdfstest 30 runs a
+    /// tier, stress-ng 60 s a tier).
+    Soak {
+        /// How many times to run the real-mount suites.
+        #[arg(long, default_value_t = 3)]
+        repeat: u32,
+        /// Keep every CPU busy with other work while the suites run.
+        #[arg(long)]
+        load: bool,
+        /// Also run the conformance suites ten times longer.
+        #[arg(long)]
+        long: bool,
+    },
     /// Run the latency comparison (efuse bench) with a release build.
     Bench {
         /// Small dataset, under 2 minutes.
@@ -326,6 +340,155 @@ fn stock_guest() -> anyhow::Result<efuse_tests::vm::Guest> {
     })
 }
 
+/// Busy loops on every CPU until dropped (plain priority: they compete
+/// with the suites as other work on the machine would).
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start() -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let n = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for i in 0..100_000u64 {
+                            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+                        }
+                    }
+                })
+            })
+            .collect();
+        eprintln!("xtask: {n} busy loops keep every CPU loaded");
+        Self { stop, threads }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The names of the tests libtest reported as failed in `output`.
+fn failed_tests(output: &str) -> Vec<String> {
+    let mut binary = String::new();
+    let mut out = Vec::new();
+    for line in output.lines() {
+        if let Some(rest) = line.trim().strip_prefix("Running ") {
+            // "Running tests/kernel.rs (target/debug/deps/kernel-...)"
+            binary = rest
+                .split_whitespace()
+                .next()
+                .and_then(|p| Path::new(p).file_stem())
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default();
+        }
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            out.push(format!("{binary}::{name}"));
+        }
+    }
+    out
+}
+
+fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
+    setup()?;
+    run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+    run(cargo().args(["test", "--package", "efuse-tests", "--no-run"]))?;
+    let _load = load.then(Load::start);
+    let mut failures: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
+    let mut broken_runs = Vec::new();
+    for i in 1..=repeat {
+        let transport = if i % 2 == 1 && uring_enabled() {
+            "uring"
+        } else {
+            "classic"
+        };
+        eprintln!("xtask: soak run {i}/{repeat}: real-mount suites, EFUSE_TRANSPORT={transport}");
+        let mut c = cargo();
+        c.args(["test", "--package", "efuse-tests", "--no-fail-fast"]);
+        for t in real_mount_suites()? {
+            c.args(["--test", &t]);
+        }
+        let started = std::time::Instant::now();
+        let out = c
+            .env("EFUSE_TRANSPORT", transport)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .context("running the suites")?;
+        let text = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let failed = failed_tests(&text);
+        eprintln!(
+            "xtask: soak run {i}: {} in {:.0?}, {} failed",
+            if out.status.success() { "passed" } else { "failed" },
+            started.elapsed(),
+            failed.len()
+        );
+        if !out.status.success() && failed.is_empty() {
+            // Failed without a failing test (a crash, a build error): keep
+            // the output's end.
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            broken_runs.push((i, tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
+        }
+        for f in failed {
+            failures.entry(f).or_default().push(i);
+        }
+    }
+    eprintln!("xtask: soak: fuzzers, 100,000 cases a property");
+    let fuzz = cargo()
+        .args(["test", "--package", "efuse-daemon", "--test", "fuzz_wire"])
+        .env("EFUSE_FUZZ_CASES", "100000")
+        .status()?;
+    if long {
+        run(cargo()
+            .args([
+                "test",
+                "--test",
+                "conformance",
+                "--test",
+                "tools",
+                "--test",
+                "defects",
+            ])
+            .env("EFUSE_SOAK", "1"))?;
+    }
+    println!(
+        "soak: {repeat} runs of the real-mount suites{}",
+        if load { " with every CPU loaded" } else { "" }
+    );
+    for (t, runs) in &failures {
+        println!("  FAILED at least once: {t} (runs {runs:?})");
+    }
+    for (i, tail) in &broken_runs {
+        println!("  run {i} failed outside any test:\n{tail}");
+    }
+    if failures.is_empty() && broken_runs.is_empty() {
+        println!("  no test failed");
+    }
+    if !fuzz.success() {
+        println!("  the fuzzers failed");
+    }
+    if !failures.is_empty() || !broken_runs.is_empty() || !fuzz.success() {
+        bail!("soak found failures");
+    }
+    Ok(())
+}
+
 fn demo() -> anyhow::Result<()> {
     setup()?;
     run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"]))?;
@@ -384,21 +547,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Build => run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"])),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
-        Cmd::Soak => {
-            setup()?;
-            run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
-            run(cargo()
-                .args([
-                    "test",
-                    "--test",
-                    "conformance",
-                    "--test",
-                    "tools",
-                    "--test",
-                    "defects",
-                ])
-                .env("EFUSE_SOAK", "1"))
-        }
+        Cmd::Soak { repeat, load, long } => soak(repeat, load, long),
         Cmd::Bench { quick, out } => bench(quick, &out),
         Cmd::Kernel => {
             let image = vm::patched_kernel()?;
@@ -431,5 +580,21 @@ fn main() -> anyhow::Result<()> {
             )?;
             std::process::exit(code)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_tests_are_named_with_their_suite() {
+        let out = "     Running tests/kernel.rs (target/debug/deps/kernel-0123abcd)\n\
+                   test a ... ok\n\
+                   test b_fails ... FAILED\n\
+                   \n     Running tests/posix.rs (target/debug/deps/posix-99)\n\
+                   test c ... FAILED\n";
+        assert_eq!(failed_tests(out), ["kernel::b_fails", "posix::c"]);
+        assert!(failed_tests("test x ... ok\n").is_empty());
     }
 }

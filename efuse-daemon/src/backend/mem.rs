@@ -233,6 +233,39 @@ impl MemBackend {
     }
 }
 
+/// The most bytes the in-memory tree holds, and so the largest file: half
+/// the machine's memory (files are stored densely, not sparsely).
+fn capacity() -> u64 {
+    static CAP: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *CAP.get_or_init(|| {
+        // SAFETY: sysconf has no preconditions.
+        let (pages, size) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        match (u64::try_from(pages), u64::try_from(size)) {
+            (Ok(p), Ok(s)) if p > 0 && s > 0 => p.saturating_mul(s) / 2,
+            _ => 1 << 30,
+        }
+    })
+}
+
+/// Grow or shrink file data to `len` bytes: EFBIG beyond the tree's
+/// capacity, ENOSPC if the memory cannot be had (never an abort).
+fn set_len(op: &'static str, d: &mut Vec<u8>, len: u64) -> Result<()> {
+    if len > capacity() {
+        return Err(BackendError::errno(op, libc::EFBIG));
+    }
+    let len = usize::try_from(len).map_err(|_| BackendError::errno(op, libc::EFBIG))?;
+    if len > d.len() && d.try_reserve_exact(len - d.len()).is_err() {
+        return Err(BackendError::errno(op, libc::ENOSPC));
+    }
+    d.resize(len, 0);
+    Ok(())
+}
+
 fn update_blocks(a: &mut Attr) {
     a.blocks = a.size.div_ceil(512);
 }
@@ -300,7 +333,7 @@ impl Backend for MemBackend {
         let now = SystemTime::now();
         if let Some(size) = set.size {
             match &mut n.content {
-                Content::File(d) => d.resize(size as usize, 0),
+                Content::File(d) => set_len("truncate", d, size)?,
                 Content::Dir { .. } => return Err(BackendError::errno("truncate", libc::EISDIR)),
                 _ => return Err(BackendError::errno("truncate", libc::EINVAL)),
             }
@@ -552,11 +585,14 @@ impl Backend for MemBackend {
     fn write(&self, fh: Fh, offset: u64, data: &[u8]) -> Result<u32> {
         self.with_file(fh, |n| match &mut n.content {
             Content::File(d) => {
-                let end = offset as usize + data.len();
-                if d.len() < end {
-                    d.resize(end, 0);
+                let end = offset
+                    .checked_add(data.len() as u64)
+                    .ok_or_else(|| BackendError::errno("write", libc::EFBIG))?;
+                if (d.len() as u64) < end {
+                    set_len("write", d, end)?;
                 }
-                d[offset as usize..end].copy_from_slice(data);
+                let (start, end) = (offset as usize, end as usize);
+                d[start..end].copy_from_slice(data);
                 n.attr.size = d.len() as u64;
                 update_blocks(&mut n.attr);
                 let now = SystemTime::now();
@@ -660,7 +696,7 @@ impl Backend for MemBackend {
     fn statfs(&self) -> Result<StatFs> {
         let st = self.state.lock();
         let used: u64 = st.nodes.values().map(|n| n.attr.blocks).sum();
-        let total = 1 << 30;
+        let total = capacity() / 512;
         Ok(StatFs {
             blocks: total,
             bfree: total - used.min(total),
@@ -760,7 +796,7 @@ impl Backend for MemBackend {
                     n.attr.mtime = now;
                 }
                 if !keep && d.len() < end {
-                    d.resize(end, 0);
+                    set_len("fallocate", d, end as u64)?;
                     n.attr.size = end as u64;
                     update_blocks(&mut n.attr);
                     n.attr.mtime = now;

@@ -64,7 +64,11 @@ pub fn serve(disp: &Dispatcher, req: &[u8], reply: &mut [u8], send: impl FnOnce(
         Ok(x) => x,
         Err((h, e)) => {
             tracing::debug!(opcode = h.opcode, len = req.len(), "malformed FUSE request");
-            if h.unique != 0 {
+            let forget = matches!(
+                h.opcode,
+                super::abi::opcode::FORGET | super::abi::opcode::BATCH_FORGET
+            );
+            if h.unique != 0 && !forget {
                 send(&wire::out_header(h.unique, e, 0));
             }
             return;

@@ -51,7 +51,11 @@ pub fn dispatch(
             }
         }
     }));
+    let no_reply = matches!(h.opcode, abi::opcode::FORGET | abi::opcode::BATCH_FORGET);
     match served {
+        // FORGETs have no reply, not even for a malformed one: the kernel
+        // waits for none.
+        Ok(_) if no_reply => Done::NoReply,
         Ok(done) => done,
         Err(panic) => {
             let what = panic
@@ -66,8 +70,7 @@ pub fn dispatch(
                 "a request panicked, answered EIO: {what}"
             );
             out.clear();
-            // FORGETs have no reply; every other request gets one.
-            if matches!(h.opcode, abi::opcode::FORGET | abi::opcode::BATCH_FORGET) {
+            if no_reply {
                 Done::NoReply
             } else {
                 Done::Error(libc::EIO)
