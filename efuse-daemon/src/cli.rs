@@ -136,7 +136,7 @@ pub struct MountArgs {
     /// Backend wrapped by --backend sim [default: dir].
     #[arg(long, value_enum, help_heading = BACKEND_HEADING)]
     pub sim_inner: Option<BackendKind>,
-    /// Offload tier: off = plain FUSE, kernel = stock kernel caching, bpf = BPF hook, auto = best available [default: off].
+    /// Offload tier: off = plain FUSE, kernel = stock kernel caching, bpf = BPF hook, auto = best available [default: auto].
     #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
     pub offload: Option<Offload>,
     /// Mount options, comma-separated (ro, noatime, nosuid, nodev, noexec, allow_other, nonempty, backend=, offload=,
@@ -291,6 +291,26 @@ impl MountArgs {
     }
 }
 
+/// Is `o` one of efuse's own `-o` options (backend=, offload=, config=,
+/// trace=, the timeouts, nopassthrough...), as opposed to a mount(8) flag?
+pub fn is_efuse_option(o: &str) -> bool {
+    match o.split_once('=') {
+        Some((k, _)) => matches!(
+            k,
+            "backend"
+                | "offload"
+                | "xattr"
+                | "transport"
+                | "trace"
+                | "config"
+                | "entry_timeout"
+                | "attr_timeout"
+                | "negative_timeout"
+        ),
+        None => ["nopassthrough", "zero_open", "writeback_cache", "nowatch"].contains(&o),
+    }
+}
+
 fn secs_to_ms(v: &str) -> anyhow::Result<u64> {
     let secs: f64 = v
         .parse()
@@ -318,6 +338,34 @@ fn parse_enum<T: ValueEnum>(what: &str, v: &str) -> anyhow::Result<T> {
             .collect();
         anyhow::anyhow!("invalid {what}={v:?}; expected one of {}", names.join(", "))
     })
+}
+
+/// What `--offload auto` picks on this machine, and why (for `--help`).
+pub fn auto_picks() -> String {
+    match crate::kfuse::hook() {
+        Ok(h) => format!("Here auto picks bpf: the BPF hook is {h}."),
+        Err(_) => "Here auto picks kernel: this kernel has no efuse BPF hook (`efuse kmod install` \
+                   adds it on Linux 6.9+)."
+            .into(),
+    }
+}
+
+/// Parse the command line. With --help, the help of `mount --offload`
+/// says what `auto` picks on this machine and why.
+pub fn parse(args: Vec<OsString>) -> Result<Cli, clap::Error> {
+    use clap::{CommandFactory, FromArgMatches};
+    let mut cmd = Cli::command();
+    if args.iter().any(|a| a == "--help" || a == "-h" || a == "help") {
+        let picks = auto_picks();
+        cmd = cmd.mut_subcommand("mount", |c| {
+            c.mut_arg("offload", |a| {
+                let base = a.get_help().map(|h| h.to_string()).unwrap_or_default();
+                a.help(format!("{base} {picks}"))
+            })
+        });
+    }
+    let m = cmd.try_get_matches_from(args)?;
+    Cli::from_arg_matches(&m)
 }
 
 /// Translate a mount helper invocation (`mount.fuse.efuse SRC DST -o opts`,

@@ -240,7 +240,9 @@ impl Default for MountConfig {
             backend: BackendKind::Dir,
             source: None,
             sim_inner: BackendKind::Dir,
-            offload: Offload::Off,
+            // A user who installs an accelerated filesystem expects the
+            // acceleration: the best tier this kernel has.
+            offload: Offload::Auto,
             options: Vec::new(),
             threads: 0,
             transport: Transport::Auto,

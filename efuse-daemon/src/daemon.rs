@@ -425,14 +425,21 @@ fn remount(args: &MountArgs) -> anyhow::Result<()> {
         if o == "remount" || o.is_empty() {
             continue;
         }
-        if !crate::mount::apply_flag(&mut flags, o) {
+        if crate::mount::apply_flag(&mut flags, o) {
+            continue;
+        }
+        // mount(8) hands the helper the mount's whole option string on a
+        // remount (from fstab and utab): efuse's own options come back with
+        // it. They apply at mount time (the tier switches at run time with
+        // `efuse offload`); a remount leaves them, quietly.
+        if !crate::cli::is_efuse_option(o) {
             crate::config::mount_option_known(o)?;
-            if !crate::config::ignored_option(o) {
-                tracing::info!(
-                    option = o,
-                    "mount option not changed by a remount; it applies at mount time"
-                );
-            }
+        }
+        if !crate::config::ignored_option(o) {
+            tracing::debug!(
+                option = o,
+                "mount option not changed by a remount; it applies at mount time"
+            );
         }
     }
     nix::mount::mount(

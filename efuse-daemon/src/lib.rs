@@ -46,7 +46,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
             return 2;
         }
     };
-    let cli = match cli::Cli::try_parse_from(args) {
+    let cli = match cli::parse(args) {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();

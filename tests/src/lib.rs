@@ -118,6 +118,21 @@ pub fn mount_connection(p: &Path) -> Option<u32> {
     })
 }
 
+/// `extra` with `--offload off` added unless it (or its config file) names
+/// a tier: efuse mounts `auto` by default, the tests' baseline is plain
+/// FUSE, and a test that wants a tier says which.
+fn with_default_tier(extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+    let named = extra.windows(2).any(|w| {
+        (w[0] == "-o" && w[1].split(',').any(|o| o.starts_with("offload=")))
+            || (w[0] == "--config" && fs::read_to_string(w[1]).is_ok_and(|t| t.contains("offload")))
+    }) || extra.contains(&"--offload");
+    if !named {
+        v.extend(["--offload".to_string(), "off".to_string()]);
+    }
+    v
+}
+
 impl TestMount {
     /// Mount a `dir` backend with `--offload off` and default options.
     pub fn new() -> Self {
@@ -166,7 +181,7 @@ impl TestMount {
             dir,
             child: None,
             connection: 0,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra: with_default_tier(extra),
             env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             config: None,
         };
@@ -449,6 +464,7 @@ pub fn within<T: Send + 'static>(d: Duration, f: impl FnOnce() -> T + Send + 'st
 
 /// `efuse mount SRC MNT EXTRA...`, daemonized; panics unless it succeeds.
 pub fn mount_daemonized(src: &Path, mnt: &Path, extra: &[&str]) {
+    let extra = with_default_tier(extra);
     let mut args: Vec<&std::ffi::OsStr> = vec!["mount".as_ref(), src.as_os_str(), mnt.as_os_str()];
     args.extend(extra.iter().map(std::ffi::OsStr::new));
     let (code, _, err) = efuse(&args);

@@ -13,6 +13,43 @@ fn os<'a>(v: &'a [&'a str]) -> Vec<&'a OsStr> {
     v.iter().map(OsStr::new).collect()
 }
 
+/// What `auto` must pick here: bpf where efuse's hook is (built into the
+/// kernel's BTF, or efuse.ko loaded), else kernel.
+fn best_tier() -> &'static str {
+    let btf = fs::read("/sys/kernel/btf/vmlinux").unwrap_or_default();
+    let built_in = btf.windows(14).any(|w| w == b"efuse_bpf_ops\0");
+    if built_in || std::path::Path::new("/sys/kernel/btf/efuse").exists() {
+        "bpf"
+    } else {
+        "kernel"
+    }
+}
+
+#[test]
+fn auto_is_the_default_of_the_command_the_helper_and_the_help() {
+    let (_t, src, mnt) = dirs();
+    fs::write(src.join("f"), b"f").unwrap();
+    let _guard = Daemonized { mnt: mnt.clone() };
+    // The mount helper, as mount(8) runs it, without offload=.
+    let helper = _t.path().join("mount.fuse.efuse");
+    std::os::unix::fs::symlink(efuse_bin(), &helper).unwrap();
+    let out = std::process::Command::new(&helper)
+        .arg(&src)
+        .arg(&mnt)
+        .args(["-o", "rw"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(efuse_tests::mount_stats(&mnt)["offload"], best_tier());
+    assert_eq!(fs::read(mnt.join("f")).unwrap(), b"f");
+    assert_eq!(efuse(&[OsStr::new("umount"), mnt.as_os_str()]).0, 0);
+    // --help says what auto picks here.
+    let (code, out, _) = efuse(&os(&["mount", "--help"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("[default: auto]"), "{out}");
+    assert!(out.contains(&format!("Here auto picks {}", best_tier())), "{out}");
+}
+
 #[test]
 fn daemonized_mount_status_umount() {
     let (_t, src, mnt) = dirs();
@@ -32,7 +69,8 @@ fn daemonized_mount_status_umount() {
         .find(|r| r["mountpoint"] == mnt.to_str().unwrap())
         .unwrap_or_else(|| panic!("mount missing from status: {out}"));
     assert_eq!(row["backend"], "dir");
-    assert_eq!(row["offload"], "off");
+    // No --offload: auto, resolved to the best tier this kernel has.
+    assert_eq!(row["offload"], best_tier());
     assert_eq!(row["state"], "running");
     let pid = row["pid"].as_u64().unwrap() as i32;
     // SAFETY: signal 0 only probes.

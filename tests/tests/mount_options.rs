@@ -225,11 +225,21 @@ fn remount_ro_and_back_as_on_tmpfs() {
         assert!(!st.status.success(), "tmpfs remounted ro under a writer");
         drop((open_writer, tmp_writer));
         // As mount(8) runs the helper for `mount -o remount,ro M`: the
-        // current options come back with it.
-        let out = h.run("remount,ro,relatime,user_id=0,group_id=0");
+        // mount's whole option string comes back with it, efuse's own
+        // options included (from fstab or utab). A successful remount
+        // prints nothing, as tmpfs's does.
+        let out = h.run(&format!(
+            "remount,ro,relatime,offload={tier},backend=dir,trace=on,user_id=0,group_id=0"
+        ));
         assert!(
             out.status.success(),
             "remount ro: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.stdout.is_empty() && out.stderr.is_empty(),
+            "{tier}: a successful remount printed: {} {}",
+            String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
         tmpfs_remount(tmp.path(), "ro");
@@ -249,12 +259,17 @@ fn remount_ro_and_back_as_on_tmpfs() {
         assert_eq!(touch(&h.mnt), touch(tmp.path()), "{tier}: create on ro");
         assert_eq!(fs::read(h.mnt.join("f")).unwrap(), b"data", "reads still work");
         // And back to rw.
-        let out = h.run("remount,rw");
+        let out = h.run(&format!("remount,rw,offload={tier},nopassthrough,entry_timeout=1"));
         assert!(
-            out.status.success(),
+            out.status.success() && out.stderr.is_empty(),
             "remount rw: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // An option nobody knows is still refused, and changes nothing.
+        let out = h.run("remount,ro,bogus=1");
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+        assert!(!options(&h.mnt).0.contains(&"ro".to_string()), "a refused remount changed the mount");
         tmpfs_remount(tmp.path(), "rw");
         assert_eq!(append(&h.mnt.join("f")), None, "{tier}: writable again");
         assert_eq!(fs::read(h.src.join("f")).unwrap(), b"datax");
