@@ -846,6 +846,31 @@ impl EfuseFs {
         Some(a)
     }
 
+    /// After `who` set the access ACL of `ino`: clear S_ISGID unless `who`
+    /// is in the inode's group or has CAP_FSETID (any file type), as
+    /// posix_acl_update_mode() does for a local filesystem.
+    pub fn acl_kill_sgid(&self, ino: u64, who: Caller) {
+        if who.uid == 0 {
+            return;
+        }
+        let Ok(a) = self.backend.getattr(self.b(ino)) else {
+            return;
+        };
+        let sgid = libc::S_ISGID as u16;
+        if a.perm & sgid == 0 || crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID) {
+            return;
+        }
+        let set = SetAttr {
+            mode: Some((a.perm & !sgid) as u32),
+            ..Default::default()
+        };
+        if self.setattr(ino, None, &set).is_ok()
+            && let Some(n) = self.notifier.get()
+        {
+            n.inval_inode(ino);
+        }
+    }
+
     /// The permission bits of `ino` if a write by `who` must clear its
     /// S_ISGID (see [`Self::drop_sgid`]); `None` otherwise.
     pub fn sgid_at_risk(&self, ino: u64, who: Caller) -> Option<u16> {

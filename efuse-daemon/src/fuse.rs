@@ -380,7 +380,16 @@ impl Dispatcher {
                 Ok(())
             }
             Req::Fsync { fh, datasync } => self.fs.with_io(ino, fh, |f| self.fs.fsync(f, datasync)),
-            Req::Setxattr { flags, name, value } => self.fs.setxattr(ino, name, value, flags),
+            Req::Setxattr { flags, name, value } => self.fs.setxattr(ino, name, value, flags).map(|()| {
+                // Setting an access ACL clears S_ISGID unless the caller is
+                // in the file's group or has CAP_FSETID, as the kernel's
+                // posix_acl_update_mode does on a local filesystem. The
+                // backend applied it as the daemon (root); apply the rule
+                // for the caller.
+                if name == "system.posix_acl_access" {
+                    self.fs.acl_kill_sgid(ino, caller(h, 0));
+                }
+            }),
             Req::Getxattr { size, name } => self.fs.getxattr(ino, name, size).map(|x| xattr_out(out, x)),
             Req::Listxattr { size } => self.fs.listxattr(ino, size).map(|x| xattr_out(out, x)),
             Req::Removexattr { name } => self.fs.removexattr(ino, name),

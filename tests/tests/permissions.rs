@@ -136,3 +136,27 @@ mkdir -m 777 open; U "umask 027; touch $R/open/u; mkdir $R/open/ud"; S open/u op
         compare(setup, script, false);
     }
 }
+
+#[test]
+fn an_access_acl_set_by_a_user_outside_the_group_clears_set_group_id() {
+    // posix_acl_update_mode(): setting an access ACL clears S_ISGID unless
+    // the caller is in the file's group or has CAP_FSETID.
+    let script = r#"
+mkdir d; chmod 0777 d
+for f in other member byroot dir; do echo x > d/$f; done
+rm d/dir; mkdir d/dir
+chown 65534:0 d/other d/dir; chown 65534:65534 d/member; chown 65534:0 d/byroot
+chmod 2755 d/other d/member d/byroot d/dir
+U "setfacl -m u::rwx,g::rwx,o::rwx $R/d/other"
+U "setfacl -m u::rwx,g::rwx,o::rwx $R/d/member"
+U "setfacl -m u::rwx,g::rwx,o::rwx $R/d/dir"
+setfacl -m u::rwx,g::rwx,o::rwx d/byroot
+S d/other d/member d/byroot d/dir
+# A default ACL is not an access ACL: the bit stays.
+mkdir d/dd; chown 65534:0 d/dd; chmod 2755 d/dd
+U "setfacl -d -m u::rwx $R/d/dd"; S d/dd
+"#;
+    for setup in &SETUPS[..2] {
+        compare(setup, script, true);
+    }
+}
