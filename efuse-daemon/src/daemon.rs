@@ -357,9 +357,10 @@ pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
                     .source
                     .as_ref()
                     .context("the dir backend needs a source directory")?;
-                // noatime: reads through the mount leave the backing
-                // files' atimes alone too.
-                DirBackend::new_shared(src, cfg.options.iter().any(|o| o == "noatime"))?
+                // noatime, relatime, strictatime: reads through the mount
+                // update backing atimes as that mode says, whatever the
+                // backing tree's own mount does.
+                DirBackend::new_shared_atime(src, crate::backend::dir::Atime::of_options(&cfg.options))?
             }
         })
     };

@@ -38,7 +38,6 @@ pub mod unixtime;
 
 /// Run the command line; returns the process exit code.
 pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
-    use clap::Parser;
     let args = match mount_helper(&args) {
         Ok(a) => a,
         Err(e) => {

@@ -259,7 +259,9 @@ fn remount_ro_and_back_as_on_tmpfs() {
         assert_eq!(touch(&h.mnt), touch(tmp.path()), "{tier}: create on ro");
         assert_eq!(fs::read(h.mnt.join("f")).unwrap(), b"data", "reads still work");
         // And back to rw.
-        let out = h.run(&format!("remount,rw,offload={tier},nopassthrough,entry_timeout=1"));
+        let out = h.run(&format!(
+            "remount,rw,offload={tier},nopassthrough,entry_timeout=1"
+        ));
         assert!(
             out.status.success() && out.stderr.is_empty(),
             "remount rw: {}",
@@ -269,7 +271,10 @@ fn remount_ro_and_back_as_on_tmpfs() {
         let out = h.run("remount,ro,bogus=1");
         assert!(!out.status.success());
         assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
-        assert!(!options(&h.mnt).0.contains(&"ro".to_string()), "a refused remount changed the mount");
+        assert!(
+            !options(&h.mnt).0.contains(&"ro".to_string()),
+            "a refused remount changed the mount"
+        );
         tmpfs_remount(tmp.path(), "rw");
         assert_eq!(append(&h.mnt.join("f")), None, "{tier}: writable again");
         assert_eq!(fs::read(h.src.join("f")).unwrap(), b"datax");
@@ -290,5 +295,80 @@ fn remount_ro_and_back_as_on_tmpfs() {
             efuse_tests::efuse(&[OsStr::new("umount"), h.mnt.as_os_str()]).0,
             0
         );
+    }
+}
+
+/// Set `p`'s mtime to two hours ago and its atime to one hour ago: a read
+/// updates the atime under strictatime, not under relatime (the atime is
+/// newer than the mtime and less than a day old).
+fn atime_newer_than_mtime(p: &Path) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let times = [
+        libc::timespec {
+            tv_sec: now - 3600,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: now - 7200,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: valid C string and two timespecs.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) };
+    assert_eq!(rc, 0);
+}
+
+#[test]
+fn strictatime_and_relatime_update_atimes_as_on_tmpfs() {
+    // The backing tree is mounted the other way: the efuse mount's own
+    // atime mode decides, as for a local filesystem mounted with it.
+    for (mode, backing_mode) in [("strictatime", "relatime"), ("relatime", "strictatime")] {
+        let backing = Tmpfs::new();
+        tmpfs_remount(backing.path(), backing_mode);
+        let plain = Tmpfs::new();
+        tmpfs_remount(plain.path(), mode);
+        for tier in ["off", "kernel"] {
+            let src = backing.path().join(tier);
+            fs::create_dir(&src).unwrap();
+            fs::write(src.join("f"), b"data").unwrap();
+            fs::write(plain.path().join("f"), b"data").unwrap();
+            let mnt = tempfile::tempdir().unwrap();
+            let _g = Daemonized {
+                mnt: mnt.path().to_owned(),
+            };
+            let (code, _, err) = efuse_tests::efuse(&[
+                OsStr::new("mount"),
+                src.as_os_str(),
+                mnt.path().as_os_str(),
+                OsStr::new("-o"),
+                OsStr::new(mode),
+                OsStr::new("--offload"),
+                OsStr::new(tier),
+            ]);
+            assert_eq!(code, 0, "{err}");
+            atime_newer_than_mtime(&src.join("f"));
+            atime_newer_than_mtime(&plain.path().join("f"));
+            let before = fs::metadata(src.join("f")).unwrap().atime();
+            for _ in 0..3 {
+                assert_eq!(fs::read(mnt.path().join("f")).unwrap(), b"data");
+                assert_eq!(fs::read(plain.path().join("f")).unwrap(), b"data");
+            }
+            let moved = |p: &Path| fs::metadata(p).unwrap().atime() != before;
+            let want = fs::metadata(plain.path().join("f")).unwrap().atime() > before + 600;
+            assert_eq!(
+                moved(&src.join("f")),
+                want,
+                "{tier}, -o {mode} over a {backing_mode} tree: backing atime {} moved vs tmpfs -o {mode}",
+                if want { "not" } else { "" }
+            );
+            assert_eq!(
+                efuse_tests::efuse(&[OsStr::new("umount"), mnt.path().as_os_str()]).0,
+                0
+            );
+        }
     }
 }

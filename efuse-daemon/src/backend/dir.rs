@@ -187,6 +187,46 @@ fn ts(sec: i64, nsec: i64) -> SystemTime {
     crate::unixtime::from_unix(sec, nsec)
 }
 
+/// An atime mode of a mount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Atime {
+    /// `noatime`: reads never update atimes.
+    No,
+    /// `relatime`: only when atime is older than mtime/ctime or a day.
+    Rel,
+    /// `strictatime`: every read.
+    Strict,
+}
+
+impl Atime {
+    /// The atime mode an efuse mount's options ask for (the last one
+    /// named wins, as with mount(8)); None if they name none.
+    pub fn of_options(options: &[String]) -> Option<Self> {
+        options.iter().rev().find_map(|o| match o.as_str() {
+            "noatime" => Some(Atime::No),
+            "relatime" => Some(Atime::Rel),
+            "strictatime" => Some(Atime::Strict),
+            _ => None,
+        })
+    }
+
+    fn mount_attr(self) -> u64 {
+        match self {
+            Atime::No => 0x10,
+            Atime::Rel => 0x00,
+            Atime::Strict => 0x20,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Atime::No => "noatime",
+            Atime::Rel => "relatime",
+            Atime::Strict => "strictatime",
+        }
+    }
+}
+
 /// Convert a `struct stat` to [`Attr`].
 pub(crate) fn attr_from_stat(st: &libc::stat) -> Attr {
     Attr {
@@ -266,10 +306,20 @@ impl DirBackend {
     /// mount, whatever flags the daemon's descriptors have). Falls back to
     /// the plain tree, opening files O_NOATIME, on older kernels.
     pub fn new_noatime(root: &Path) -> anyhow::Result<Self> {
+        Self::new_atime(root, Atime::No)
+    }
+
+    /// Open `root` through a private, detached copy of its mount with the
+    /// atime mode of the efuse mount (`noatime`, `relatime`,
+    /// `strictatime`), so that reads through efuse update backing atimes
+    /// as a local filesystem mounted that way would, whatever the backing
+    /// tree's own mount says (passthrough reads and executed files
+    /// included). Without open_tree/mount_setattr (Linux 5.12+) the plain
+    /// tree is served, with a warning (and O_NOATIME opens for noatime).
+    pub fn new_atime(root: &Path, mode: Atime) -> anyhow::Result<Self> {
         use anyhow::Context;
         let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
         const OPEN_TREE_CLONE: libc::c_uint = 1;
-        const MOUNT_ATTR_NOATIME: u64 = 0x10;
         const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
         // SAFETY: valid C string; the returned fd is owned below.
         let fd = unsafe {
@@ -284,7 +334,7 @@ impl DirBackend {
             // SAFETY: a descriptor we own from here.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
             // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
-            let attr: [u64; 4] = [MOUNT_ATTR_NOATIME, MOUNT_ATTR_ATIME_MASK, 0, 0];
+            let attr: [u64; 4] = [mode.mount_attr(), MOUNT_ATTR_ATIME_MASK, 0, 0];
             // SAFETY: valid fd, empty C string, and a mount_attr of the size passed.
             let rc = unsafe {
                 libc::syscall(
@@ -304,14 +354,19 @@ impl DirBackend {
             Some(fd) => Self::from_root_fd(root, fd)?,
             None => {
                 tracing::warn!(
-                    "noatime: cannot make a noatime view of {} ({}; needs open_tree and mount_setattr,                      Linux 5.12+): opening backing files O_NOATIME instead, but passthrough reads and                      executed files still update backing atimes",
+                    "{}: cannot make a {} view of {} ({}; needs open_tree and mount_setattr, Linux \
+                     5.12+): serving the tree as it is mounted, so backing atimes follow its own mount",
+                    mode.name(),
+                    mode.name(),
                     root.display(),
                     std::io::Error::last_os_error()
                 );
                 Self::new(root)?
             }
         };
-        b.noatime.store(true, Ordering::Relaxed);
+        if mode == Atime::No {
+            b.noatime.store(true, Ordering::Relaxed);
+        }
         Ok(b)
     }
 
@@ -343,12 +398,18 @@ impl DirBackend {
     }
 
     /// Open `root` as a shared backend. The backend keeps a weak reference
-    /// to itself so its watcher thread can reach it without keeping it alive.
+    /// to itself so its watcher thread can reach it without keeping it
+    /// alive. `noatime`: as [`Self::new_noatime`].
     pub fn new_shared(root: &Path, noatime: bool) -> anyhow::Result<Arc<Self>> {
-        let b = Arc::new(if noatime {
-            Self::new_noatime(root)?
-        } else {
-            Self::new(root)?
+        Self::new_shared_atime(root, noatime.then_some(Atime::No))
+    }
+
+    /// Open `root` as a shared backend, through a view with atime mode
+    /// `atime` if given ([`Self::new_atime`]).
+    pub fn new_shared_atime(root: &Path, atime: Option<Atime>) -> anyhow::Result<Arc<Self>> {
+        let b = Arc::new(match atime {
+            Some(mode) => Self::new_atime(root, mode)?,
+            None => Self::new(root)?,
         });
         *b.self_weak.lock() = Some(Arc::downgrade(&b));
         Ok(b)
