@@ -166,6 +166,32 @@ pub struct Caller {
     pub umask: u32,
 }
 
+/// The inode-flag ioctls (`linux/fs.h`) and the size of their argument.
+pub mod fileattr {
+    /// `FS_IOC_GETFLAGS` (`_IOR('f', 1, long)`; the argument is an int).
+    pub const GETFLAGS: u32 = 0x8008_6601;
+    /// `FS_IOC_SETFLAGS`.
+    pub const SETFLAGS: u32 = 0x4008_6602;
+    /// `FS_IOC_FSGETXATTR` (`_IOR('X', 31, struct fsxattr)`).
+    pub const FSGETXATTR: u32 = 0x801c_581f;
+    /// `FS_IOC_FSSETXATTR`.
+    pub const FSSETXATTR: u32 = 0x401c_5820;
+
+    /// The argument size of `cmd` if it is one of them.
+    pub fn arg_len(cmd: u32) -> Option<usize> {
+        match cmd {
+            GETFLAGS | SETFLAGS => Some(4),
+            FSGETXATTR | FSSETXATTR => Some(28),
+            _ => None,
+        }
+    }
+
+    /// Does `cmd` write the flags?
+    pub fn sets(cmd: u32) -> bool {
+        matches!(cmd, SETFLAGS | FSSETXATTR)
+    }
+}
+
 /// Filesystem statistics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatFs {
@@ -364,6 +390,16 @@ pub trait Backend: Send + Sync + 'static {
     fn create(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, Fh)>;
     /// Read up to `size` bytes at `offset`.
     fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>>;
+    /// The inode-flag ioctls of chattr/lsattr on a regular file or
+    /// directory: `cmd` is FS_IOC_GETFLAGS/SETFLAGS (a 4-byte int) or
+    /// FS_IOC_FSGETXATTR/FSSETXATTR (a 28-byte `struct fsxattr`); `arg`
+    /// holds the argument and receives the result. The kernel has checked
+    /// the caller's right to change the flags. ENOTTY where the backend
+    /// keeps no such flags.
+    fn fileattr(&self, ino: Ino, cmd: u32, arg: &mut [u8]) -> Result<()> {
+        let _ = (ino, cmd, arg);
+        Err(BackendError::errno("ioctl", libc::ENOTTY))
+    }
     /// Read into `buf` (the reply buffer) at `offset`; returns the bytes
     /// read (short only at end of file).
     fn read_into(&self, fh: Fh, offset: u64, buf: &mut [u8]) -> Result<usize> {

@@ -987,6 +987,32 @@ impl EfuseFs {
         Ok(r?)
     }
 
+    /// An inode-flag ioctl (chattr, lsattr; see [`crate::backend::fileattr`]):
+    /// `data` is what the kernel copied in; returns the argument after the
+    /// call (the flags, for a get).
+    pub fn fileattr(&self, ino: u64, cmd: u32, data: &[u8]) -> FsResult<Vec<u8>> {
+        use crate::backend::fileattr;
+        let len = fileattr::arg_len(cmd).ok_or(FsError::Errno(libc::ENOTTY))?;
+        let mut arg = vec![0u8; len];
+        if fileattr::sets(cmd) {
+            if data.len() < len {
+                return Err(FsError::Errno(libc::EINVAL));
+            }
+            arg.copy_from_slice(&data[..len]);
+        }
+        let r = self.backend.fileattr(self.b(ino), cmd, &mut arg);
+        if fileattr::sets(cmd) && r.is_ok() {
+            // The ctime moved: cached attributes are stale, the kernel's
+            // and the maps'.
+            self.modified(ino);
+            if let Some(n) = self.notifier.get() {
+                n.inval_inode(ino);
+            }
+        }
+        r?;
+        Ok(arg)
+    }
+
     /// Open a file.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         // Passthrough reads change the atime without the daemon: the bpf

@@ -454,9 +454,20 @@ impl Dispatcher {
                     entry_out(out, &e);
                     open_out(out, o.fh, fopen_flags(&o), 0);
                 }),
-            // No ioctl is served: ENOTTY, as a local filesystem answers
-            // commands it does not know (Python's isatty check on every
-            // open, the terminal ioctls of shells).
+            // The inode flags (chattr, lsattr): the kernel sends these from
+            // its fileattr get/set, after checking the caller's rights.
+            Req::Ioctl {
+                cmd, data, out_size, ..
+            } if crate::backend::fileattr::arg_len(cmd).is_some() => {
+                self.fs.fileattr(ino, cmd, data).map(|arg| {
+                    // fuse_ioctl_out: result, flags, in_iovs, out_iovs.
+                    out.zeros(16);
+                    out.put(&arg[..(out_size as usize).min(arg.len())]);
+                })
+            }
+            // No other ioctl is served: ENOTTY, as a local filesystem
+            // answers commands it does not know (Python's isatty check on
+            // every open, the terminal ioctls of shells).
             Req::Ioctl { .. } => {
                 self.metrics.record(op::IOCTL, t, true);
                 return Done::Error(libc::ENOTTY);

@@ -160,3 +160,38 @@ U "setfacl -d -m u::rwx $R/d/dd"; S d/dd
         compare(setup, script, true);
     }
 }
+
+#[test]
+fn file_flags_are_kept_and_enforced_as_on_the_backing_filesystem() {
+    // chattr/lsattr through the mount reach the backing file (ext4 here,
+    // like the plain directory), and append-only and immutable are
+    // enforced as there: for root and for a user, with the kernel's rule
+    // that only CAP_LINUX_IMMUTABLE sets them.
+    let script = r#"
+l() { lsattr -d "$@" 2>&1 | sed "s|$R/||"; }
+mkdir d; chmod 0777 d
+echo x > d/a; echo x > d/i; echo x > d/u; chown 65534 d/u; chmod 666 d/a d/i
+chattr +a d/a; echo "chattr +a exit $?"; chattr +i d/i; echo "chattr +i exit $?"
+l d/a d/i d/u
+echo more >> d/a; echo "append exit $?"
+echo over > d/a; echo "overwrite exit $?"
+rm -f d/a; echo "rm append-only exit $?"
+echo over > d/i; echo "write immutable exit $?"
+mv d/i d/j; echo "rename immutable exit $?"
+ln d/i d/link; echo "link immutable exit $?"
+chmod 600 d/i; echo "chmod immutable exit $?"
+U "echo more >> $R/d/a"; U "echo over > $R/d/i"
+# A user may not set them, not even on a file of their own; the owner
+# may set an ordinary flag.
+U "chattr +a $R/d/u"; U "chattr +i $R/d/u"; U "chattr +d $R/d/u"; l d/u
+U "chattr -a $R/d/a"
+chattr -a d/a; chattr -i d/i; l d/a d/i
+echo over > d/i; echo "write after -i exit $?"; cat d/a d/i
+# Directories: an immutable directory takes no new names.
+mkdir d/sealed; chattr +i d/sealed; touch d/sealed/x; echo "create in immutable dir exit $?"
+chattr -i d/sealed; l d/sealed
+"#;
+    for setup in &SETUPS[..2] {
+        compare(setup, script, false);
+    }
+}

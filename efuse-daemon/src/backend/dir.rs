@@ -809,12 +809,24 @@ impl Backend for DirBackend {
     fn open(&self, ino: Ino, flags: i32) -> Result<Fh> {
         let fd = self.fd(ino)?;
         let path = proc_path(fd.as_raw_fd());
+        let asked = flags;
         let mut flags = reopen_flags(flags);
         if self.noatime.load(Ordering::Relaxed) {
             flags |= libc::O_NOATIME;
         }
         // SAFETY: valid C string; the fd is owned below.
         let mut f = unsafe { libc::open(path.as_ptr(), flags) };
+        if f < 0
+            && asked & libc::O_APPEND != 0
+            && asked & libc::O_ACCMODE != libc::O_RDONLY
+            && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+        {
+            // An append-only file (chattr +a) opens for writing only with
+            // O_APPEND; its writes then go to the end, which is where the
+            // kernel puts an appending write anyway.
+            // SAFETY: as above.
+            f = unsafe { libc::open(path.as_ptr(), flags | libc::O_APPEND) };
+        }
         if f < 0
             && flags & libc::O_NOATIME != 0
             && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
@@ -830,6 +842,28 @@ impl Backend for DirBackend {
         let fh = self.new_fh();
         self.files.write().insert(fh, file);
         Ok(fh)
+    }
+
+    fn fileattr(&self, ino: Ino, cmd: u32, arg: &mut [u8]) -> Result<()> {
+        let fd = self.fd(ino)?;
+        let st = fstat_fd(fd.as_raw_fd())?;
+        let kind = st.st_mode & libc::S_IFMT;
+        if kind != libc::S_IFREG && kind != libc::S_IFDIR {
+            return Err(BackendError::errno("ioctl", libc::ENOTTY));
+        }
+        // The ioctl needs an open file, not the O_PATH descriptor; the
+        // backing filesystem applies (and enforces) the flags.
+        let path = proc_path(fd.as_raw_fd());
+        // SAFETY: valid C string; the fd is owned below.
+        let f = check("open", unsafe {
+            libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        })?;
+        // SAFETY: freshly opened, not owned elsewhere.
+        let f = unsafe { OwnedFd::from_raw_fd(f) };
+        // SAFETY: `arg` is as large as `cmd`'s argument (checked by the
+        // caller through fileattr::arg_len) and outlives the call.
+        let rc = unsafe { libc::ioctl(f.as_raw_fd(), cmd as libc::c_ulong, arg.as_mut_ptr()) };
+        check("ioctl", rc).map(drop)
     }
 
     fn create(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, Fh)> {

@@ -187,7 +187,13 @@ pub enum Req<'a> {
     },
     Ioctl {
         fh: u64,
+        /// FUSE_IOCTL_* flags.
+        flags: u32,
         cmd: u32,
+        /// The argument the kernel copied in (`in_size` bytes).
+        data: &'a [u8],
+        /// Bytes the kernel copies back out.
+        out_size: u32,
     },
     Fallocate {
         fh: u64,
@@ -583,8 +589,18 @@ pub fn decode<'a>(opcode: u32, fixed: &'a [u8], tail: &'a [u8]) -> Result<Req<'a
         op::INTERRUPT => Req::Interrupt { unique: f.u64()? },
         op::IOCTL => {
             let fh = f.u64()?;
-            let _flags = f.u32()?;
-            Req::Ioctl { fh, cmd: f.u32()? }
+            let flags = f.u32()?;
+            let cmd = f.u32()?;
+            let _arg = f.u64()?;
+            let in_size = f.u32()? as usize;
+            let out_size = f.u32()?;
+            Req::Ioctl {
+                fh,
+                flags,
+                cmd,
+                data: t.take(in_size)?,
+                out_size,
+            }
         }
         op::FALLOCATE => {
             let fh = f.u64()?;
