@@ -277,7 +277,7 @@ fn real_mount_suites() -> anyhow::Result<Vec<String>> {
     Ok(v)
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(root());
     c
@@ -555,6 +555,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Kmod => {
+            run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
             let g = stock_guest()?;
             println!("{}", g.module.unwrap_or_default().display());
             Ok(())

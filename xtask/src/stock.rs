@@ -11,7 +11,7 @@
 //! Kbuild, cached by a hash of the patches, the module glue and the kernel
 //! version. Nothing is installed on the host but build tools.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, bail};
@@ -22,6 +22,8 @@ use crate::{apt_install, root, run};
 /// kernel's Kbuild tools link libelf; BTF needs pahole from dwarves).
 const PACKAGES: &[&str] = &[
     "build-essential",
+    "patch",
+    "kmod",
     "dwarves",
     "libelf1",
     "xz-utils",
@@ -197,53 +199,46 @@ fn module_key(k: &StockKernel) -> anyhow::Result<String> {
             h = crate::vm::fnv(&std::fs::read(&f)?, h);
         }
     }
+    // The build steps themselves (`efuse kmod install`).
+    h = crate::vm::fnv(&std::fs::read(root().join("efuse-daemon/src/kmod.rs"))?, h);
     h = crate::vm::fnv(k.version.as_bytes(), h);
     h = crate::vm::fnv(env!("CARGO_PKG_VERSION").as_bytes(), h);
     Ok(format!("{h:016x}"))
 }
 
-/// Build efuse.ko for `k` (cached); returns its path.
+/// Build efuse.ko for `k` (cached); returns its path. The build is the
+/// product's own: `efuse kmod install` for that kernel, its headers and
+/// sources, into the cache, without loading (the efuse binary must have
+/// been built).
 pub fn module(k: &StockKernel) -> anyhow::Result<PathBuf> {
     let key = module_key(k)?;
-    let out = cache_dir().join(&k.version).join(format!("efuse-{key}.ko"));
+    let dir = cache_dir().join(&k.version);
+    let out = dir.join(format!("efuse-{key}.ko"));
     if out.exists() {
         eprintln!("xtask: efuse.ko {} (cached)", out.display());
         return Ok(out);
     }
-    let work = cache_dir().join(&k.version).join("module-build");
+    let dest = dir.join("module-build");
+    let _ = std::fs::remove_dir_all(&dest);
     let started = std::time::Instant::now();
-    build_module(&k.fuse_src, &work, &k.build)?;
-    std::fs::copy(work.join("efuse.ko"), &out)?;
-    let _ = std::fs::remove_dir_all(&work);
+    let efuse = root().join("target/debug/efuse");
+    if !efuse.exists() {
+        run(crate::cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+    }
+    run(Command::new(&efuse)
+        .args(["kmod", "install", "--no-load", "--kernel", &k.release])
+        .arg("--build")
+        .arg(&k.build)
+        .arg("--source")
+        .arg(&k.fuse_src)
+        .arg("--dest")
+        .arg(&dest))?;
+    std::fs::copy(dest.join("efuse.ko"), &out)?;
+    let _ = std::fs::remove_dir_all(&dest);
     eprintln!(
         "xtask: built efuse.ko for {} in {:.0?}",
         k.release,
         started.elapsed()
     );
     Ok(out)
-}
-
-/// prepare.sh, then Kbuild: the same two steps `efuse kmod install` runs.
-pub fn build_module(fuse_src: &Path, work: &Path, build: &Path) -> anyhow::Result<()> {
-    run(Command::new("sh")
-        .arg(root().join("kernel/module/prepare.sh"))
-        .arg(fuse_src)
-        .arg(work)
-        .arg(build)
-        .env("EFUSE_VERSION", env!("CARGO_PKG_VERSION")))?;
-    let jobs = std::thread::available_parallelism().map_or(2, |n| n.get() + 1);
-    run(Command::new("make")
-        .arg("-s")
-        .arg("-C")
-        .arg(build)
-        .arg(format!("M={}", work.display()))
-        .arg(format!("-j{jobs}"))
-        .arg("modules"))?;
-    let ko = std::fs::read(work.join("efuse.ko")).context("the module build produced no efuse.ko")?;
-    // The hook is found through the module's BTF: without it (no pahole,
-    // no vmlinux in the headers) the module would load but serve nothing.
-    if !ko.windows(28).any(|w| w == b"bpf_struct_ops_efuse_bpf_ops") {
-        bail!("efuse.ko was built without BTF for efuse_bpf_ops (is pahole from dwarves installed?)");
-    }
-    Ok(())
 }

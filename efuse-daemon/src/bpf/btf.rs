@@ -252,6 +252,25 @@ mod tests {
     use super::*;
 
     /// A BTF blob with `int` and `struct s { int a; int b; }`.
+    /// A BTF blob of `types` (u32 words) and `strings`.
+    fn assemble(types: &[u8], strings: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&MAGIC.to_le_bytes());
+        b.extend_from_slice(&[1, 0]);
+        for v in [
+            24u32,
+            0,
+            types.len() as u32,
+            types.len() as u32,
+            strings.len() as u32,
+        ] {
+            b.extend_from_slice(&v.to_le_bytes());
+        }
+        b.extend_from_slice(types);
+        b.extend_from_slice(strings);
+        b
+    }
+
     fn blob() -> Vec<u8> {
         let strings = b"\0int\0s\0a\0b\0";
         let mut types = Vec::new();
@@ -271,21 +290,7 @@ mod tests {
         put(9);
         put(1);
         put(32);
-        let mut b = Vec::new();
-        b.extend_from_slice(&MAGIC.to_le_bytes());
-        b.extend_from_slice(&[1, 0]);
-        for v in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-        b.extend_from_slice(&types);
-        b.extend_from_slice(strings);
-        b
+        assemble(&types, strings)
     }
 
     #[test]
@@ -313,21 +318,7 @@ mod tests {
         put(7);
         put(2);
         put(0);
-        let mut b = Vec::new();
-        b.extend_from_slice(&MAGIC.to_le_bytes());
-        b.extend_from_slice(&[1, 0]);
-        for v in [
-            24u32,
-            0,
-            types.len() as u32,
-            types.len() as u32,
-            strings.len() as u32,
-        ] {
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-        b.extend_from_slice(&types);
-        b.extend_from_slice(strings);
-        b
+        assemble(&types, strings)
     }
 
     #[test]
