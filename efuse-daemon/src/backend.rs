@@ -388,6 +388,12 @@ pub trait Backend: Send + Sync + 'static {
     fn open(&self, ino: Ino, flags: i32) -> Result<Fh>;
     /// Create and open a file; pins it.
     fn create(&self, who: Caller, parent: Ino, name: &OsStr, mode: u32, flags: i32) -> Result<(Attr, Fh)>;
+    /// Create an unnamed regular file in `parent` (O_TMPFILE) and open it;
+    /// `link` can give it a name later. EOPNOTSUPP where the backend cannot.
+    fn tmpfile(&self, who: Caller, parent: Ino, mode: u32, flags: i32) -> Result<(Attr, Fh)> {
+        let _ = (who, parent, mode, flags);
+        Err(BackendError::errno("tmpfile", libc::EOPNOTSUPP))
+    }
     /// Read up to `size` bytes at `offset`.
     fn read(&self, fh: Fh, offset: u64, size: u32) -> Result<Vec<u8>>;
     /// The inode-flag ioctls of chattr/lsattr on a regular file or

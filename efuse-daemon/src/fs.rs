@@ -1208,6 +1208,28 @@ impl EfuseFs {
         ))
     }
 
+    /// O_TMPFILE: an unnamed file in `parent`, opened; the kernel holds a
+    /// reference to it (a lookup) as for a create.
+    pub fn tmpfile(&self, who: Caller, parent: u64, mode: u32, flags: i32) -> FsResult<(Entry, Opened)> {
+        let (a, fh) = self.backend.tmpfile(who, self.b(parent), mode, flags)?;
+        let p = self.policy();
+        let e = self.entry(parent, OsStr::new("/"), a);
+        self.writer_opened(fh, e.attr.ino);
+        Ok((
+            e,
+            Opened {
+                fh,
+                flags: OpenFlags {
+                    keep_cache: p.keep_cache,
+                    ..Default::default()
+                },
+                backing: None,
+                staged: false,
+                writable: true,
+            },
+        ))
+    }
+
     /// Read.
     pub fn read(&self, fh: Fh, offset: u64, size: u32) -> FsResult<Vec<u8>> {
         Ok(self.backend.read(fh, offset, size)?)

@@ -454,6 +454,20 @@ impl Dispatcher {
                     entry_out(out, &e);
                     open_out(out, o.fh, fopen_flags(&o), 0);
                 }),
+            Req::Tmpfile { flags, mode, umask } => self
+                .fs
+                .tmpfile(caller(h, umask), ino, mode, flags as i32)
+                .map(|(e, mut o)| {
+                    if self.zero_open() {
+                        // As for CREATE: no RELEASE would ever close it.
+                        self.fs.release(o.fh);
+                        o.fh = 0;
+                    } else {
+                        self.pt.state().add_cached(o.fh, e.attr.ino);
+                    }
+                    entry_out(out, &e);
+                    open_out(out, o.fh, fopen_flags(&o), 0);
+                }),
             // The inode flags (chattr, lsattr): the kernel sends these from
             // its fileattr get/set, after checking the caller's rights.
             Req::Ioctl {

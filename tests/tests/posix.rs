@@ -786,3 +786,75 @@ fn open_unlinked_file_stays_readable() {
     assert_eq!(s, "still here");
     assert!(!m.b("gone").exists());
 }
+
+#[test]
+fn o_tmpfile_and_linkat_as_on_a_plain_directory() {
+    // Editors, package managers and atomic-replace code: an unnamed file,
+    // written, then given a name with linkat(2); O_EXCL makes it
+    // unlinkable; the refusals are the kernel's.
+    let script = r#"
+import ctypes, errno, os, sys
+R = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+def linkat(fd, dst):
+    # linkat(2) of the open file through its /proc magic link, following it
+    # (AT_SYMLINK_FOLLOW), as the O_TMPFILE man page shows.
+    if libc.linkat(-100, b"/proc/self/fd/%d" % fd, -100, dst.encode(), 0x400) != 0:
+        raise OSError(ctypes.get_errno(), "linkat")
+def t(what, f):
+    try:
+        r = f()
+        print(what, "ok", r if r is not None else "")
+    except OSError as e:
+        print(what, "error", errno.errorcode[e.errno])
+os.mkdir(R + "/d")
+fd = os.open(R + "/d", os.O_TMPFILE | os.O_RDWR, 0o640)
+os.write(fd, b"tmp data")
+st = os.fstat(fd)
+print("nlink", st.st_nlink, "mode", oct(st.st_mode), "size", st.st_size)
+print("listing before", sorted(os.listdir(R + "/d")))
+t("link", lambda: linkat(fd, R + "/d/named"))
+os.write(fd, b" more")
+os.close(fd)
+print("read", open(R + "/d/named", "rb").read())
+st = os.stat(R + "/d/named")
+print("nlink", st.st_nlink, "mode", oct(st.st_mode), "size", st.st_size)
+print("listing after", sorted(os.listdir(R + "/d")))
+fd = os.open(R + "/d", os.O_TMPFILE | os.O_RDWR | os.O_EXCL, 0o600)
+t("link of an O_EXCL tmpfile", lambda: linkat(fd, R + "/d/excl"))
+os.close(fd)
+t("tmpfile read-only", lambda: os.open(R + "/d", os.O_TMPFILE | os.O_RDONLY))
+t("tmpfile in a file", lambda: os.open(R + "/d/named", os.O_TMPFILE | os.O_RDWR))
+t("tmpfile in a missing dir", lambda: os.open(R + "/nope", os.O_TMPFILE | os.O_RDWR))
+# Replace a file atomically, as editors do.
+fd = os.open(R + "/d", os.O_TMPFILE | os.O_WRONLY, 0o644)
+os.write(fd, b"new version")
+t("link as temp name", lambda: linkat(fd, R + "/d/.tmp"))
+os.close(fd)
+os.rename(R + "/d/.tmp", R + "/d/named")
+print("replaced", open(R + "/d/named", "rb").read(), sorted(os.listdir(R + "/d")))
+"#;
+    for tier in ["off", "kernel"] {
+        let m = TestMount::with_args(&["--offload", tier]);
+        let run = |root: &Path| {
+            let o = std::process::Command::new("python3")
+                .arg("-c")
+                .arg(script)
+                .arg(root)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            String::from_utf8_lossy(&o.stdout).into_owned()
+        };
+        let (plain, mount) = (run(&m.twin()), run(&m.mnt()));
+        assert!(
+            plain.contains("link ok"),
+            "the script fails on the plain directory:\n{plain}"
+        );
+        assert_eq!(
+            mount, plain,
+            "{tier}: efuse (left) and the plain directory (right) differ"
+        );
+        assert_eq!(fs::read(m.b("d/named")).unwrap(), b"new version");
+    }
+}

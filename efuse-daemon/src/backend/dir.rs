@@ -844,6 +844,47 @@ impl Backend for DirBackend {
         Ok(fh)
     }
 
+    fn tmpfile(&self, who: Caller, parent: Ino, mode: u32, flags: i32) -> Result<(Attr, Fh)> {
+        let pfd = self.fd(parent)?;
+        // As create: the access mode and I/O flags; O_EXCL stays (it makes
+        // the file unlinkable, as the caller asked).
+        let flags = (flags & (libc::O_ACCMODE | libc::O_EXCL | libc::O_SYNC | libc::O_DSYNC))
+            | libc::O_TMPFILE
+            | libc::O_CLOEXEC;
+        // SAFETY: valid dirfd and C string; the fd is owned below.
+        let f = with_umask(who.umask, |m| unsafe {
+            libc::openat(pfd.as_raw_fd(), c".".as_ptr(), flags, (mode & 0o7777) & !m)
+        });
+        let f = check("openat(O_TMPFILE)", f)?;
+        // SAFETY: freshly opened, not owned elsewhere.
+        let file = Arc::new(unsafe { File::from_raw_fd(f) });
+        if self.is_root_user {
+            let inherit = fstat_fd(pfd.as_raw_fd())?.st_mode & libc::S_ISGID != 0;
+            if !(who.uid == 0 && (inherit || who.gid == 0)) {
+                let gid = if inherit { u32::MAX } else { who.gid };
+                // SAFETY: a descriptor we own.
+                check("fchown", unsafe { libc::fchown(file.as_raw_fd(), who.uid, gid) })?;
+                if mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+                    // SAFETY: as above.
+                    check("fchmod", unsafe {
+                        libc::fchmod(file.as_raw_fd(), (mode & !who.umask) & 0o7777)
+                    })?;
+                }
+            }
+        }
+        // The node: an O_PATH descriptor of the same inode.
+        let path = proc_path(file.as_raw_fd());
+        // SAFETY: valid C string; the fd is owned below.
+        let o = check("open(O_PATH)", unsafe {
+            libc::open(path.as_ptr(), libc::O_PATH | libc::O_CLOEXEC)
+        })?;
+        // SAFETY: freshly opened, not owned elsewhere.
+        let attr = self.pin_fd(unsafe { OwnedFd::from_raw_fd(o) })?;
+        let fh = self.new_fh();
+        self.files.write().insert(fh, file);
+        Ok((attr, fh))
+    }
+
     fn fileattr(&self, ino: Ino, cmd: u32, arg: &mut [u8]) -> Result<()> {
         let fd = self.fd(ino)?;
         let st = fstat_fd(fd.as_raw_fd())?;

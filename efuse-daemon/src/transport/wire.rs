@@ -54,7 +54,7 @@ impl InHeader {
 pub fn fixed_len(opcode: u32) -> usize {
     match opcode {
         op::FORGET | op::INTERRUPT | op::LINK | op::RENAME => 8,
-        op::GETATTR | op::MKNOD | op::RENAME2 | op::FSYNC | op::FSYNCDIR | op::CREATE => 16,
+        op::GETATTR | op::MKNOD | op::RENAME2 | op::FSYNC | op::FSYNCDIR | op::CREATE | op::TMPFILE => 16,
         op::MKDIR | op::OPEN | op::OPENDIR | op::GETXATTR | op::LISTXATTR | op::ACCESS => 8,
         op::SETXATTR | op::BATCH_FORGET => 8,
         op::SETATTR => 88,
@@ -181,6 +181,12 @@ pub enum Req<'a> {
         mode: u32,
         umask: u32,
         name: &'a OsStr,
+    },
+    /// O_TMPFILE: an unnamed file in the directory.
+    Tmpfile {
+        flags: u32,
+        mode: u32,
+        umask: u32,
     },
     Interrupt {
         unique: u64,
@@ -584,6 +590,16 @@ pub fn decode<'a>(opcode: u32, fixed: &'a [u8], tail: &'a [u8]) -> Result<Req<'a
                 mode,
                 umask,
                 name: t.name()?,
+            }
+        }
+        op::TMPFILE => {
+            // The name that follows is the VFS's placeholder ("/"): unused.
+            let flags = f.u32()?;
+            let mode = f.u32()?;
+            Req::Tmpfile {
+                flags,
+                mode,
+                umask: f.u32()?,
             }
         }
         op::INTERRUPT => Req::Interrupt { unique: f.u64()? },
