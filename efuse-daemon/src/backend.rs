@@ -508,6 +508,12 @@ pub trait Backend: Send + Sync + 'static {
     fn watch(&self, _sink: ChangeSink) -> anyhow::Result<bool> {
         Ok(false)
     }
+    /// Are changes seen by the watch still waiting to be passed to the sink
+    /// (queued, or being handled)? False once every change made before the
+    /// call has been handled: a barrier for tools and tests.
+    fn changes_pending(&self) -> bool {
+        false
+    }
     /// A local file holding the data of an open handle, for kernel
     /// passthrough; `None` when the backend is not local.
     fn backing_file(&self, _fh: Fh) -> Option<Arc<File>> {

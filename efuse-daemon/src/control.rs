@@ -76,6 +76,10 @@ pub struct MountStats {
     pub cache: Option<crate::cache::CacheStats>,
     /// Most backend calls in flight at once (backends that count them).
     pub backend_max_inflight: Option<u64>,
+    /// Changes seen behind the mount not yet handled (inotify): false once
+    /// every change made before the stats call has been handled.
+    #[serde(default)]
+    pub changes_pending: bool,
 }
 
 /// What the control server needs from the daemon.
@@ -139,6 +143,7 @@ impl ControlState {
             bpf: self.fs.bpf_stats(),
             cache: self.fs.cache_stats(),
             backend_max_inflight: self.fs.backend().max_concurrency(),
+            changes_pending: self.fs.backend().changes_pending(),
         }
     }
 }

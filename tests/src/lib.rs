@@ -139,6 +139,12 @@ impl TestMount {
         Self::with_args(&[])
     }
 
+    /// Wait until the daemon has handled every change made to the backing
+    /// tree so far ([`settle_mount`]).
+    pub fn settle(&self) {
+        settle_mount(&self.mnt());
+    }
+
     /// Mount with extra `efuse mount` arguments.
     pub fn with_args(extra: &[&str]) -> Self {
         Self::with_args_env(extra, &[])
@@ -526,11 +532,25 @@ pub fn eventually(d: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
 }
 
-/// Let the change events of a test's own setup (writes to the backing
-/// directory) reach the daemon, so that their invalidations do not land in
-/// the middle of a measurement.
-pub fn settle() {
-    std::thread::sleep(Duration::from_millis(300));
+/// Wait until the daemon of the mount at `mnt` has handled every change
+/// made behind the mount before this call (its inotify queue is empty and
+/// no batch is being handled): what a test that changed the backing tree
+/// waits for before it counts upcalls or reads through the kernel's caches.
+/// A bound, not a guess: fails after 60 s.
+pub fn settle_mount(mnt: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = mount_stats(mnt);
+        if !s["changes_pending"].as_bool().unwrap_or(false) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon of {} still has changes pending after 60 s",
+            mnt.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Names of the BPF programs (`progs`) or maps loaded in the kernel now,

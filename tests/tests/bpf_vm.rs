@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use efuse_tests::{TestMount, daemon_count, efuse, efuse_bin, eventually, mount_stats, settle, upcalls};
+use efuse_tests::{TestMount, daemon_count, efuse, efuse_bin, eventually, mount_stats, upcalls};
 
 const NAME: &str = "bpf_vm";
 
@@ -242,7 +242,7 @@ fn lookups_and_getattrs(v: &serde_json::Value) -> (u64, u64) {
 fn programs_attach_and_answer() {
     let m = bpf_mount();
     m.seed_file("a/b", b"hello");
-    settle();
+    m.settle();
     let s = mount_stats(&m.mnt());
     assert_eq!(s["offload"], "bpf");
     assert!(
@@ -283,7 +283,7 @@ fn cold_walk_after_prefetch() {
         // 100 directories x 99 files + the directories = 10,000 entries.
         let paths = make_tree(&m.backing(), 100, 99);
         assert_eq!(paths.len(), 10_000);
-        settle();
+        m.settle();
         if tier == "bpf" {
             let t = Instant::now();
             let n = prefetch(&m.mnt());
@@ -329,7 +329,7 @@ fn cold_walk_after_prefetch() {
 fn misses_prefetch_their_directory() {
     let m = bpf_mount();
     let paths = make_tree(&m.backing(), 1, 50);
-    settle();
+    m.settle();
     // No explicit prefetch: the first lookup in d000 misses in BPF, the
     // miss event makes the daemon load the whole directory.
     assert_eq!(
@@ -360,7 +360,7 @@ fn changes_are_never_served_stale() {
     let m = bpf_mount();
     m.seed_file("dir/f", b"12345");
     m.seed_file("dir/g", b"g");
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     let hits = bpf(&mount_stats(&m.mnt()), "lookup_hits");
     assert_eq!(stat_key(&m.m("dir/f")).unwrap(), stat_key(&m.b("dir/f")).unwrap());
@@ -440,7 +440,7 @@ fn changes_are_never_served_stale() {
 fn lookup_counts_balance() {
     let m = bpf_mount();
     let paths = make_tree(&m.backing(), 5, 40);
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     for _ in 0..3 {
         walk(&m, &paths);
@@ -501,7 +501,7 @@ fn detach_under_load() {
     );
     let m = bpf_mount();
     let paths = make_tree(&m.backing(), 4, 50);
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     assert_eq!(loaded_objects(), (2, 2));
     let stop = Arc::new(AtomicBool::new(false));
@@ -576,7 +576,9 @@ fn two_mounts_are_isolated() {
             fs::write(m.b(format!("same{n}")), vec![b'z'; i * 100 + n]).unwrap();
         }
     }
-    settle();
+    for m in [&a, &b, &c] {
+        m.settle();
+    }
     prefetch(&a.mnt());
     prefetch(&b.mnt());
     let hits = |m: &TestMount| bpf(&mount_stats(&m.mnt()), "lookup_hits");
@@ -603,7 +605,7 @@ fn full_maps_fall_back_to_the_daemon() {
         &["--offload", "bpf"],
     );
     let paths = make_tree(&m.backing(), 2, 30);
-    settle();
+    m.settle();
     let n = prefetch(&m.mnt());
     assert_eq!(n, paths.len() as u64, "every entry is offered");
     let s = mount_stats(&m.mnt());
@@ -701,7 +703,7 @@ fn warm_read_path_wakes_no_daemon() {
     for (i, p) in files.iter().enumerate() {
         fs::write(m.b(p), format!("file {i}\n").repeat(i % 7 + 1)).unwrap();
     }
-    settle();
+    m.settle();
     assert!(prefetch(&m.mnt()) > n as u64);
     let s = mount_stats(&m.mnt());
     let answers = &s["bpf"]["answers"];
@@ -789,7 +791,7 @@ fn kernel_opens_are_never_stale() {
     m.seed_file("k/a", b"version 1");
     m.seed_file("k/b", b"bbbb");
     m.seed_file("k/x", b"x");
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     let hits = |m: &TestMount| bpf(&mount_stats(&m.mnt()), "open_hits");
     let h = hits(&m);
@@ -830,7 +832,7 @@ fn kernel_opens_are_never_stale() {
         "a change behind the mount was not seen"
     );
     m.seed_file("k/y", b"y");
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     assert_eq!(lgetxattr(&m.m("k/y"), "user.tag", 64), Err(libc::ENODATA));
     xattr_set(&m.b("k/y"), "user.tag", b"behind");
@@ -866,7 +868,7 @@ fn writers_reach_the_daemon() {
     m.seed_file("w/f", b"0123456789");
     m.seed_file("w/secret", b"s");
     fs::set_permissions(m.b("w/secret"), fs::Permissions::from_mode(0o600)).unwrap();
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     // A reader opened by BPF stays open while a writer comes.
     let h = bpf(&mount_stats(&m.mnt()), "open_hits");
@@ -931,7 +933,7 @@ fn backing_ids_are_bounded_and_released() {
     fs::write(&cfg, "[bpf]\nbacking_max = 10\n").unwrap();
     let m = TestMount::with_args_in(t.path(), &["--offload", "bpf", "--config", cfg.to_str().unwrap()]);
     let paths = make_tree(&m.backing(), 1, 50);
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     let s = mount_stats(&m.mnt());
     assert_eq!(bpf(&s, "backing_held"), 10, "{}", s["bpf"]);
@@ -980,7 +982,7 @@ fn expired_answers_are_renewed() {
         &["--offload", "bpf"],
     );
     m.seed_file("r/f", b"renewed");
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     let hits = |m: &TestMount| {
         let s = mount_stats(&m.mnt());
@@ -1072,7 +1074,8 @@ fn module_beside_the_kernels_fuse() {
         m.seed_file("d/f", b"side by side");
         m.seed_file("d/g", b"g");
     }
-    settle();
+    k.settle();
+    b.settle();
     prefetch(&b.mnt());
     for m in [&k, &b] {
         let before = mount_stats(&m.mnt());
@@ -1149,7 +1152,7 @@ fn module_unloads_after_unmount() {
     }
     let m = bpf_mount();
     m.seed_file("x", b"x");
-    settle();
+    m.settle();
     prefetch(&m.mnt());
     assert_eq!(fs::read(m.m("x")).unwrap(), b"x");
     assert!(m.unmount().success());
@@ -1230,7 +1233,7 @@ fn times_before_1970_from_the_maps() {
         let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), ts.as_ptr(), 0) };
         assert_eq!(rc, 0);
     }
-    settle();
+    m.settle();
     assert!(prefetch(&m.mnt()) >= cases.len() as u64);
     let before = mount_stats(&m.mnt());
     for i in 0..cases.len() {

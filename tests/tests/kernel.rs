@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use efuse_tests::{TestMount, daemon_count, efuse, eventually, mount_stats, settle, upcalls};
+use efuse_tests::{TestMount, daemon_count, efuse, eventually, mount_stats, upcalls};
 
 /// drop_caches empties every mount's dentry and inode caches, so the tests
 /// that call it take this exclusively, and the tests that count the upcalls
@@ -35,7 +35,7 @@ fn warm_stats_cause_no_lookup_or_getattr() {
     let m = kernel_mount(&[]);
     fs::create_dir_all(m.b("a/b/c")).unwrap();
     fs::write(m.b("a/b/c/f"), b"data").unwrap();
-    settle();
+    m.settle();
     let first = fs::metadata(m.m("a/b/c/f")).unwrap();
     let before = mount_stats(&m.mnt());
     for _ in 0..200 {
@@ -79,7 +79,7 @@ fn passthrough_reads_cause_no_read_upcalls() {
     let m = kernel_mount(&[]);
     let data: Vec<u8> = (0..4 << 20).map(|i| (i * 7 % 251) as u8).collect();
     fs::write(m.b("big"), &data).unwrap();
-    settle();
+    m.settle();
     for _ in 0..3 {
         assert_eq!(fs::read(m.m("big")).unwrap(), data);
     }
@@ -125,7 +125,7 @@ fn readdirplus_fills_the_dcache() {
     for i in 0..500 {
         fs::write(m.b(format!("d/f{i}")), b"x").unwrap();
     }
-    settle();
+    m.settle();
     let mut names: Vec<_> = fs::read_dir(m.m("d"))
         .unwrap()
         .map(|e| e.unwrap().file_name())
@@ -337,7 +337,7 @@ fn zero_message_opens() {
     let _caches = counting_cached_upcalls();
     let m = kernel_mount(&["-o", "zero_open"]);
     fs::write(m.b("small"), vec![3u8; 4096]).unwrap();
-    settle();
+    m.settle();
     assert_eq!(fs::read(m.m("small")).unwrap(), vec![3u8; 4096]);
     assert_eq!(fs::read(m.m("small")).unwrap(), vec![3u8; 4096]);
     // Let asynchronous readahead of the warm-up finish before counting.
@@ -494,7 +494,7 @@ fn remote_files_are_staged_locally_for_passthrough() {
     );
     let data: Vec<u8> = (0..3 << 20).map(|i| (i % 253) as u8).collect();
     fs::write(m.b("model.bin"), &data).unwrap();
-    settle();
+    m.settle();
     for _ in 0..3 {
         assert_eq!(fs::read(m.m("model.bin")).unwrap(), data);
     }
@@ -575,7 +575,7 @@ fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
     for i in 0..1000 {
         fs::write(m.b(format!("f{i}")), b"x").unwrap();
     }
-    settle();
+    m.settle();
     let mut failed = Vec::new();
     for i in 0..1000 {
         if let Err(e) = fs::metadata(m.m(format!("f{i}"))) {

@@ -44,9 +44,21 @@ struct DirHandle {
     fd: OwnedFd,
 }
 
+/// Clears the watch thread's busy flag when a batch is handled (or left).
+struct IdleOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for IdleOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// inotify state: one watch per directory the kernel holds.
 struct Watcher {
     inotify: Arc<nix::sys::inotify::Inotify>,
+    /// The watch thread has taken events off the queue and not yet handled
+    /// them all.
+    busy: Arc<std::sync::atomic::AtomicBool>,
     by_wd: HashMap<nix::sys::inotify::WatchDescriptor, Ino>,
     by_ino: HashMap<Ino, nix::sys::inotify::WatchDescriptor>,
     full_warned: bool,
@@ -1387,11 +1399,26 @@ impl Backend for DirBackend {
         n >= 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::ENODATA)
     }
 
+    fn changes_pending(&self) -> bool {
+        let w = self.watcher.lock();
+        let Some(w) = w.as_ref() else { return false };
+        if w.busy.load(std::sync::atomic::Ordering::SeqCst) {
+            return true;
+        }
+        let mut queued: libc::c_int = 0;
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&*w.inotify));
+        // SAFETY: FIONREAD writes one int.
+        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
+        rc == 0 && queued > 0
+    }
+
     fn watch(&self, sink: super::ChangeSink) -> anyhow::Result<bool> {
         use nix::sys::inotify::{InitFlags, Inotify};
         let inotify = Arc::new(Inotify::init(InitFlags::IN_CLOEXEC)?);
+        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
         *self.watcher.lock() = Some(Watcher {
             inotify: inotify.clone(),
+            busy: busy.clone(),
             by_wd: HashMap::new(),
             by_ino: HashMap::new(),
             full_warned: false,
@@ -1413,6 +1440,21 @@ impl Backend for DirBackend {
             .name("efuse-inotify".into())
             .spawn(move || {
                 loop {
+                    // Wait until events are queued, then say so before
+                    // taking them off the queue: `changes_pending` is true
+                    // from the moment an event is queued until it has been
+                    // handled.
+                    let mut pfd = libc::pollfd {
+                        fd: std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&*inotify)),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
+                        continue;
+                    }
+                    busy.store(true, std::sync::atomic::Ordering::SeqCst);
+                    let _idle = IdleOnDrop(&busy);
                     let events = match inotify.read_events() {
                         Ok(ev) if ev.is_empty() => continue,
                         Ok(ev) => ev,

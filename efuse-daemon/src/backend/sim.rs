@@ -174,6 +174,9 @@ impl SimBackend {
 }
 
 impl Backend for SimBackend {
+    fn changes_pending(&self) -> bool {
+        self.inner.changes_pending()
+    }
     fn kind(&self) -> String {
         format!("sim+{}", self.inner.kind())
     }
