@@ -537,14 +537,9 @@ pub fn status() -> anyhow::Result<()> {
     } else {
         println!("installed for this kernel: no (efuse kmod install)");
     }
-    println!(
-        "loaded at boot: {}",
-        if Path::new(MODULES_LOAD).exists() {
-            MODULES_LOAD
-        } else {
-            "no"
-        }
-    );
+    let shown = |p: &'static str| if Path::new(p).exists() { p } else { "no" };
+    println!("loaded at boot: {}", shown(MODULES_LOAD));
+    println!("rebuilt for new kernels: {}", shown(KERNEL_HOOK));
     if let Some(why) = signing_required() {
         println!("module signatures: required ({why})");
     }
