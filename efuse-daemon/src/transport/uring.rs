@@ -518,3 +518,82 @@ fn answer(disp: &Dispatcher, e: &mut Ent, scratch: &mut [u8]) -> u64 {
     e.header[ENT + 16..ENT + 20].copy_from_slice(&(len as u32).to_ne_bytes());
     commit_id
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Caller;
+    use crate::config::{KernelTierConfig, Offload};
+    use crate::fs::EfuseFs;
+    use std::ffi::OsStr;
+
+    fn dispatcher() -> Dispatcher {
+        let fs = Arc::new(EfuseFs::new(
+            Arc::new(crate::backend::mem::MemBackend::new()),
+            Offload::Kernel,
+            KernelTierConfig::default(),
+        ));
+        fs.mkdir(Caller::default(), 1, OsStr::new("a"), 0o755).unwrap();
+        let dev = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        Dispatcher::new(fs, Arc::new(crate::metrics::Metrics::default()), dev)
+    }
+
+    /// An entry holding LOOKUP "a" of the root, with a payload buffer of
+    /// `cap` bytes.
+    fn lookup_entry(cap: usize) -> Ent {
+        let mut header = Box::new([0u8; u::REQ_HEADER_SZ]);
+        let name = b"a\0";
+        header[0..4].copy_from_slice(&((abi::IN_HEADER_LEN + name.len()) as u32).to_ne_bytes());
+        header[4..8].copy_from_slice(&abi::opcode::LOOKUP.to_ne_bytes());
+        header[8..16].copy_from_slice(&77u64.to_ne_bytes());
+        header[16..24].copy_from_slice(&1u64.to_ne_bytes());
+        header[ENT + 8..ENT + 16].copy_from_slice(&5u64.to_ne_bytes());
+        header[ENT + 16..ENT + 20].copy_from_slice(&(name.len() as u32).to_ne_bytes());
+        let mut payload = vec![0u8; cap].into_boxed_slice();
+        payload[..name.len()].copy_from_slice(name);
+        let iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2];
+        Ent { header, payload, iov }
+    }
+
+    fn reply(e: &Ent) -> (i32, u32) {
+        let error = i32::from_ne_bytes(e.header[4..8].try_into().unwrap());
+        let len = u32::from_ne_bytes(e.header[ENT + 16..ENT + 20].try_into().unwrap());
+        (error, len)
+    }
+
+    #[test]
+    fn a_reply_that_fits_is_committed() {
+        let d = dispatcher();
+        let mut e = lookup_entry(PAYLOAD_LEN);
+        let mut scratch = vec![0u8; OUT_HEADER_LEN + PAYLOAD_LEN];
+        assert_eq!(answer(&d, &mut e, &mut scratch), 5, "the commit id");
+        let (error, len) = reply(&e);
+        assert_eq!((error, len), (0, 128), "an entry reply (fuse_entry_out)");
+    }
+
+    #[test]
+    fn a_reply_larger_than_the_payload_buffer_is_eio_not_a_panic() {
+        // Before: the reply was built in scratch and copied into the
+        // 16-byte payload with copy_from_slice, which panicked.
+        let d = dispatcher();
+        let mut e = lookup_entry(16);
+        let mut scratch = vec![0u8; OUT_HEADER_LEN + PAYLOAD_LEN];
+        answer(&d, &mut e, &mut scratch);
+        assert_eq!(reply(&e), (-libc::EIO, 0));
+    }
+
+    #[test]
+    fn a_payload_size_beyond_the_buffer_is_einval() {
+        let d = dispatcher();
+        let mut e = lookup_entry(16);
+        e.header[ENT + 16..ENT + 20].copy_from_slice(&1000u32.to_ne_bytes());
+        let mut scratch = vec![0u8; OUT_HEADER_LEN + PAYLOAD_LEN];
+        answer(&d, &mut e, &mut scratch);
+        assert_eq!(reply(&e), (-libc::EINVAL, 0));
+        // The out-header names the request it answers.
+        assert_eq!(u64::from_ne_bytes(e.header[8..16].try_into().unwrap()), 77);
+    }
+}
