@@ -191,14 +191,21 @@ pub fn start(
     let n = possible_cpus();
     let (tx, rx) = mpsc::channel();
     let mut threads = Vec::with_capacity(n);
+    let guard = Arc::new(Guard::new(n));
     for qid in 0..n {
-        let (dev, disp, pool, tx) = (dev.clone(), disp.clone(), pool.clone(), tx.clone());
+        let (dev, disp, pool, tx, g) = (dev.clone(), disp.clone(), pool.clone(), tx.clone(), guard.clone());
         threads.push(
             std::thread::Builder::new()
                 .name(format!("efuse-q{qid}"))
-                .spawn(move || queue(qid as u16, &dev, &disp, pool, tx))?,
+                .spawn(move || {
+                    let _live = g.enter(qid);
+                    queue(qid as u16, &dev, &disp, pool, tx)
+                })?,
         );
     }
+    std::thread::Builder::new()
+        .name("efuse-qguard".into())
+        .spawn(move || guard.run())?;
     drop(tx);
     for _ in 0..n {
         match rx.recv_timeout(Duration::from_secs(10)) {
@@ -208,6 +215,105 @@ pub fn start(
         }
     }
     Ok(threads)
+}
+
+/// Keeps the SCHED_IDLE queue threads from starving.
+///
+/// SCHED_IDLE wins the round trip on an idle machine (see `queue`), but a
+/// SCHED_IDLE thread gets almost no CPU while ordinary work keeps the CPUs
+/// busy: measured here with two busy loops, queue threads spent 10 minutes
+/// of 18 waiting to run and fsx through the mount managed ~10 operations a
+/// second. Every [`GUARD_EVERY`] this thread reads each queue thread's time
+/// spent runnable but not running (`schedstat`'s run delay): one that
+/// waited more than [`STARVED`] becomes SCHED_OTHER; one that has waited
+/// (almost) nothing for a second goes back to SCHED_IDLE.
+struct Guard {
+    tids: Vec<std::sync::atomic::AtomicI32>,
+    live: std::sync::atomic::AtomicUsize,
+}
+
+const GUARD_EVERY: Duration = Duration::from_millis(10);
+/// Run delay in one interval that counts as starving.
+const STARVED: u64 = 1_000_000;
+/// Run delay in one interval that counts as calm; a second of calm
+/// intervals returns a boosted thread to SCHED_IDLE.
+const CALM: u64 = 50_000;
+const CALM_INTERVALS: u32 = 100;
+
+/// A queue thread is running while this lives.
+struct Live<'a>(&'a Guard, usize);
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.tids[self.1].store(0, std::sync::atomic::Ordering::Relaxed);
+        self.0.live.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Guard {
+    fn new(n: usize) -> Self {
+        Self {
+            tids: (0..n).map(|_| std::sync::atomic::AtomicI32::new(0)).collect(),
+            live: std::sync::atomic::AtomicUsize::new(n),
+        }
+    }
+
+    /// Called by queue thread `qid` on its own thread.
+    fn enter(&self, qid: usize) -> Live<'_> {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        self.tids[qid].store(tid, std::sync::atomic::Ordering::Relaxed);
+        Live(self, qid)
+    }
+
+    /// Run delay of thread `tid` so far, in ns.
+    fn run_delay(tid: i32) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+        s.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    fn run(&self) {
+        let n = self.tids.len();
+        let mut last = vec![None::<u64>; n];
+        let mut boosted = vec![false; n];
+        let mut calm = vec![0u32; n];
+        while self.live.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            std::thread::sleep(GUARD_EVERY);
+            for q in 0..n {
+                let tid = self.tids[q].load(std::sync::atomic::Ordering::Relaxed);
+                let Some(now) = (tid != 0).then(|| Self::run_delay(tid)).flatten() else {
+                    last[q] = None;
+                    continue;
+                };
+                let waited = last[q].map_or(0, |l| now.saturating_sub(l));
+                last[q] = Some(now);
+                if !boosted[q] && waited > STARVED {
+                    set_policy_of(tid, libc::SCHED_OTHER);
+                    boosted[q] = true;
+                    calm[q] = 0;
+                    tracing::debug!(
+                        queue = q,
+                        waited_us = waited / 1000,
+                        "queue thread starved: SCHED_OTHER"
+                    );
+                } else if boosted[q] {
+                    calm[q] = if waited < CALM { calm[q] + 1 } else { 0 };
+                    if calm[q] >= CALM_INTERVALS {
+                        set_policy_of(tid, libc::SCHED_IDLE);
+                        boosted[q] = false;
+                        tracing::debug!(queue = q, "queue thread calm again: SCHED_IDLE");
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn set_policy_of(tid: i32, p: i32) {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: a valid sched_param; `tid` is a thread of this process (at
+    // worst it has exited: ESRCH).
+    unsafe { libc::sched_setscheduler(tid, p, &param) };
 }
 
 fn pin_to(cpu: usize) {
