@@ -252,7 +252,9 @@ impl ControlState {
 /// Ask the daemon of mount `mp` to prefetch `rel` (relative to the root).
 pub fn prefetch(mp: &Path, rel: &Path, max: usize) -> anyhow::Result<usize> {
     let req = serde_json::json!({"cmd": "prefetch", "path": rel, "max": max});
-    let r = request(mp, &req.to_string())?;
+    // A tree of millions of entries takes a while to load (and longer on a
+    // busy machine): the daemon answers when it is done.
+    let r = request(mp, &req.to_string(), PREFETCH_TIMEOUT)?;
     r.prefetched.context("daemon sent no answer")
 }
 
@@ -368,17 +370,26 @@ pub fn ping(mp: &Path, d: Duration) -> bool {
 
 /// Ask the daemon of mount `mp` for its statistics.
 pub fn query_stats(mp: &Path) -> anyhow::Result<MountStats> {
-    let r = request(mp, "{\"cmd\":\"stats\"}")?;
+    let r = request(mp, "{\"cmd\":\"stats\"}", REQUEST_TIMEOUT)?;
     r.stats.context("daemon sent no stats")
 }
 
 /// Ask the daemon of mount `mp` to switch tier.
 pub fn switch_tier(mp: &Path, tier: Offload) -> anyhow::Result<Switched> {
-    let r = request(mp, &format!("{{\"cmd\":\"offload\",\"tier\":\"{tier}\"}}"))?;
+    let r = request(
+        mp,
+        &format!("{{\"cmd\":\"offload\",\"tier\":\"{tier}\"}}"),
+        REQUEST_TIMEOUT,
+    )?;
     r.switched.context("daemon sent no answer")
 }
 
-fn request(mp: &Path, req: &str) -> anyhow::Result<Response> {
+/// How long a stats or tier-switch request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a prefetch may take.
+const PREFETCH_TIMEOUT: Duration = Duration::from_secs(3600);
+
+fn request(mp: &Path, req: &str, timeout: Duration) -> anyhow::Result<Response> {
     let path = socket_path(mp);
     let mut s = UnixStream::connect(&path).with_context(|| {
         format!(
@@ -387,10 +398,19 @@ fn request(mp: &Path, req: &str) -> anyhow::Result<Response> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(timeout))?;
     s.write_all(format!("{req}\n").as_bytes())?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => anyhow::anyhow!(
+                "the efuse daemon of {} did not answer within {timeout:?} (busy, or its backend stalls); \
+             the request may still complete",
+                mp.display()
+            ),
+            _ => anyhow::Error::new(e).context("reading the daemon's answer"),
+        })?;
     let r: Response = serde_json::from_str(&line).context("bad answer from the daemon")?;
     if !r.ok {
         bail!("{}", r.error.unwrap_or_default());

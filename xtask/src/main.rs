@@ -446,6 +446,7 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
             broken_runs.push((i, tail.into_iter().rev().collect::<Vec<_>>().join("\n")));
         }
         for f in failed {
+            eprintln!("xtask: soak run {i}: FAILED {f}");
             failures.entry(f).or_default().push(i);
         }
     }
