@@ -416,8 +416,13 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
             "classic"
         };
         eprintln!("xtask: soak run {i}/{repeat}: real-mount suites, EFUSE_TRANSPORT={transport}");
-        let mut c = cargo();
-        c.args(["test", "--package", "efuse-tests", "--no-fail-fast"]);
+        // cargo's "Running tests/x.rs" lines (stderr) and libtest's results
+        // (stdout) in one stream, in order, to name each failure's suite.
+        let cargo_bin = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut c = Command::new("sh");
+        c.current_dir(root())
+            .args(["-c", "exec \"$0\" \"$@\" 2>&1", &cargo_bin])
+            .args(["test", "--package", "efuse-tests", "--no-fail-fast"]);
         for t in real_mount_suites()? {
             c.args(["--test", &t]);
         }
@@ -427,11 +432,7 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
             .stdin(std::process::Stdio::null())
             .output()
             .context("running the suites")?;
-        let text = format!(
-            "{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         let failed = failed_tests(&text);
         eprintln!(
             "xtask: soak run {i}: {} in {:.0?}, {} failed",

@@ -204,7 +204,7 @@ pub fn start(
         );
     }
     std::thread::Builder::new()
-        .name("efuse-qguard".into())
+        .name("efuse-guard".into())
         .spawn(move || guard.run())?;
     drop(tx);
     for _ in 0..n {
