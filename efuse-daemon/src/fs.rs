@@ -1188,46 +1188,34 @@ impl EfuseFs {
             &[parent],
             self.backend.create(who, self.b(parent), name, mode, flags),
         )?;
-        let p = self.policy();
-        let e = self.entry(parent, name, a);
-        self.writer_opened(fh, e.attr.ino);
-        Ok((
-            e,
-            Opened {
-                fh,
-                // A new file has nothing cached worth keeping; no passthrough
-                // so the open does not pin the inode to uncached I/O.
-                flags: OpenFlags {
-                    keep_cache: p.keep_cache,
-                    ..Default::default()
-                },
-                backing: None,
-                staged: false,
-                writable: true,
-            },
-        ))
+        Ok(self.new_file(parent, name, a, fh))
     }
 
     /// O_TMPFILE: an unnamed file in `parent`, opened; the kernel holds a
     /// reference to it (a lookup) as for a create.
     pub fn tmpfile(&self, who: Caller, parent: u64, mode: u32, flags: i32) -> FsResult<(Entry, Opened)> {
         let (a, fh) = self.backend.tmpfile(who, self.b(parent), mode, flags)?;
+        Ok(self.new_file(parent, OsStr::new("/"), a, fh))
+    }
+
+    /// The entry and the open of a file just created (CREATE, TMPFILE).
+    fn new_file(&self, parent: u64, name: &OsStr, a: Attr, fh: Fh) -> (Entry, Opened) {
         let p = self.policy();
-        let e = self.entry(parent, OsStr::new("/"), a);
+        let e = self.entry(parent, name, a);
         self.writer_opened(fh, e.attr.ino);
-        Ok((
-            e,
-            Opened {
-                fh,
-                flags: OpenFlags {
-                    keep_cache: p.keep_cache,
-                    ..Default::default()
-                },
-                backing: None,
-                staged: false,
-                writable: true,
+        let o = Opened {
+            fh,
+            // A new file has nothing cached worth keeping; no passthrough so
+            // the open does not pin the inode to uncached I/O.
+            flags: OpenFlags {
+                keep_cache: p.keep_cache,
+                ..Default::default()
             },
-        ))
+            backing: None,
+            staged: false,
+            writable: true,
+        };
+        (e, o)
     }
 
     /// Read.

@@ -438,36 +438,11 @@ impl Dispatcher {
             } => self
                 .fs
                 .create(caller(h, umask), ino, name, mode, flags as i32)
-                .map(|(e, mut o)| {
-                    if self.zero_open() {
-                        // Zero-message opens: once OPEN got ENOSYS the kernel
-                        // sends no RELEASE for any file of the connection,
-                        // created ones included, so a handle given here
-                        // would never be closed (one descriptor leaked per
-                        // create). The file's I/O uses the inode's shared
-                        // handle, as every other open's does.
-                        self.fs.release(o.fh);
-                        o.fh = 0;
-                    } else {
-                        self.pt.state().add_cached(o.fh, e.attr.ino);
-                    }
-                    entry_out(out, &e);
-                    open_out(out, o.fh, fopen_flags(&o), 0);
-                }),
+                .map(|(e, o)| self.created(out, &e, o)),
             Req::Tmpfile { flags, mode, umask } => self
                 .fs
                 .tmpfile(caller(h, umask), ino, mode, flags as i32)
-                .map(|(e, mut o)| {
-                    if self.zero_open() {
-                        // As for CREATE: no RELEASE would ever close it.
-                        self.fs.release(o.fh);
-                        o.fh = 0;
-                    } else {
-                        self.pt.state().add_cached(o.fh, e.attr.ino);
-                    }
-                    entry_out(out, &e);
-                    open_out(out, o.fh, fopen_flags(&o), 0);
-                }),
+                .map(|(e, o)| self.created(out, &e, o)),
             // The inode flags (chattr, lsattr): the kernel sends these from
             // its fileattr get/set, after checking the caller's rights.
             Req::Ioctl {
@@ -652,6 +627,25 @@ fn log_error(opcode: u32, e: &FsError) {
         tracing::debug!(op = %crate::metrics::opcode_name(opcode), errno = e.to_errno(), "{e}");
     } else {
         tracing::warn!(op = %crate::metrics::opcode_name(opcode), errno = e.to_errno(), "{e:#}");
+    }
+}
+
+impl Dispatcher {
+    /// The reply to CREATE or TMPFILE: the entry and the open.
+    fn created(&self, out: &mut Out, e: &crate::fs::Entry, mut o: crate::fs::Opened) {
+        if self.zero_open() {
+            // Zero-message opens: once OPEN got ENOSYS the kernel sends no
+            // RELEASE for any file of the connection, created ones
+            // included, so a handle given here would never be closed (one
+            // descriptor leaked per create). The file's I/O uses the
+            // inode's shared handle, as every other open's does.
+            self.fs.release(o.fh);
+            o.fh = 0;
+        } else {
+            self.pt.state().add_cached(o.fh, e.attr.ino);
+        }
+        entry_out(out, e);
+        open_out(out, o.fh, fopen_flags(&o), 0);
     }
 }
 
