@@ -338,15 +338,6 @@ pub fn allow_root(cfg: &MountConfig) -> bool {
     cfg.options.iter().any(|o| o == "allow_root")
 }
 
-/// Resolve `auto` to the best tier this kernel has.
-pub fn resolve_tier(t: Offload) -> Offload {
-    match t {
-        Offload::Auto if crate::kfuse::hook().is_ok() => Offload::Bpf,
-        Offload::Auto => Offload::Kernel,
-        t => t,
-    }
-}
-
 /// Build the backend a config asks for.
 pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
     let plain = |kind: BackendKind| -> anyhow::Result<SharedBackend> {
@@ -578,8 +569,14 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     raise_fd_limit();
 
     let mut cfg = cfg.clone();
+    // Where the bpf tier's hook is, looked up once (it reads the kernel's
+    // BTF): it decides `auto` and the FUSE a bpf mount goes through.
+    let hook = matches!(cfg.offload, Offload::Auto | Offload::Bpf).then(crate::kfuse::hook);
     if cfg.offload == Offload::Auto {
-        cfg.offload = resolve_tier(Offload::Auto);
+        cfg.offload = match &hook {
+            Some(Ok(_)) => Offload::Bpf,
+            _ => Offload::Kernel,
+        };
         if cfg.offload == Offload::Bpf && allow_root(&cfg) {
             tracing::info!("{ALLOW_ROOT_NO_BPF}");
             cfg.offload = Offload::Kernel;
@@ -589,8 +586,8 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let cfg = &cfg;
     // The bpf tier goes through whichever FUSE has the hook (checked by
     // preflight); every other tier through the kernel's own.
-    let fuse = match cfg.offload {
-        Offload::Bpf => crate::kfuse::for_bpf().map_err(|e| anyhow::anyhow!(e))?,
+    let fuse = match (cfg.offload, hook) {
+        (Offload::Bpf, Some(h)) => h.map_err(|e| anyhow::anyhow!(e))?.fuse(),
         _ => crate::kfuse::Fuse::Kernel,
     };
     let backend = build_backend(cfg)?;

@@ -833,14 +833,19 @@ impl EfuseFs {
     /// Returns the attributes after the change, if it made one.
     pub fn drop_sgid(&self, ino: u64, who: Caller) -> Option<(Attr, Duration)> {
         let perm = self.sgid_at_risk(ino, who)?;
+        self.clear_sgid(ino, perm)
+    }
+
+    /// Set `ino`'s permission bits to `perm` without S_ISGID, and drop the
+    /// mode the kernel caches (a write or an ACL change invalidates only
+    /// what it knows it changed).
+    fn clear_sgid(&self, ino: u64, perm: u16) -> Option<(Attr, Duration)> {
         let set = SetAttr {
             mode: Some((perm & !(libc::S_ISGID as u16)) as u32),
             ..Default::default()
         };
         let a = self.setattr(ino, None, &set).ok()?;
         if let Some(n) = self.notifier.get() {
-            // The kernel caches the old mode; a write only invalidates size
-            // and times.
             n.inval_inode(ino);
         }
         Some(a)
@@ -856,19 +861,12 @@ impl EfuseFs {
         let Ok(a) = self.backend.getattr(self.b(ino)) else {
             return;
         };
-        let sgid = libc::S_ISGID as u16;
-        if a.perm & sgid == 0 || crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID) {
+        if a.perm & libc::S_ISGID as u16 == 0
+            || crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID)
+        {
             return;
         }
-        let set = SetAttr {
-            mode: Some((a.perm & !sgid) as u32),
-            ..Default::default()
-        };
-        if self.setattr(ino, None, &set).is_ok()
-            && let Some(n) = self.notifier.get()
-        {
-            n.inval_inode(ino);
-        }
+        self.clear_sgid(ino, a.perm);
     }
 
     /// The permission bits of `ino` if a write by `who` must clear its

@@ -73,6 +73,11 @@ pub mod opcode {
     pub const SYNCFS: u32 = 50;
     pub const TMPFILE: u32 = 51;
     pub const STATX: u32 = 52;
+
+    /// Requests the kernel expects no reply to, not even an error.
+    pub fn no_reply(op: u32) -> bool {
+        matches!(op, FORGET | BATCH_FORGET)
+    }
 }
 
 /// FUSE_INIT flags (`flags | flags2 << 32`).

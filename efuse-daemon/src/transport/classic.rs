@@ -64,11 +64,7 @@ pub fn serve(disp: &Dispatcher, req: &[u8], reply: &mut [u8], send: impl FnOnce(
         Ok(x) => x,
         Err((h, e)) => {
             tracing::debug!(opcode = h.opcode, len = req.len(), "malformed FUSE request");
-            let forget = matches!(
-                h.opcode,
-                super::abi::opcode::FORGET | super::abi::opcode::BATCH_FORGET
-            );
-            if h.unique != 0 && !forget {
+            if h.unique != 0 && !super::abi::opcode::no_reply(h.opcode) {
                 send(&wire::out_header(h.unique, e, 0));
             }
             return;

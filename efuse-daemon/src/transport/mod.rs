@@ -51,7 +51,7 @@ pub fn dispatch(
             }
         }
     }));
-    let no_reply = matches!(h.opcode, abi::opcode::FORGET | abi::opcode::BATCH_FORGET);
+    let no_reply = abi::opcode::no_reply(h.opcode);
     match served {
         // FORGETs have no reply, not even for a malformed one: the kernel
         // waits for none.
