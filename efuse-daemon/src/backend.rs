@@ -306,10 +306,32 @@ pub fn check_name(name: &OsStr) -> Result<()> {
     Ok(())
 }
 
+/// What a backend that holds backing objects holds (`efuse stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeStats {
+    /// `handles` or `descriptors`.
+    pub mode: String,
+    /// Inodes held (the kernel's, BPF map entries', the root).
+    pub nodes: usize,
+    /// Descriptors open for them.
+    pub descriptors: usize,
+    /// Descriptors opened by handle so far (cache misses).
+    pub opened_by_handle: u64,
+}
+
 /// A storage backend. See the module docs for the pinning contract.
 pub trait Backend: Send + Sync + 'static {
     /// Short name for logs and `efuse status` (`dir`, `mem`, `sim+dir`).
     fn kind(&self) -> String;
+    /// How the backend holds the inodes the kernel knows, where it holds
+    /// backing objects (`dir`); `None` for a store that needs nothing.
+    fn inode_mode(&self) -> Option<dir::nodes::InodeMode> {
+        None
+    }
+    /// The backend's node table, where it holds backing objects.
+    fn node_stats(&self) -> Option<NodeStats> {
+        None
+    }
     /// Inode number of the root directory.
     fn root(&self) -> Ino;
     /// Find `name` in `parent`; pins the result.

@@ -43,6 +43,9 @@ struct Scale {
     rand_ops: usize,
     churn_ops: usize,
     loader_files: usize,
+    /// Files of the dataset-epoch workload, in directories of
+    /// [`EPOCH_DIR_FILES`].
+    epoch_files: usize,
     reps: usize,
     sim_reps: usize,
 }
@@ -62,6 +65,7 @@ impl Scale {
                 rand_ops: 2000,
                 churn_ops: 200,
                 loader_files: 150,
+                epoch_files: 20_000,
                 reps: 3,
                 sim_reps: 1,
             }
@@ -78,6 +82,7 @@ impl Scale {
                 rand_ops: 20000,
                 churn_ops: 1000,
                 loader_files: 1000,
+                epoch_files: 1_000_000,
                 reps: 5,
                 sim_reps: 2,
             }
@@ -100,10 +105,15 @@ enum Workload {
     DataLoader,
     PyRead,
     LsL,
+    EpochFirst,
+    EpochSecond,
 }
 
+/// Files per directory of the dataset-epoch workload.
+const EPOCH_DIR_FILES: usize = 1000;
+
 impl Workload {
-    const ALL: [Workload; 11] = [
+    const ALL: [Workload; 13] = [
         Self::StatWarm,
         Self::DeepLookupCold,
         Self::TreeWalkFirst,
@@ -115,7 +125,32 @@ impl Workload {
         Self::DataLoader,
         Self::PyRead,
         Self::LsL,
+        Self::EpochFirst,
+        Self::EpochSecond,
     ];
+
+    /// The name `--only` takes.
+    fn key(self) -> &'static str {
+        match self {
+            Self::StatWarm => "stat",
+            Self::DeepLookupCold => "cold-lookup",
+            Self::TreeWalkFirst | Self::TreeWalkSecond => "walk",
+            Self::SmallOpenReadClose => "open-read",
+            Self::SeqRead1M => "seq-read",
+            Self::RandRead4K => "rand-read",
+            Self::CreateUnlink => "create-unlink",
+            Self::DataLoader => "loader",
+            Self::PyRead => "py-read",
+            Self::LsL => "ls-l",
+            Self::EpochFirst | Self::EpochSecond => "epoch",
+        }
+    }
+
+    /// One pass per target (a pass is the whole dataset, and the first one
+    /// is cold only once).
+    fn once(self) -> bool {
+        matches!(self, Self::EpochFirst | Self::EpochSecond)
+    }
 
     fn short(self) -> &'static str {
         match self {
@@ -130,6 +165,8 @@ impl Workload {
             Self::DataLoader => "data loader",
             Self::PyRead => "python read",
             Self::LsL => "ls -l",
+            Self::EpochFirst => "epoch 1st",
+            Self::EpochSecond => "epoch 2nd",
         }
     }
 
@@ -146,6 +183,8 @@ impl Workload {
             Self::DataLoader => "data loader, 16-128 KiB files x4 threads",
             Self::PyRead => "Python-style read 4 KiB (open, fstat, isatty, read, close)",
             Self::LsL => "ls -l of 1,000 entries, warm (per entry)",
+            Self::EpochFirst => "dataset epoch, 1st pass: stat every file, shuffled (per file)",
+            Self::EpochSecond => "dataset epoch, 2nd pass: stat every file, reshuffled (per file)",
         }
     }
 }
@@ -171,6 +210,15 @@ pub struct Row {
     /// in ns; FUSE targets only.
     #[serde(default)]
     daemon_cpu_ns_per_op: Option<f64>,
+    /// Wall time of the whole pass, ns (dataset epochs).
+    #[serde(default)]
+    pass_ns: Option<u64>,
+    /// The daemon's resident memory (KiB) and open descriptors after the
+    /// pass (dataset epochs; FUSE targets).
+    #[serde(default)]
+    daemon_rss_kib: Option<u64>,
+    #[serde(default)]
+    daemon_fds: Option<u64>,
 }
 
 /// Whole report.
@@ -266,6 +314,23 @@ struct Pass {
     calls: Option<u64>,
     /// Daemon CPU time during the pass, ns (FUSE targets).
     cpu: Option<u64>,
+    /// The daemon's resident KiB and descriptors after the pass.
+    usage: Option<(u64, u64)>,
+}
+
+/// Resident memory (KiB) and open descriptors of process `pid`.
+fn usage_of(pid: u32) -> Option<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some((rss, fds))
 }
 
 struct Bench {
@@ -311,6 +376,13 @@ impl Bench {
         for i in 0..s.loader_files {
             let n = rng.gen_range(16..=128) * 1024;
             fs::write(d.join(format!("loader/l{i}")), &chunk[..n])?;
+        }
+        for j in 0..s.epoch_files.div_ceil(EPOCH_DIR_FILES) {
+            let p = d.join(format!("epoch/d{j}"));
+            fs::create_dir_all(&p)?;
+            for k in 0..EPOCH_DIR_FILES.min(s.epoch_files - j * EPOCH_DIR_FILES) {
+                File::create(p.join(format!("f{k}")))?;
+            }
         }
         fs::create_dir_all(d.join("churn"))?;
         fs::create_dir_all(d.join("lsl"))?;
@@ -597,6 +669,17 @@ impl Bench {
                     })?;
                 }
             }
+            Workload::EpochFirst | Workload::EpochSecond => {
+                let mut order: Vec<usize> = (0..s.epoch_files).collect();
+                let seed = if w == Workload::EpochFirst { 11 } else { 12 };
+                order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+                let base = r.join("epoch");
+                start = begin();
+                for i in order {
+                    let p = base.join(format!("d{}/f{}", i / EPOCH_DIR_FILES, i % EPOCH_DIR_FILES));
+                    timed(&mut samples, &mut || Ok(fs::metadata(&p).map(|_| ())?))?;
+                }
+            }
             Workload::LsL => {
                 let d = r.join("lsl");
                 ls_l(&d, &mut Vec::new())?;
@@ -649,6 +732,11 @@ impl Bench {
             wall,
             calls,
             cpu,
+            usage: if w.once() {
+                t.daemon.and_then(usage_of)
+            } else {
+                None
+            },
         })
     }
 }
@@ -841,7 +929,10 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     fs::create_dir_all(work.join("data"))?;
     on_signal_unmount(&work)?;
     let mut bench = Bench {
-        scale: Scale::new(args.quick),
+        scale: Scale {
+            epoch_files: args.files.unwrap_or(Scale::new(args.quick).epoch_files),
+            ..Scale::new(args.quick)
+        },
         data: work.join("data"),
         work: work.clone(),
         out: out.clone(),
@@ -858,18 +949,22 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    // samples[(workload, target index)]: latencies, wall, upcalls, daemon CPU
-    type Acc = (Vec<u64>, Duration, u64, Option<u64>);
+    // samples[(workload, target index)]: latencies, wall, upcalls, daemon
+    // CPU, daemon memory and descriptors
+    type Acc = (Vec<u64>, Duration, u64, Option<u64>, Option<(u64, u64)>);
     let mut samples: BTreeMap<(Workload, usize), Acc> = BTreeMap::new();
     let mut failed = std::collections::BTreeSet::new();
     for w in Workload::ALL {
-        let reps = bench.scale.reps;
+        if !args.only.is_empty() && !args.only.iter().any(|o| o == w.key()) {
+            continue;
+        }
+        let reps = if w.once() { 1 } else { bench.scale.reps };
         for rep in 0..reps {
             let n = targets.len();
             for k in 0..n {
                 let i = (k + rep) % n;
                 let t = &targets[i];
-                if t.backend == "sim" && rep >= bench.scale.sim_reps {
+                if t.backend == "sim" && (rep >= bench.scale.sim_reps || w.once()) {
                     continue;
                 }
                 if failed.contains(&(w, i)) {
@@ -897,6 +992,7 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 if let Some(c) = p.cpu {
                     e.3 = Some(e.3.unwrap_or(0) + c);
                 }
+                e.4 = p.usage;
             }
         }
         eprintln!(
@@ -906,7 +1002,7 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         );
     }
     let mut rows = Vec::new();
-    for ((w, i), (mut s, wall, calls, cpu)) in samples {
+    for ((w, i), (mut s, wall, calls, cpu, usage)) in samples {
         s.sort_unstable();
         let t = &targets[i];
         rows.push(Row {
@@ -925,6 +1021,9 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
                 .then(|| calls as f64 / s.len().max(1) as f64)
                 .filter(|_| calls > 0),
             daemon_cpu_ns_per_op: cpu.map(|c| c as f64 / s.len().max(1) as f64),
+            pass_ns: w.once().then_some(wall.as_nanos() as u64),
+            daemon_rss_kib: usage.map(|u| u.0),
+            daemon_fds: usage.map(|u| u.1),
         });
     }
     let median_of = |rows: &[Row], w: Workload, target: &str| {
@@ -934,7 +1033,16 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let snapshot = rows.clone();
     for r in &mut rows {
-        if r.backend == "dir" {
+        if r.backend == "dir" && r.workload.once() {
+            // A dataset epoch is compared by its whole pass: the tail counts.
+            let raw = snapshot
+                .iter()
+                .find(|x| x.workload == r.workload && x.target == "raw")
+                .and_then(|x| x.pass_ns);
+            r.vs_raw = raw
+                .zip(r.pass_ns)
+                .map(|(raw, me)| me as f64 / (raw as f64).max(1.0));
+        } else if r.backend == "dir" {
             r.vs_raw = median_of(&snapshot, r.workload, "raw").map(|raw| r.median_ns as f64 / raw.max(1.0));
         }
         let fuse = if r.backend == "sim" {
@@ -1004,7 +1112,11 @@ fn markdown(r: &Report) -> String {
          `-uring` targets use FUSE-over-io_uring, the others /dev/fuse.\n"
     );
     for backend in ["dir", "sim"] {
-        let rows: Vec<&Row> = r.rows.iter().filter(|x| x.backend == backend).collect();
+        let rows: Vec<&Row> = r
+            .rows
+            .iter()
+            .filter(|x| x.backend == backend && !x.workload.once())
+            .collect();
         if rows.is_empty() {
             continue;
         }
@@ -1035,6 +1147,40 @@ fn markdown(r: &Report) -> String {
                 ratio(x.vs_fuse),
                 x.upcalls_per_op.map_or("-".into(), |u| format!("{u:.2}")),
                 x.daemon_cpu_ns_per_op.map_or("-".into(), |c| fmt_ns(c as u64))
+            );
+        }
+        let _ = writeln!(s);
+    }
+    let epochs: Vec<&Row> = r.rows.iter().filter(|x| x.workload.once()).collect();
+    if !epochs.is_empty() {
+        let files = epochs.iter().map(|x| x.ops).max().unwrap_or(0);
+        let _ = writeln!(
+            s,
+            "### dataset epochs: {files} files in directories of {EPOCH_DIR_FILES}, `stat` of each in a \
+             shuffled order, twice\n"
+        );
+        let _ = writeln!(
+            s,
+            "| target | pass | per file | pass time | vs raw | upcalls/file | daemon RSS | daemon fds |"
+        );
+        let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|");
+        for x in epochs {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} s | {} | {} | {} | {} |",
+                x.target,
+                if x.workload == Workload::EpochFirst {
+                    "1st"
+                } else {
+                    "2nd"
+                },
+                fmt_ns(x.median_ns),
+                x.pass_ns.unwrap_or(0) as f64 / 1e9,
+                ratio(x.vs_raw),
+                x.upcalls_per_op.map_or("-".into(), |u| format!("{u:.2}")),
+                x.daemon_rss_kib
+                    .map_or("-".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0)),
+                x.daemon_fds.map_or("-".into(), |f| f.to_string()),
             );
         }
         let _ = writeln!(s);

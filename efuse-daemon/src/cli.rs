@@ -88,6 +88,13 @@ pub struct BenchArgs {
     /// Keep the dataset in the scratch directory afterwards.
     #[arg(long)]
     pub keep: bool,
+    /// Files of the dataset-epoch workload [default: 1,000,000; 20,000 with --quick].
+    #[arg(long)]
+    pub files: Option<usize>,
+    /// Run only these workloads (comma-separated: stat, cold-lookup, walk, open-read, seq-read,
+    /// rand-read, create-unlink, loader, py-read, ls-l, epoch).
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
 }
 
 /// `efuse stats`.
@@ -140,7 +147,7 @@ pub struct MountArgs {
     #[arg(long, value_enum, help_heading = MOUNT_HEADING)]
     pub offload: Option<Offload>,
     /// Mount options, comma-separated (ro, noatime, nosuid, nodev, noexec, allow_other, nonempty, backend=, offload=,
-    /// config=, trace=, transport=, xattr=, and for the kernel tier entry_timeout=, attr_timeout=, negative_timeout= (seconds),
+    /// config=, trace=, transport=, xattr=, inodes=handles|descriptors|auto, and for the kernel tier entry_timeout=, attr_timeout=, negative_timeout= (seconds),
     /// nopassthrough, zero_open, writeback_cache, nowatch).
     #[arg(short = 'o', value_delimiter = ',', help_heading = MOUNT_HEADING)]
     pub options: Vec<String>,
@@ -199,6 +206,7 @@ impl MountArgs {
         let mut kv_trace = None;
         let mut kv_transport = None;
         let mut kv_xattr = None;
+        let mut kv_inodes = None;
         let mut kernel_kv: Vec<(&'static str, u64)> = Vec::new();
         for o in &self.options {
             let o = o.trim();
@@ -209,6 +217,9 @@ impl MountArgs {
                 Some(("backend", v)) => kv_backend = Some(parse_enum::<BackendKind>("backend", v)?),
                 Some(("offload", v)) => kv_offload = Some(parse_enum::<Offload>("offload", v)?),
                 Some(("xattr", v)) => kv_xattr = Some(parse_enum::<crate::config::Xattr>("xattr", v)?),
+                Some(("inodes", v)) => {
+                    kv_inodes = Some(parse_enum::<crate::backend::dir::nodes::InodeMode>("inodes", v)?)
+                }
                 Some(("transport", v)) => {
                     kv_transport = Some(parse_enum::<crate::config::Transport>("transport", v)?)
                 }
@@ -242,6 +253,9 @@ impl MountArgs {
         }
         if let Some(x) = kv_xattr {
             cfg.xattr = x;
+        }
+        if let Some(i) = kv_inodes {
+            cfg.inodes = i;
         }
         if let Some(t) = self.transport.or(kv_transport) {
             cfg.transport = t;
@@ -300,6 +314,7 @@ pub fn is_efuse_option(o: &str) -> bool {
             "backend"
                 | "offload"
                 | "xattr"
+                | "inodes"
                 | "transport"
                 | "trace"
                 | "config"

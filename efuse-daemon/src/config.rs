@@ -221,6 +221,11 @@ pub struct MountConfig {
     pub transport: Transport,
     /// Extended attributes.
     pub xattr: Xattr,
+    /// How the `dir` backend holds the inodes the kernel knows: `handles`
+    /// (file handles and a bounded descriptor cache: no descriptor per
+    /// inode), `descriptors` (one per inode), `auto` (handles where the
+    /// backing filesystem and the daemon's privileges allow).
+    pub inodes: crate::backend::dir::nodes::InodeMode,
     /// eBPF tracing of this mount (on by default where the kernel has the
     /// fuse tracepoints).
     pub trace: bool,
@@ -247,6 +252,7 @@ impl Default for MountConfig {
             threads: 0,
             transport: Transport::Auto,
             xattr: Xattr::Auto,
+            inodes: Default::default(),
             trace: true,
             trace_slow_us: 10_000,
             sim: SimConfig::default(),

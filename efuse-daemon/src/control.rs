@@ -80,6 +80,29 @@ pub struct MountStats {
     /// every change made before the stats call has been handled.
     #[serde(default)]
     pub changes_pending: bool,
+    /// The backend's node table (dir backend).
+    #[serde(default)]
+    pub backend_nodes: Option<crate::backend::NodeStats>,
+    /// The daemon's resident memory (KiB).
+    #[serde(default)]
+    pub daemon_rss_kib: u64,
+    /// The daemon's open descriptors.
+    #[serde(default)]
+    pub daemon_fds: u64,
+}
+
+/// This process's resident set (KiB) and open descriptors.
+fn own_usage() -> (u64, u64) {
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+    (rss, fds)
 }
 
 /// What the control server needs from the daemon.
@@ -126,6 +149,7 @@ impl ControlState {
             trace.dropped = t.dropped().unwrap_or(0);
             trace.events = t.events_seen();
         }
+        let usage = own_usage();
         MountStats {
             mountpoint: self.mountpoint.clone(),
             backend: self.backend.clone(),
@@ -144,6 +168,9 @@ impl ControlState {
             cache: self.fs.cache_stats(),
             backend_max_inflight: self.fs.backend().max_concurrency(),
             changes_pending: self.fs.backend().changes_pending(),
+            backend_nodes: self.fs.backend().node_stats(),
+            daemon_rss_kib: usage.0,
+            daemon_fds: usage.1,
         }
     }
 }

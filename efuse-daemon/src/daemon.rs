@@ -54,6 +54,10 @@ pub struct MountRecord {
     /// Request transport in use (`uring`, `classic`).
     #[serde(default)]
     pub transport: String,
+    /// How the backend holds inodes (`handles`, `descriptors`; `-` for
+    /// backends that hold no backing objects).
+    #[serde(default)]
+    pub inodes: String,
     /// Daemon pid.
     pub pid: u32,
     /// FUSE connection id (kernel dev_t of the mount).
@@ -351,7 +355,14 @@ pub fn build_backend(cfg: &MountConfig) -> anyhow::Result<SharedBackend> {
                 // noatime, relatime, strictatime: reads through the mount
                 // update backing atimes as that mode says, whatever the
                 // backing tree's own mount does.
-                DirBackend::new_shared_atime(src, crate::backend::dir::Atime::of_options(&cfg.options))?
+                DirBackend::open(
+                    src,
+                    &crate::backend::dir::DirOptions {
+                        atime: crate::backend::dir::Atime::of_options(&cfg.options),
+                        inodes: cfg.inodes,
+                        fd_cache: None,
+                    },
+                )?
             }
         })
     };
@@ -739,6 +750,10 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             .map(|s| s.display().to_string())
             .unwrap_or_default(),
         backend: kind,
+        inodes: fs
+            .backend()
+            .inode_mode()
+            .map_or_else(|| "-".to_string(), |m| m.to_string()),
         // The tier in effect: `auto` resolved, a failed bpf attach fallen back.
         offload: fs.tier().to_string(),
         transport: transport.kind.to_string(),
@@ -1045,18 +1060,21 @@ pub fn umount(args: &UmountArgs) -> anyhow::Result<()> {
         let exited = if args.force {
             // The connection is aborted: nothing the daemon still does can
             // matter. Give it a moment to exit, then make it.
+            // SIGKILL always ends it (its connection cannot hold it in D
+            // state any more), but tearing down a process can take seconds
+            // on a loaded machine: wait for that, not for a guess.
             wait_exit(pid, Duration::from_millis(500)) || {
                 tracing::warn!(pid, "the daemon did not exit after the abort; killing it");
                 let _ =
                     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::SIGKILL);
-                wait_exit(pid, Duration::from_millis(400))
+                wait_exit(pid, Duration::from_secs(30))
             }
         } else {
             wait_exit(pid, Duration::from_secs(30))
         };
         if !exited {
             bail!(
-                "{} is unmounted but its daemon (pid {pid}) has not exited; `efuse umount --force` is no                  longer possible, kill it with `kill -9 {pid}`",
+                "{} is unmounted but its daemon (pid {pid}) has not exited; kill it with `kill -9 {pid}`",
                 mp.display()
             );
         }
@@ -1072,6 +1090,8 @@ struct StatusRow {
     mountpoint: PathBuf,
     source: String,
     backend: String,
+    /// How the backend holds inodes (`handles`, `descriptors`, `-`).
+    inodes: String,
     offload: String,
     transport: String,
     pid: Option<u32>,
@@ -1099,6 +1119,11 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
             backend: rec
                 .as_ref()
                 .map(|r| r.backend.clone())
+                .unwrap_or_else(|| "?".into()),
+            inodes: rec
+                .as_ref()
+                .map(|r| r.inodes.clone())
+                .filter(|t| !t.is_empty())
                 .unwrap_or_else(|| "?".into()),
             offload: rec
                 .as_ref()
@@ -1137,14 +1162,15 @@ pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<32} {:<8} {:<8} {:<9} {:<6} {:>8} {:>6}  {:<24} SOURCE",
-        "MOUNTPOINT", "BACKEND", "OFFLOAD", "TRANSPORT", "FUSE", "PID", "CONN", "STATE"
+        "{:<32} {:<8} {:<11} {:<8} {:<9} {:<6} {:>8} {:>6}  {:<24} SOURCE",
+        "MOUNTPOINT", "BACKEND", "INODES", "OFFLOAD", "TRANSPORT", "FUSE", "PID", "CONN", "STATE"
     );
     for r in rows {
         println!(
-            "{:<32} {:<8} {:<8} {:<9} {:<6} {:>8} {:>6}  {:<24} {}",
+            "{:<32} {:<8} {:<11} {:<8} {:<9} {:<6} {:>8} {:>6}  {:<24} {}",
             r.mountpoint.display(),
             r.backend,
+            r.inodes,
             r.offload,
             r.transport,
             r.fuse,

@@ -277,7 +277,12 @@ impl EfuseFs {
         // handles open besides the pins: leave room for them (a full-size
         // `efuse bench` under a 20,000 descriptor limit ran out on them).
         let limit_budget = fd_budget();
-        let fd_budget = if kernel_cfg.zero_open {
+        // Only a backend that holds a descriptor per inode limits how many
+        // the kernel may keep; by handle (or in memory) that is memory.
+        let per_inode_fd = backend.inode_mode() == Some(crate::backend::dir::nodes::InodeMode::Descriptors);
+        let fd_budget = if !per_inode_fd {
+            usize::MAX
+        } else if kernel_cfg.zero_open {
             limit_budget
                 .saturating_sub(MAX_INODE_HANDLES)
                 .max(limit_budget / 2)
@@ -287,7 +292,11 @@ impl EfuseFs {
         Self {
             meta,
             staging: std::sync::OnceLock::new(),
-            mirror: crate::offload::BpfMirror::new(inodes.clone(), backend.clone(), fd_budget / 2),
+            mirror: crate::offload::BpfMirror::new(
+                inodes.clone(),
+                backend.clone(),
+                if per_inode_fd { fd_budget / 2 } else { usize::MAX },
+            ),
             bpf: parking_lot::Mutex::new(None),
             bpf_cfg: crate::config::BpfConfig::default(),
             connection: std::sync::OnceLock::new(),
@@ -1136,7 +1145,7 @@ impl EfuseFs {
         let known = self.inodes.snapshot();
         // Down to three quarters of the budget, so that lookups have room
         // until the FORGETs come back.
-        let take = known.len().saturating_sub(self.fd_budget * 3 / 4).max(1);
+        let take = known.len().saturating_sub(self.fd_budget / 4 * 3).max(1);
         let _ = std::thread::Builder::new()
             .name("efuse-relief".into())
             .spawn(move || {

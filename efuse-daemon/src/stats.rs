@@ -159,6 +159,35 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
         s.inodes.0,
         s.inodes.1
     );
+    let _ = write!(
+        out,
+        "daemon: {:.1} MiB resident, {} descriptors open",
+        s.daemon_rss_kib as f64 / 1024.0,
+        s.daemon_fds
+    );
+    match &s.backend_nodes {
+        Some(n) => {
+            let _ = writeln!(
+                out,
+                "; backend holds {} inodes by {} ({} descriptors open for them{})",
+                n.nodes,
+                if n.mode == "handles" {
+                    "file handle"
+                } else {
+                    "descriptor"
+                },
+                n.descriptors,
+                if n.mode == "handles" {
+                    format!(", {} opened by handle so far", n.opened_by_handle)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        None => {
+            let _ = writeln!(out);
+        }
+    }
     if let Some(c) = &s.cache {
         let _ = writeln!(
             out,

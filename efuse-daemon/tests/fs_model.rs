@@ -518,6 +518,6 @@ proptest! {
     #[test]
     fn efuse_fs_over_dir_matches_the_model(ops in prop::collection::vec(op(), 1..50)) {
         let t = tempfile::tempdir().unwrap();
-        run(DirBackend::new_shared(t.path(), false).unwrap(), &ops);
+        run(DirBackend::new_shared(t.path()).unwrap(), &ops);
     }
 }

@@ -197,7 +197,7 @@ fn umount_force_recovers_a_stalled_backend() {
     let cfg = t.path().join("stall.toml");
     fs::write(
         &cfg,
-        "backend = \"sim\"\n[sim]\nmeta_us = 0\nstall_rate = 1.0\nstall_ms = 4000\n",
+        "backend = \"sim\"\n[sim]\nmeta_us = 0\nstall_rate = 1.0\nstall_ms = 60000\n",
     )
     .unwrap();
     let _guard = Daemonized { mnt: mnt.clone() };

@@ -567,11 +567,14 @@ fn remote_backend_calls_run_concurrently() {
 
 #[test]
 fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
-    // The dir backend holds a descriptor per inode the kernel knows; with a
-    // cap of 256 the daemon must get the kernel to forget unused entries.
-    // A burst faster than the kernel can forget may see EMFILE, and nothing
-    // else; afterwards the mount recovers.
-    let m = TestMount::with_args_env(&["--offload", "kernel"], &[("__NOFILE", "256")]);
+    // In descriptor mode the dir backend holds a descriptor per inode the
+    // kernel knows; with a cap of 256 the daemon must get the kernel to
+    // forget unused entries. A burst faster than the kernel can forget may
+    // see EMFILE, and nothing else; afterwards the mount recovers.
+    let m = TestMount::with_args_env(
+        &["--offload", "kernel", "-o", "inodes=descriptors"],
+        &[("__NOFILE", "256")],
+    );
     for i in 0..1000 {
         fs::write(m.b(format!("f{i}")), b"x").unwrap();
     }
@@ -614,6 +617,45 @@ fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
             "f{i} stays unreachable"
         );
     }
+}
+
+#[test]
+fn by_handle_the_kernel_keeps_more_inodes_than_there_are_descriptors() {
+    // By file handle the backend needs no descriptor per inode: with a cap
+    // of 256 descriptors, 2,000 files are looked up without an error and
+    // the kernel may keep every one of them.
+    let m = TestMount::with_args_env(
+        &["--offload", "kernel", "-o", "inodes=handles"],
+        &[("__NOFILE", "256")],
+    );
+    fs::create_dir(m.b("d")).unwrap();
+    for i in 0..2000 {
+        fs::write(m.b(format!("d/f{i}")), format!("{i}")).unwrap();
+    }
+    for i in 0..2000 {
+        let md = fs::metadata(m.m(format!("d/f{i}"))).unwrap_or_else(|e| panic!("f{i}: {e}"));
+        assert_eq!(md.len(), format!("{i}").len() as u64);
+    }
+    // Data through descriptors opened by handle, long after they were evicted.
+    for i in (0..2000).step_by(97) {
+        assert_eq!(
+            fs::read_to_string(m.m(format!("d/f{i}"))).unwrap(),
+            format!("{i}")
+        );
+    }
+    let (code, out, err) = efuse(&[
+        std::ffi::OsStr::new("stats"),
+        std::ffi::OsStr::new("--json"),
+        m.mnt().as_os_str(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["backend_nodes"]["mode"], "handles", "{out}");
+    // The kernel was never asked to drop what it looked up: the inodes it
+    // holds exceed the descriptor limit.
+    let held = v["inodes"][0].as_u64().unwrap();
+    assert!(held > 256, "the kernel holds only {held} inodes");
+    assert!(v["daemon_fds"].as_u64().unwrap() < 256, "{out}");
 }
 
 #[test]

@@ -402,6 +402,19 @@ fn failed_tests(output: &str) -> Vec<String> {
     out
 }
 
+/// libtest's "---- name stdout ----" section of failed test `suite::name`.
+fn failure_output(output: &str, test: &str) -> Option<String> {
+    let name = test.split_once("::").map_or(test, |(_, n)| n);
+    let start = output.find(&format!("---- {name} stdout ----"))?;
+    let rest = &output[start..];
+    let end = [rest.find("\n\n---- "), rest.find("\nfailures:\n")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(rest.len());
+    Some(rest[..end].trim_end().to_string())
+}
+
 fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
     setup()?;
     run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
@@ -409,6 +422,9 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
     let _load = load.then(Load::start);
     let mut failures: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
     let mut broken_runs = Vec::new();
+    let logs = root().join("target/soak");
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs)?;
     for i in 1..=repeat {
         let transport = if i % 2 == 1 && uring_enabled() {
             "uring"
@@ -433,6 +449,10 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
             .output()
             .context("running the suites")?;
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        // Every run's whole output is kept: a failure seen once must be
+        // readable afterwards, not only named.
+        let log = logs.join(format!("run-{i}.log"));
+        std::fs::write(&log, &text).with_context(|| format!("writing {}", log.display()))?;
         let failed = failed_tests(&text);
         eprintln!(
             "xtask: soak run {i}: {} in {:.0?}, {} failed",
@@ -448,6 +468,9 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
         }
         for f in failed {
             eprintln!("xtask: soak run {i}: FAILED {f}");
+            if let Some(section) = failure_output(&text, &f) {
+                eprintln!("{section}");
+            }
             failures.entry(f).or_default().push(i);
         }
     }
@@ -479,6 +502,7 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
     for (i, tail) in &broken_runs {
         println!("  run {i} failed outside any test:\n{tail}");
     }
+    println!("  each run's output: {}", logs.display());
     if failures.is_empty() && broken_runs.is_empty() {
         println!("  no test failed");
     }

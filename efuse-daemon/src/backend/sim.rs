@@ -180,6 +180,12 @@ impl Backend for SimBackend {
     fn kind(&self) -> String {
         format!("sim+{}", self.inner.kind())
     }
+    fn inode_mode(&self) -> Option<super::dir::nodes::InodeMode> {
+        self.inner.inode_mode()
+    }
+    fn node_stats(&self) -> Option<super::NodeStats> {
+        self.inner.node_stats()
+    }
     fn root(&self) -> Ino {
         self.inner.root()
     }

@@ -1,17 +1,18 @@
 //! `dir` backend: a directory on this machine (in production, a 3FS FUSE
 //! mount or any POSIX tree).
 //!
-//! The root is a jail. Every inode the kernel may name is held as an
-//! `O_PATH | O_NOFOLLOW` descriptor, and every name is resolved with one
-//! `openat` relative to its parent's descriptor: no path string is ever
-//! walked, no symlink is ever followed by the daemon, `.`/`..`/`/` in names
-//! are refused, and entries on another device (mounts inside the tree) are
-//! hidden. Data and attribute calls that need a real descriptor reopen the
-//! inode through `/proc/self/fd/N`, which names exactly that inode.
+//! The root is a jail. Every inode the kernel may name is held in the node
+//! table ([`nodes`]: by file handle, or by an `O_PATH | O_NOFOLLOW`
+//! descriptor), and every name is resolved with one `openat` relative to
+//! its parent's descriptor: no path string is ever walked, no symlink is
+//! ever followed by the daemon, `.`/`..`/`/` in names are refused, and
+//! entries on another device (mounts inside the tree) are hidden. Data and
+//! attribute calls that need a real descriptor reopen the inode through
+//! `/proc/self/fd/N`, which names exactly that inode.
 //!
-//! Holding the descriptor also pins the backing inode, so its number cannot
-//! be reused while the kernel still knows it: backend inode numbers are the
-//! backing `st_ino`.
+//! Backend inode numbers are the backing `st_ino`.
+
+pub mod nodes;
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsStr, OsString};
@@ -31,12 +32,6 @@ use super::{
     Attr, Backend, BackendError, Caller, DirEntry, Fh, FileKind, Ino, Result, SetAttr, SetTime, StatFs,
     check_name,
 };
-
-/// One pinned inode.
-struct Node {
-    fd: Arc<OwnedFd>,
-    pins: u64,
-}
 
 /// An open directory stream.
 struct DirHandle {
@@ -85,7 +80,7 @@ pub struct DirBackend {
     /// Open backing files with O_NOATIME (a `noatime` mount).
     noatime: std::sync::atomic::AtomicBool,
     /// Lock order: `nodes` before `files` before `dirs`; no call holds two.
-    nodes: RwLock<HashMap<Ino, Node>>,
+    nodes: nodes::Nodes,
     files: RwLock<HashMap<Fh, Arc<File>>>,
     dirs: RwLock<HashMap<Fh, Arc<Mutex<DirHandle>>>>,
     next_fh: AtomicU64,
@@ -294,113 +289,148 @@ fn timespec(t: Option<SetTime>) -> libc::timespec {
     }
 }
 
+/// How a [`DirBackend`] is opened.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DirOptions {
+    /// Serve the tree through a view with this atime mode.
+    pub atime: Option<Atime>,
+    /// How inodes are held (see [`nodes`]).
+    pub inodes: nodes::InodeMode,
+    /// Descriptors cached in handle mode [default: from the descriptor limit].
+    pub fd_cache: Option<usize>,
+}
+
+/// Descriptors cached in handle mode by default: a quarter of the
+/// descriptor limit, at most 16,384 (enough for the hot directories and
+/// files of a busy tree; the kernel's own caches hold the rest).
+fn default_fd_cache() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid out pointer.
+    let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        lim.rlim_cur as usize
+    } else {
+        1024
+    };
+    (cur / 4).clamp(16, 16_384)
+}
+
+fn open_root(root: &Path) -> anyhow::Result<OwnedFd> {
+    use anyhow::Context;
+    let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
+    // SAFETY: valid C string; the returned fd is owned below.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot open backend directory {}", root.display()));
+    }
+    // SAFETY: `fd` was just returned by open and is not owned elsewhere.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A private, detached copy of `root`'s mount with atime mode `mode`
+/// (open_tree and mount_setattr, Linux 5.12+); `None` where the kernel
+/// cannot.
+fn atime_view(root: &Path, mode: Atime) -> anyhow::Result<Option<OwnedFd>> {
+    use anyhow::Context;
+    let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
+    const OPEN_TREE_CLONE: libc::c_uint = 1;
+    const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
+    // SAFETY: valid C string; the returned fd is owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Ok(None);
+    }
+    // SAFETY: a descriptor we own from here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+    // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
+    let attr: [u64; 4] = [mode.mount_attr(), MOUNT_ATTR_ATIME_MASK, 0, 0];
+    // SAFETY: valid fd, empty C string, and a mount_attr of the size passed.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr),
+        )
+    };
+    Ok((rc == 0).then_some(fd))
+}
+
 impl DirBackend {
     /// Open `root` as a jailed backend.
-    pub fn new(root: &Path) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
-        // SAFETY: valid C string; the returned fd is owned below.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error())
-                .with_context(|| format!("cannot open backend directory {}", root.display()));
-        }
-        // SAFETY: `fd` was just returned by open and is not owned elsewhere.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Self::from_root_fd(root, fd)
-    }
-
-    /// Open `root` for a `noatime` mount: through a private, detached
-    /// copy of its mount with the noatime attribute (open_tree and
-    /// mount_setattr, Linux 5.12+), so that nothing done through efuse
-    /// updates a backing atime, passthrough reads and executed files
-    /// included (the kernel reads those through the backing file's own
-    /// mount, whatever flags the daemon's descriptors have). Falls back to
-    /// the plain tree, opening files O_NOATIME, on older kernels.
-    pub fn new_noatime(root: &Path) -> anyhow::Result<Self> {
-        Self::new_atime(root, Atime::No)
-    }
-
-    /// Open `root` through a private, detached copy of its mount with the
-    /// atime mode of the efuse mount (`noatime`, `relatime`,
-    /// `strictatime`), so that reads through efuse update backing atimes
-    /// as a local filesystem mounted that way would, whatever the backing
+    ///
+    /// With `opts.atime`, the tree is served through a private, detached
+    /// copy of its mount with that atime mode (`noatime`, `relatime`,
+    /// `strictatime`), so that reads through efuse update backing atimes as
+    /// a local filesystem mounted that way would, whatever the backing
     /// tree's own mount says (passthrough reads and executed files
-    /// included). Without open_tree/mount_setattr (Linux 5.12+) the plain
-    /// tree is served, with a warning (and O_NOATIME opens for noatime).
-    pub fn new_atime(root: &Path, mode: Atime) -> anyhow::Result<Self> {
-        use anyhow::Context;
-        let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
-        const OPEN_TREE_CLONE: libc::c_uint = 1;
-        const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
-        // SAFETY: valid C string; the returned fd is owned below.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_open_tree,
-                libc::AT_FDCWD,
-                c.as_ptr(),
-                OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-            )
-        };
-        let tree = if fd >= 0 {
-            // SAFETY: a descriptor we own from here.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-            // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
-            let attr: [u64; 4] = [mode.mount_attr(), MOUNT_ATTR_ATIME_MASK, 0, 0];
-            // SAFETY: valid fd, empty C string, and a mount_attr of the size passed.
-            let rc = unsafe {
-                libc::syscall(
-                    libc::SYS_mount_setattr,
-                    fd.as_raw_fd(),
-                    c"".as_ptr(),
-                    libc::AT_EMPTY_PATH as libc::c_uint,
-                    attr.as_ptr(),
-                    std::mem::size_of_val(&attr),
-                )
-            };
-            (rc == 0).then_some(fd)
-        } else {
-            None
-        };
-        let b = match tree {
-            Some(fd) => Self::from_root_fd(root, fd)?,
-            None => {
-                tracing::warn!(
-                    "{}: cannot make a {} view of {} ({}; needs open_tree and mount_setattr, Linux \
-                     5.12+): serving the tree as it is mounted, so backing atimes follow its own mount",
-                    mode.name(),
-                    mode.name(),
-                    root.display(),
-                    std::io::Error::last_os_error()
-                );
-                Self::new(root)?
+    /// included: the kernel reads those through the backing file's own
+    /// mount). Without open_tree/mount_setattr (Linux 5.12+) the plain tree
+    /// is served, with a warning (and O_NOATIME opens for noatime).
+    ///
+    /// The backend keeps a weak reference to itself so its watcher thread
+    /// can reach it without keeping it alive.
+    pub fn open(root: &Path, opts: &DirOptions) -> anyhow::Result<Arc<Self>> {
+        let view = match opts.atime {
+            Some(mode) => {
+                let v = atime_view(root, mode)?;
+                if v.is_none() {
+                    tracing::warn!(
+                        "{}: cannot make a {} view of {} ({}; needs open_tree and mount_setattr, Linux \
+                         5.12+): serving the tree as it is mounted, so backing atimes follow its own mount",
+                        mode.name(),
+                        mode.name(),
+                        root.display(),
+                        std::io::Error::last_os_error()
+                    );
+                }
+                v
             }
+            None => None,
         };
-        if mode == Atime::No {
+        let fd = match view {
+            Some(fd) => fd,
+            None => open_root(root)?,
+        };
+        let b = Arc::new(Self::from_root_fd(root, fd, opts)?);
+        if opts.atime == Some(Atime::No) {
             b.noatime.store(true, Ordering::Relaxed);
         }
+        *b.self_weak.lock() = Some(Arc::downgrade(&b));
         Ok(b)
     }
 
-    fn from_root_fd(root: &Path, fd: OwnedFd) -> anyhow::Result<Self> {
+    /// Open `root` with the defaults (handles where possible).
+    pub fn new_shared(root: &Path) -> anyhow::Result<Arc<Self>> {
+        Self::open(root, &DirOptions::default())
+    }
+
+    fn from_root_fd(root: &Path, fd: OwnedFd, opts: &DirOptions) -> anyhow::Result<Self> {
         use anyhow::Context;
         let st = fstat_fd(fd.as_raw_fd())
             .with_context(|| format!("cannot stat backend directory {}", root.display()))?;
-        let mut nodes = HashMap::new();
-        nodes.insert(
-            st.st_ino,
-            Node {
-                fd: Arc::new(fd),
-                // The root is pinned for the life of the backend.
-                pins: 1,
-            },
-        );
+        let cap = opts.fd_cache.unwrap_or_else(default_fd_cache);
+        let nodes = nodes::Nodes::new(st.st_ino, fd, opts.inodes, cap)
+            .with_context(|| format!("backend directory {}", root.display()))?;
+        tracing::debug!(mode = %nodes.mode(), "dir backend holds inodes by {}", nodes.mode());
         Ok(Self {
             root_ino: st.st_ino,
             dev: st.st_dev,
             is_root_user: nix::unistd::geteuid().is_root(),
             noatime: std::sync::atomic::AtomicBool::new(false),
-            nodes: RwLock::new(nodes),
+            nodes,
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -409,30 +439,13 @@ impl DirBackend {
         })
     }
 
-    /// Open `root` as a shared backend. The backend keeps a weak reference
-    /// to itself so its watcher thread can reach it without keeping it
-    /// alive. `noatime`: as [`Self::new_noatime`].
-    pub fn new_shared(root: &Path, noatime: bool) -> anyhow::Result<Arc<Self>> {
-        Self::new_shared_atime(root, noatime.then_some(Atime::No))
-    }
-
-    /// Open `root` as a shared backend, through a view with atime mode
-    /// `atime` if given ([`Self::new_atime`]).
-    pub fn new_shared_atime(root: &Path, atime: Option<Atime>) -> anyhow::Result<Arc<Self>> {
-        let b = Arc::new(match atime {
-            Some(mode) => Self::new_atime(root, mode)?,
-            None => Self::new(root)?,
-        });
-        *b.self_weak.lock() = Some(Arc::downgrade(&b));
-        Ok(b)
+    /// How inodes are held: `handles` or `descriptors`.
+    pub fn inode_mode(&self) -> nodes::InodeMode {
+        self.nodes.mode()
     }
 
     fn fd(&self, ino: Ino) -> Result<Arc<OwnedFd>> {
-        self.nodes
-            .read()
-            .get(&ino)
-            .map(|n| n.fd.clone())
-            .ok_or(BackendError::Stale(ino))
+        self.nodes.fd(ino)
     }
 
     fn file(&self, fh: Fh) -> Result<Arc<File>> {
@@ -450,20 +463,7 @@ impl DirBackend {
         if st.st_dev != self.dev {
             return Err(BackendError::CrossDevice);
         }
-        let mut nodes = self.nodes.write();
-        let mut new = false;
-        let node = nodes.entry(st.st_ino).or_insert_with(|| {
-            new = true;
-            Node {
-                fd: Arc::new(fd),
-                pins: 0,
-            }
-        });
-        if st.st_ino != self.root_ino {
-            node.pins += 1;
-        }
-        let fd = node.fd.clone();
-        drop(nodes);
+        let (fd, new) = self.nodes.pin(st.st_ino, fd)?;
         let attr = attr_from_stat(&st);
         if new && attr.kind == FileKind::Dir {
             self.add_watch(attr.ino, &fd);
@@ -491,6 +491,25 @@ impl DirBackend {
         }
         // SAFETY: freshly opened, not owned elsewhere.
         self.pin_fd(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Handle mode: `name` in `dir_fd` is about to lose a name; if the
+    /// kernel knows it, keep it open until the kernel forgets it (see
+    /// [`nodes`]).
+    fn keep_victim(&self, dir_fd: RawFd, name: &CString) {
+        if !self.nodes.by_handle() {
+            return;
+        }
+        let mut st = MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: valid dirfd, C string and out pointer.
+        let rc = unsafe { libc::fstatat(dir_fd, name.as_ptr(), st.as_mut_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+        if rc == 0 {
+            // SAFETY: fstatat succeeded.
+            let ino = unsafe { st.assume_init() }.st_ino;
+            if self.nodes.contains(ino) {
+                self.nodes.keep(ino);
+            }
+        }
     }
 
     fn add_watch(&self, ino: Ino, fd: &OwnedFd) {
@@ -623,6 +642,20 @@ fn kind_from_dtype(d: u8) -> Option<FileKind> {
 }
 
 impl Backend for DirBackend {
+    fn inode_mode(&self) -> Option<nodes::InodeMode> {
+        Some(self.nodes.mode())
+    }
+
+    fn node_stats(&self) -> Option<super::NodeStats> {
+        let (nodes, descriptors, opened_by_handle) = self.nodes.counts();
+        Some(super::NodeStats {
+            mode: self.nodes.mode().to_string(),
+            nodes,
+            descriptors,
+            opened_by_handle,
+        })
+    }
+
     fn kind(&self) -> String {
         "dir".into()
     }
@@ -638,29 +671,13 @@ impl Backend for DirBackend {
     }
 
     fn forget(&self, ino: Ino, n: u64) {
-        if ino == self.root_ino {
-            return;
-        }
-        let mut nodes = self.nodes.write();
-        let mut dropped = false;
-        if let Some(node) = nodes.get_mut(&ino) {
-            node.pins = node.pins.saturating_sub(n);
-            if node.pins == 0 {
-                nodes.remove(&ino);
-                dropped = true;
-            }
-        }
-        drop(nodes);
-        if dropped {
+        if self.nodes.unpin(ino, n) {
             self.remove_watch(ino);
         }
     }
 
     fn pin(&self, ino: Ino) -> Result<()> {
-        let mut nodes = self.nodes.write();
-        let n = nodes.get_mut(&ino).ok_or(BackendError::Stale(ino))?;
-        n.pins += 1;
-        Ok(())
+        self.nodes.pin_again(ino)
     }
 
     fn getattr(&self, ino: Ino) -> Result<Attr> {
@@ -787,6 +804,7 @@ impl Backend for DirBackend {
         check_name(name)?;
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
+        self.keep_victim(pfd.as_raw_fd(), &c);
         // SAFETY: valid dirfd and C string.
         check("unlinkat", unsafe {
             libc::unlinkat(pfd.as_raw_fd(), c.as_ptr(), 0)
@@ -798,6 +816,7 @@ impl Backend for DirBackend {
         check_name(name)?;
         let pfd = self.fd(parent)?;
         let c = cstr(name)?;
+        self.keep_victim(pfd.as_raw_fd(), &c);
         // SAFETY: valid dirfd and C string.
         check("rmdir", unsafe {
             libc::unlinkat(pfd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR)
@@ -812,6 +831,9 @@ impl Backend for DirBackend {
         let npfd = self.fd(newparent)?;
         let a = cstr(name)?;
         let b = cstr(newname)?;
+        if flags & (libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) == 0 {
+            self.keep_victim(npfd.as_raw_fd(), &b);
+        }
         // SAFETY: valid dirfds and C strings.
         let rc = unsafe { libc::renameat2(pfd.as_raw_fd(), a.as_ptr(), npfd.as_raw_fd(), b.as_ptr(), flags) };
         check("renameat2", rc)?;
@@ -1281,68 +1303,36 @@ impl Backend for DirBackend {
     }
 
     fn identity(&self, ino: Ino) -> Option<Vec<u8>> {
-        let fd = self.fd(ino).ok()?;
-        // struct file_handle: handle_bytes, handle_type, then the handle.
-        let mut buf = [0u8; 8 + 128];
-        buf[0..4].copy_from_slice(&128u32.to_ne_bytes());
-        let mut mount_id: libc::c_int = 0;
-        // SAFETY: valid fd, empty C string, a file_handle of 128 handle bytes.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_name_to_handle_at,
-                fd.as_raw_fd(),
-                c"".as_ptr(),
-                buf.as_mut_ptr(),
-                &mut mount_id,
-                libc::AT_EMPTY_PATH,
-            )
-        };
-        if rc != 0 {
-            return None;
+        if let Some(h) = self.nodes.handle(ino) {
+            return Some(h);
         }
-        let n = u32::from_ne_bytes(buf[0..4].try_into().ok()?) as usize;
-        Some(buf[..8 + n.min(128)].to_vec())
+        let fd = self.fd(ino).ok()?;
+        nodes::Handle::of_fd(fd.as_raw_fd())
+            .ok()
+            .map(|h| h.bytes().to_vec())
     }
 
     fn reopen(&self, ino: Ino, identity: Option<&[u8]>) -> Result<Attr> {
-        if let Ok(a) = self
-            .fd(ino)
-            .and_then(|_| self.pin(ino))
-            .and_then(|()| self.getattr(ino))
+        if self.nodes.contains(ino)
+            && let Ok(a) = self
+                .fd(ino)
+                .and_then(|_| self.pin(ino))
+                .and_then(|()| self.getattr(ino))
         {
             return Ok(a);
         }
-        let Some(handle) = identity.filter(|h| h.len() >= 8) else {
+        // Only a handle this backend made (the inode table kept it when the
+        // kernel forgot the inode) is ever opened.
+        let Some(handle) = identity else {
             return Err(BackendError::Stale(ino));
         };
-        let root = self.fd(self.root_ino)?;
-        // open_by_handle_at takes no O_PATH descriptor for the mount.
-        // SAFETY: valid dirfd and C string; the fd is owned below.
-        let mfd = unsafe {
-            libc::openat(
-                root.as_raw_fd(),
-                c".".as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        let mfd = check("open(root)", mfd)?;
-        // SAFETY: freshly opened, owned from here.
-        let mfd = unsafe { OwnedFd::from_raw_fd(mfd) };
-        let mut h = handle.to_vec();
-        // SAFETY: a valid mount fd and file_handle; the fd is owned below.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_open_by_handle_at,
-                mfd.as_raw_fd(),
-                h.as_mut_ptr(),
-                libc::O_PATH | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Err(BackendError::Stale(ino));
+        let fd = if self.nodes.by_handle() {
+            self.nodes.open_handle(handle)
+        } else {
+            self.nodes
+                .open_handle_once(self.fd(self.root_ino)?.as_raw_fd(), handle)
         }
-        // SAFETY: freshly opened, owned from here.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        .map_err(|_| BackendError::Stale(ino))?;
         let st = fstat_fd(fd.as_raw_fd())?;
         // The same object, still linked somewhere (an unlinked file is gone
         // for handles too, as NFS sees it).
@@ -1424,12 +1414,7 @@ impl Backend for DirBackend {
             full_warned: false,
         });
         // Watch every directory already pinned (at least the root).
-        let dirs: Vec<(Ino, Arc<OwnedFd>)> = self
-            .nodes
-            .read()
-            .iter()
-            .map(|(i, n)| (*i, n.fd.clone()))
-            .collect();
+        let dirs = self.nodes.open_nodes();
         for (ino, fd) in dirs {
             if fstat_fd(fd.as_raw_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR) {
                 self.add_watch(ino, &fd);
@@ -1512,9 +1497,9 @@ impl Backend for DirBackend {
 mod tests {
     use super::*;
 
-    fn backend() -> (tempfile::TempDir, DirBackend) {
+    fn backend() -> (tempfile::TempDir, Arc<DirBackend>) {
         let t = tempfile::tempdir().unwrap();
-        let b = DirBackend::new(t.path()).unwrap();
+        let b = DirBackend::new_shared(t.path()).unwrap();
         (t, b)
     }
 
@@ -1524,7 +1509,7 @@ mod tests {
         std::fs::write(t.path().join("f"), b"x").unwrap();
         let a = b.lookup(b.root(), OsStr::new("f")).unwrap();
         b.lookup(b.root(), OsStr::new("f")).unwrap();
-        assert_eq!(b.nodes.read().get(&a.ino).unwrap().pins, 2);
+        assert_eq!(b.nodes.pins(a.ino), 2);
         b.forget(a.ino, 1);
         assert!(b.getattr(a.ino).is_ok());
         b.forget(a.ino, 1);

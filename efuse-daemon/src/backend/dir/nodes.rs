@@ -1,0 +1,624 @@
+//! The dir backend's node table: every inode the kernel may name, pinned.
+//!
+//! Two ways to hold a node:
+//! - **handles** (where the backing filesystem exports file handles and the
+//!   daemon may open by handle, i.e. has CAP_DAC_READ_SEARCH): a node is its
+//!   `name_to_handle_at` handle, a few dozen bytes kept inline; an
+//!   `O_PATH` descriptor is opened on demand with `open_by_handle_at`
+//!   against the backing mount and kept in a bounded cache (CLOCK: a hit
+//!   marks the node hot, eviction passes over hot nodes once). The number of
+//!   nodes is bounded by memory, not by the descriptor limit.
+//! - **descriptors** (elsewhere): a node is an `O_PATH | O_NOFOLLOW`
+//!   descriptor for as long as it is pinned, which also keeps the backing
+//!   inode (and so its number) alive.
+//!
+//! The jail is the same in both: a handle is only ever made by the daemon
+//! from a descriptor it opened inside the tree, and only handles in this
+//! table (or buried by the inode table, which got them from here) are ever
+//! opened. Nodes are keyed by backing `st_ino`; the handle's generation
+//! tells a reused number from the object that had it.
+//!
+//! A node the daemon removed a name of (unlink, rmdir, rename over it) is
+//! kept open ("sticky") until the kernel forgets it: the kernel may still
+//! stat it through an open file, as on a local filesystem, and an unlinked
+//! inode cannot be opened by handle once nothing holds it.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::backend::{BackendError, Ino, Result};
+
+/// How the table holds nodes (config `inodes`, `-o inodes=`).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum, Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum InodeMode {
+    /// Handles where the backing filesystem and the daemon's privileges
+    /// allow, else descriptors.
+    #[default]
+    Auto,
+    /// File handles, with a bounded cache of open descriptors (fails to
+    /// mount where handles are unavailable).
+    Handles,
+    /// One open descriptor per inode the kernel knows.
+    Descriptors,
+}
+
+impl std::fmt::Display for InodeMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Handles => "handles",
+            Self::Descriptors => "descriptors",
+        })
+    }
+}
+
+/// `struct file_handle` bytes (handle_bytes, handle_type, f_handle) up to
+/// this size are kept inside the node: ext4, xfs, btrfs and tmpfs handles
+/// without a parent fit.
+const INLINE: usize = 30;
+
+/// The kernel's MAX_HANDLE_SZ.
+const MAX_HANDLE: usize = 128;
+
+/// A file handle as `name_to_handle_at` returns it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) enum Handle {
+    Inline { len: u8, bytes: [u8; INLINE] },
+    Heap(Box<[u8]>),
+}
+
+impl Handle {
+    fn new(b: &[u8]) -> Self {
+        if b.len() <= INLINE {
+            let mut bytes = [0; INLINE];
+            bytes[..b.len()].copy_from_slice(b);
+            Self::Inline {
+                len: b.len() as u8,
+                bytes,
+            }
+        } else {
+            Self::Heap(b.into())
+        }
+    }
+
+    pub(super) fn bytes(&self) -> &[u8] {
+        match self {
+            Self::Inline { len, bytes } => &bytes[..*len as usize],
+            Self::Heap(b) => b,
+        }
+    }
+
+    /// The handle of the object `fd` names (`O_PATH` is fine).
+    pub(super) fn of_fd(fd: RawFd) -> std::io::Result<Self> {
+        let mut buf = [0u8; 8 + MAX_HANDLE];
+        buf[0..4].copy_from_slice(&(MAX_HANDLE as u32).to_ne_bytes());
+        let mut mount_id: libc::c_int = 0;
+        // SAFETY: a valid fd, an empty C string, a file_handle with room
+        // for MAX_HANDLE handle bytes, and an int for the mount id.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_name_to_handle_at,
+                fd,
+                c"".as_ptr(),
+                buf.as_mut_ptr(),
+                &mut mount_id,
+                libc::AT_EMPTY_PATH,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = u32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+        Ok(Self::new(&buf[..8 + n.min(MAX_HANDLE)]))
+    }
+
+    /// Open the object as `O_PATH` through `mount_fd` (a descriptor on the
+    /// backing mount that is not `O_PATH`).
+    fn open(&self, mount_fd: RawFd) -> std::io::Result<OwnedFd> {
+        let mut h = [0u8; 8 + MAX_HANDLE];
+        let b = self.bytes();
+        h[..b.len()].copy_from_slice(b);
+        // SAFETY: a valid mount fd and a file_handle whose handle_bytes
+        // (from name_to_handle_at) is within the buffer.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_open_by_handle_at,
+                mount_fd,
+                h.as_mut_ptr(),
+                libc::O_PATH | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: freshly opened, owned from here.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    }
+}
+
+/// One pinned inode.
+struct Node {
+    /// Always set in descriptor mode; in handle mode while cached.
+    fd: Option<Arc<OwnedFd>>,
+    /// Handle mode: the node itself.
+    handle: Option<Handle>,
+    pins: u64,
+    /// Used since the cache last passed it (handle mode).
+    hot: AtomicBool,
+    /// Keep the descriptor until the node goes (see the module docs).
+    sticky: bool,
+}
+
+/// See the module docs.
+pub(super) struct Nodes {
+    root: Ino,
+    map: RwLock<HashMap<Ino, Node>>,
+    /// Handle mode: a readable descriptor on the backing mount (the root
+    /// directory) for `open_by_handle_at`.
+    mount_fd: Option<OwnedFd>,
+    /// Handle mode: nodes with a cached descriptor, oldest first (may name
+    /// nodes gone or evicted since; those are skipped). Lock order: after
+    /// `map`.
+    ring: Mutex<VecDeque<Ino>>,
+    /// Descriptors cached in handle mode (not counting sticky ones).
+    cached: AtomicUsize,
+    /// At most this many are cached.
+    cap: usize,
+    /// Descriptors opened by handle (cache misses), for `efuse stats`.
+    opened: AtomicU64,
+}
+
+impl Nodes {
+    /// A table holding `root` (pinned for the life of the table) as `fd`.
+    /// `mode`: as asked; `Auto` becomes what the filesystem allows. `cap`:
+    /// descriptors to cache in handle mode.
+    pub(super) fn new(root: Ino, fd: OwnedFd, mode: InodeMode, cap: usize) -> anyhow::Result<Self> {
+        let handles = match mode {
+            InodeMode::Descriptors => None,
+            InodeMode::Auto => Self::probe(&fd).ok(),
+            InodeMode::Handles => Some(Self::probe(&fd).map_err(|e| {
+                anyhow::anyhow!("inodes=handles: {e}; use inodes=descriptors (or auto) for this tree")
+            })?),
+        };
+        let (mount_fd, handle) = match handles {
+            Some((m, h)) => (Some(m), Some(h)),
+            None => (None, None),
+        };
+        let mut map = HashMap::new();
+        map.insert(
+            root,
+            Node {
+                fd: Some(Arc::new(fd)),
+                handle,
+                pins: 1,
+                hot: AtomicBool::new(false),
+                sticky: true,
+            },
+        );
+        Ok(Self {
+            root,
+            map: RwLock::new(map),
+            mount_fd,
+            ring: Mutex::new(VecDeque::new()),
+            cached: AtomicUsize::new(0),
+            cap: cap.max(16),
+            opened: AtomicU64::new(0),
+        })
+    }
+
+    /// Can objects of this tree be held by handle? Returns the mount
+    /// descriptor and the root's handle.
+    fn probe(root: &OwnedFd) -> anyhow::Result<(OwnedFd, Handle)> {
+        let h = Handle::of_fd(root.as_raw_fd()).map_err(|e| {
+            anyhow::anyhow!("the backing filesystem does not export file handles (name_to_handle_at: {e})")
+        })?;
+        // open_by_handle_at takes no O_PATH descriptor for the mount.
+        // SAFETY: a valid dirfd and C string; the fd is owned below.
+        let m = unsafe {
+            libc::openat(
+                root.as_raw_fd(),
+                c".".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if m < 0 {
+            anyhow::bail!(
+                "cannot open the backing root ({})",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: freshly opened, owned from here.
+        let m = unsafe { OwnedFd::from_raw_fd(m) };
+        h.open(m.as_raw_fd()).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot open by file handle (open_by_handle_at: {e}; it needs CAP_DAC_READ_SEARCH)"
+            )
+        })?;
+        Ok((m, h))
+    }
+
+    /// True in handle mode.
+    pub(super) fn by_handle(&self) -> bool {
+        self.mount_fd.is_some()
+    }
+
+    /// The mode in use: `handles` or `descriptors`.
+    pub(super) fn mode(&self) -> InodeMode {
+        if self.by_handle() {
+            InodeMode::Handles
+        } else {
+            InodeMode::Descriptors
+        }
+    }
+
+    /// Number of nodes, descriptors open for them, and opens by handle so far.
+    pub(super) fn counts(&self) -> (usize, usize, u64) {
+        let n = self.map.read().len();
+        let fds = if self.by_handle() {
+            self.cached.load(Ordering::Relaxed)
+        } else {
+            n
+        };
+        (n, fds, self.opened.load(Ordering::Relaxed))
+    }
+
+    /// A descriptor for pinned `ino`.
+    pub(super) fn fd(&self, ino: Ino) -> Result<Arc<OwnedFd>> {
+        let handle = {
+            let map = self.map.read();
+            let n = map.get(&ino).ok_or(BackendError::Stale(ino))?;
+            if let Some(fd) = &n.fd {
+                if !n.hot.load(Ordering::Relaxed) {
+                    n.hot.store(true, Ordering::Relaxed);
+                }
+                return Ok(fd.clone());
+            }
+            n.handle.clone().ok_or(BackendError::Stale(ino))?
+        };
+        self.open_cached(ino, &handle)
+    }
+
+    /// Open `ino` by `handle` and cache the descriptor.
+    fn open_cached(&self, ino: Ino, handle: &Handle) -> Result<Arc<OwnedFd>> {
+        let mount = self.mount_fd.as_ref().ok_or(BackendError::Stale(ino))?;
+        let fd = match handle.open(mount.as_raw_fd()) {
+            Ok(fd) => Arc::new(fd),
+            Err(e) if e.raw_os_error() == Some(libc::ESTALE) => return Err(BackendError::Stale(ino)),
+            Err(e) => return Err(BackendError::io("open_by_handle_at", e)),
+        };
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        let mut map = self.map.write();
+        let Some(n) = map.get_mut(&ino) else {
+            // Forgotten meanwhile: the caller still gets its descriptor.
+            return Ok(fd);
+        };
+        if n.handle.as_ref() != Some(handle) {
+            return Ok(fd);
+        }
+        if let Some(have) = &n.fd {
+            return Ok(have.clone());
+        }
+        n.fd = Some(fd.clone());
+        n.hot.store(false, Ordering::Relaxed);
+        self.cache_added(&mut map, ino);
+        Ok(fd)
+    }
+
+    /// A descriptor was cached for `ino` (not sticky): account for it and
+    /// evict down to the cap.
+    fn cache_added(&self, map: &mut HashMap<Ino, Node>, ino: Ino) {
+        let mut ring = self.ring.lock();
+        ring.push_back(ino);
+        let cached = self.cached.fetch_add(1, Ordering::Relaxed) + 1;
+        if cached <= self.cap {
+            return;
+        }
+        // Evict a sixteenth at once, so that eviction runs once every
+        // cap/16 misses, not on each.
+        let target = self.cap - self.cap / 16;
+        let mut budget = ring.len() * 2;
+        let mut left = self.cached.load(Ordering::Relaxed);
+        while left > target && budget > 0 {
+            budget -= 1;
+            let Some(victim) = ring.pop_front() else { break };
+            let Some(n) = map.get_mut(&victim) else { continue };
+            if n.fd.is_none() || n.sticky || n.handle.is_none() {
+                continue;
+            }
+            if n.hot.swap(false, Ordering::Relaxed) {
+                ring.push_back(victim);
+                continue;
+            }
+            n.fd = None;
+            left -= 1;
+        }
+        self.cached.store(left, Ordering::Relaxed);
+        // Entries of nodes gone or evicted accumulate; drop them when the
+        // ring has grown well past what is cached.
+        if ring.len() > 2 * self.cap {
+            ring.retain(|i| map.get(i).is_some_and(|n| n.fd.is_some() && !n.sticky));
+        }
+    }
+
+    /// Pin the object `fd` (just opened inside the tree) names, whose
+    /// `st_ino` is `ino`. Returns the node's descriptor and whether the
+    /// node is new.
+    pub(super) fn pin(&self, ino: Ino, fd: OwnedFd) -> Result<(Arc<OwnedFd>, bool)> {
+        let handle = if self.by_handle() {
+            Some(Handle::of_fd(fd.as_raw_fd()).map_err(|e| BackendError::io("name_to_handle_at", e))?)
+        } else {
+            None
+        };
+        let mut map = self.map.write();
+        if let Some(n) = map.get_mut(&ino) {
+            if ino != self.root {
+                n.pins += 1;
+            }
+            if handle.is_some() && n.handle != handle && !n.sticky {
+                // The number was reused: the object the node named is gone
+                // (a sticky node's object is alive, so its number is not
+                // reused). The node now names the new object.
+                tracing::debug!(ino, "backing inode number reused");
+                n.handle = handle;
+                n.fd = None;
+            }
+            if let Some(have) = &n.fd {
+                return Ok((have.clone(), false));
+            }
+            let fd = Arc::new(fd);
+            n.fd = Some(fd.clone());
+            if n.handle.is_some() && !n.sticky {
+                self.cache_added(&mut map, ino);
+            }
+            return Ok((fd, false));
+        }
+        let fd = Arc::new(fd);
+        let by_handle = handle.is_some();
+        map.insert(
+            ino,
+            Node {
+                fd: Some(fd.clone()),
+                handle,
+                pins: 1,
+                hot: AtomicBool::new(false),
+                sticky: false,
+            },
+        );
+        if by_handle {
+            self.cache_added(&mut map, ino);
+        }
+        Ok((fd, true))
+    }
+
+    /// One more pin on a node already held.
+    pub(super) fn pin_again(&self, ino: Ino) -> Result<()> {
+        let mut map = self.map.write();
+        let n = map.get_mut(&ino).ok_or(BackendError::Stale(ino))?;
+        if ino != self.root {
+            n.pins += 1;
+        }
+        Ok(())
+    }
+
+    /// Drop `n` pins; true if the node went.
+    pub(super) fn unpin(&self, ino: Ino, n: u64) -> bool {
+        if ino == self.root {
+            return false;
+        }
+        let mut map = self.map.write();
+        let Some(node) = map.get_mut(&ino) else {
+            return false;
+        };
+        node.pins = node.pins.saturating_sub(n);
+        if node.pins > 0 {
+            return false;
+        }
+        if let Some(node) = map.remove(&ino)
+            && node.fd.is_some()
+            && node.handle.is_some()
+            && !node.sticky
+        {
+            self.cached.fetch_sub(1, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Keep `ino`'s descriptor open until the node goes: one of its names
+    /// is about to be removed.
+    pub(super) fn keep(&self, ino: Ino) {
+        if !self.by_handle() {
+            return;
+        }
+        if self.fd(ino).is_err() {
+            return;
+        }
+        let mut map = self.map.write();
+        if let Some(n) = map.get_mut(&ino)
+            && n.fd.is_some()
+            && !n.sticky
+        {
+            n.sticky = true;
+            self.cached.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Is `ino` in the table?
+    pub(super) fn contains(&self, ino: Ino) -> bool {
+        self.map.read().contains_key(&ino)
+    }
+
+    /// Pins of `ino` (0 if not held).
+    #[cfg(test)]
+    pub(super) fn pins(&self, ino: Ino) -> u64 {
+        self.map.read().get(&ino).map_or(0, |n| n.pins)
+    }
+
+    /// The handle of `ino`, in handle mode.
+    pub(super) fn handle(&self, ino: Ino) -> Option<Vec<u8>> {
+        self.map
+            .read()
+            .get(&ino)?
+            .handle
+            .as_ref()
+            .map(|h| h.bytes().to_vec())
+    }
+
+    /// Open an object by a handle the daemon made earlier (kept by the
+    /// inode table after the node went), for an export handle.
+    pub(super) fn open_handle(&self, bytes: &[u8]) -> Result<OwnedFd> {
+        let mount = self.mount_fd.as_ref().ok_or(BackendError::Unsupported)?;
+        Self::open_bytes(mount.as_raw_fd(), bytes)
+    }
+
+    /// As [`Self::open_handle`] in descriptor mode: through a mount
+    /// descriptor opened from `root` (an `O_PATH` descriptor of the root)
+    /// for this one call.
+    pub(super) fn open_handle_once(&self, root: RawFd, bytes: &[u8]) -> Result<OwnedFd> {
+        // SAFETY: a valid dirfd and C string; the fd is owned below.
+        let m = unsafe {
+            libc::openat(
+                root,
+                c".".as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if m < 0 {
+            return Err(BackendError::last_os("open(root)"));
+        }
+        // SAFETY: freshly opened, owned from here.
+        let m = unsafe { OwnedFd::from_raw_fd(m) };
+        Self::open_bytes(m.as_raw_fd(), bytes)
+    }
+
+    fn open_bytes(mount: RawFd, bytes: &[u8]) -> Result<OwnedFd> {
+        if bytes.len() < 8 || bytes.len() > 8 + MAX_HANDLE {
+            return Err(BackendError::Unsupported);
+        }
+        let declared = u32::from_ne_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+        if declared != bytes.len() - 8 {
+            return Err(BackendError::Unsupported);
+        }
+        Handle::new(bytes)
+            .open(mount)
+            .map_err(|e| BackendError::io("open_by_handle_at", e))
+    }
+
+    /// Every node with its descriptor, where one is open.
+    pub(super) fn open_nodes(&self) -> Vec<(Ino, Arc<OwnedFd>)> {
+        self.map
+            .read()
+            .iter()
+            .filter_map(|(i, n)| Some((*i, n.fd.clone()?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open_path(p: &std::path::Path) -> OwnedFd {
+        let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid C string; owned below.
+        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC) };
+        assert!(fd >= 0, "{}", std::io::Error::last_os_error());
+        // SAFETY: freshly opened.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    /// A handle-mode table over `dir`; `None` (nothing to test) only where
+    /// the tests do not run as root (open_by_handle_at needs
+    /// CAP_DAC_READ_SEARCH): temporary directories are on filesystems with
+    /// handles (ext4, tmpfs).
+    fn by_handle(dir: &std::path::Path, root: Ino) -> Option<Nodes> {
+        match Nodes::new(root, open_path(dir), InodeMode::Handles, 16) {
+            Ok(n) => Some(n),
+            Err(_) if !nix::unistd::geteuid().is_root() => None,
+            Err(e) => panic!("handles refused as root: {e:#}"),
+        }
+    }
+
+    fn ino_of(p: &std::path::Path) -> Ino {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(p).unwrap().ino()
+    }
+
+    #[test]
+    fn handles_keep_nodes_beyond_the_descriptor_cache() {
+        let t = tempfile::tempdir().unwrap();
+        let root = ino_of(t.path());
+        let Some(nodes) = by_handle(t.path(), root) else {
+            return;
+        };
+        let mut inos = Vec::new();
+        for i in 0..100 {
+            let p = t.path().join(format!("f{i}"));
+            std::fs::write(&p, b"x").unwrap();
+            let ino = ino_of(&p);
+            assert!(nodes.pin(ino, open_path(&p)).unwrap().1);
+            inos.push(ino);
+        }
+        let (n, fds, _) = nodes.counts();
+        assert_eq!(n, 101);
+        assert!(fds <= 16, "{fds} descriptors cached");
+        // Every node still answers, opened by handle where it was evicted.
+        for &ino in &inos {
+            let fd = nodes.fd(ino).unwrap();
+            let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+            // SAFETY: a valid fd and out pointer.
+            assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) }, 0);
+            // SAFETY: fstat succeeded.
+            assert_eq!(unsafe { st.assume_init() }.st_ino, ino);
+        }
+        assert!(nodes.counts().2 > 0, "nothing was opened by handle");
+        assert!(nodes.counts().1 <= 16);
+        for &ino in &inos {
+            assert!(nodes.unpin(ino, 1));
+        }
+        assert_eq!(nodes.counts().0, 1);
+        assert_eq!(nodes.counts().1, 0);
+    }
+
+    #[test]
+    fn a_kept_node_outlives_its_last_name() {
+        let t = tempfile::tempdir().unwrap();
+        let root = ino_of(t.path());
+        let Some(nodes) = by_handle(t.path(), root) else {
+            return;
+        };
+        let p = t.path().join("gone");
+        std::fs::write(&p, b"x").unwrap();
+        let ino = ino_of(&p);
+        nodes.pin(ino, open_path(&p)).unwrap();
+        nodes.keep(ino);
+        std::fs::remove_file(&p).unwrap();
+        // Many more nodes: the kept one is never evicted.
+        for i in 0..64 {
+            let q = t.path().join(format!("g{i}"));
+            std::fs::write(&q, b"y").unwrap();
+            nodes.pin(ino_of(&q), open_path(&q)).unwrap();
+        }
+        let fd = nodes.fd(ino).unwrap();
+        let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+        // SAFETY: a valid fd and out pointer.
+        assert_eq!(unsafe { libc::fstat(fd.as_raw_fd(), st.as_mut_ptr()) }, 0);
+        // SAFETY: fstat succeeded.
+        assert_eq!(unsafe { st.assume_init() }.st_nlink, 0);
+    }
+
+    #[test]
+    fn handles_are_small() {
+        assert!(
+            std::mem::size_of::<Node>() <= 56,
+            "{}",
+            std::mem::size_of::<Node>()
+        );
+    }
+}
