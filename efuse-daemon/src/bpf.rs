@@ -47,6 +47,8 @@ pub struct BpfMaps {
     opens: Mutex<BpfHashMap<MapData, u64, OpenValue>>,
     noxattr: Mutex<BpfHashMap<MapData, u64, NoXattr>>,
     answers: Answers,
+    /// Capacities of the entry and attribute maps.
+    capacities: (usize, usize),
 }
 
 fn map_error(e: AyaMapError) -> MapError {
@@ -131,6 +133,18 @@ impl KernelMaps for BpfMaps {
         {
             tracing::error!("cannot delete from the BPF no-xattr map: {e}");
         }
+    }
+    fn capacities(&self) -> (usize, usize) {
+        self.capacities
+    }
+    fn entry_keys(&self) -> Vec<NameKey> {
+        self.entries.lock().keys().filter_map(Result::ok).collect()
+    }
+    fn attr_keys(&self) -> Vec<u64> {
+        self.attrs.lock().keys().filter_map(Result::ok).collect()
+    }
+    fn noxattr_keys(&self) -> Vec<u64> {
+        self.noxattr.lock().keys().filter_map(Result::ok).collect()
     }
 }
 
@@ -305,6 +319,7 @@ pub fn attach(
         opens: Mutex::new(take(&mut ebpf, MAP_OPENS)?),
         noxattr: Mutex::new(take(&mut ebpf, MAP_NOXATTR)?),
         answers,
+        capacities: (cfg.entries as usize, cfg.attrs as usize),
     });
 
     let link = sys::link_struct_ops(&ops_map).map_err(|e| match e.raw_os_error() {

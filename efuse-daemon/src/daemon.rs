@@ -578,6 +578,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     // The kernel applies the caller's umask before the request reaches us.
     nix::sys::stat::umask(nix::sys::stat::Mode::empty());
     raise_fd_limit();
+    fixed_mmap_threshold();
 
     let mut cfg = cfg.clone();
     // Where the bpf tier's hook is, looked up once (it reads the kernel's
@@ -618,6 +619,18 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     };
     let fs =
         Arc::new(EfuseFs::new(backend, cfg.offload, cfg.kernel.clone()).with_bpf_config(cfg.bpf.clone()));
+    // Export handles an earlier daemon of this tree gave out stay valid.
+    let handle_table = (cfg.backend == BackendKind::Dir)
+        .then(|| cfg.source.clone())
+        .flatten()
+        .zip(fs.root_identity());
+    if let Some((src, root)) = &handle_table {
+        let entries = crate::export_table::take(Path::new(crate::export_table::DIR), src, root);
+        if !entries.is_empty() {
+            let n = fs.import_handles(entries);
+            tracing::info!(n, "export handles of the previous daemon taken over");
+        }
+    }
     let k = &cfg.kernel;
     let mut staging_dir = None;
     if fs.backend().is_remote() && k.passthrough && k.staging_max_mib > 0 {
@@ -814,6 +827,12 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     };
     // Take over the programs' lookup counts before the numbers are final.
     fs.detach_bpf();
+    if let Some((src, _)) = &handle_table
+        && let Some((root, entries)) = fs.export_handles()
+        && let Err(e) = crate::export_table::save(Path::new(crate::export_table::DIR), src, &root, &entries)
+    {
+        tracing::warn!("export handles will not survive this daemon: {e:#}");
+    }
     let excess = fs.inodes().excess_forgets();
     if excess > 0 {
         tracing::error!(excess, "the kernel forgot more lookups than efuse counted");
@@ -826,6 +845,22 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let _ = fs::remove_file(socket);
     tracing::info!(mountpoint = %mp.display(), "unmounted; daemon exiting");
     res.context("FUSE session failed")
+}
+
+/// The inode tables of a big tree are hash tables of tens of MiB that
+/// double as they grow. glibc's malloc raises its mmap threshold to the
+/// size of any mmapped block freed, so after the first doubling the tables
+/// come from the heap, and every outgrown table stays resident (a million
+/// inodes: ~100 MiB kept for nothing). A fixed threshold of 4 MiB keeps
+/// them mmapped (freed back to the kernel on each growth), and request
+/// buffers (1 MiB at most) on the heap.
+fn fixed_mmap_threshold() {
+    #[cfg(target_env = "gnu")]
+    {
+        const M_MMAP_THRESHOLD: libc::c_int = -3;
+        // SAFETY: mallopt takes plain integers; an unknown value is refused.
+        unsafe { libc::mallopt(M_MMAP_THRESHOLD, 4 << 20) };
+    }
 }
 
 /// The `dir` backend holds one descriptor per inode the kernel knows (the
@@ -891,6 +926,15 @@ pub fn prefetch(args: &crate::cli::PrefetchArgs) -> anyhow::Result<()> {
         n,
         path.display()
     );
+    if let Ok(s) = crate::control::query_stats(mp) {
+        let cap = s.bpf.entry_capacity as usize;
+        if cap > 0 && n > cap {
+            println!(
+                "efuse: that is more than the entry map holds ({cap}): it keeps the {cap} most recently \
+                 used, and lookups of the rest go to the daemon (raise [bpf] entries to keep more)"
+            );
+        }
+    }
     Ok(())
 }
 

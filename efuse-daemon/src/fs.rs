@@ -396,9 +396,12 @@ impl EfuseFs {
         self.mirror.event();
         match ev.opcode {
             efuse_common::ops::OP_LOOKUP => {
+                // A directory listing larger than a quarter of the entry
+                // map would evict the hot set it is meant to add to.
+                let max = self.bpf_cfg.prefetch_max.min(self.bpf_cfg.entries as usize / 4);
                 let every = Duration::from_millis(self.bpf_cfg.prefetch_every_ms);
-                if self.mirror.should_prefetch(ev.key.parent, every) {
-                    self.prefetch_dir(ev.key.parent);
+                if max > 0 && self.mirror.should_prefetch(ev.key.parent, every) {
+                    self.prefetch_dir(ev.key.parent, max);
                 }
             }
             op => tracing::debug!(op, "unknown miss event"),
@@ -408,14 +411,14 @@ impl EfuseFs {
     /// Put the entries of directory `dir` (a FUSE inode the kernel holds)
     /// into the bpf tier's maps, in one backend listing. Returns how many
     /// were offered and the subdirectories seen.
-    pub fn prefetch_dir(&self, dir: u64) -> (usize, Vec<u64>) {
+    pub fn prefetch_dir(&self, dir: u64, max: usize) -> (usize, Vec<(u64, std::ffi::OsString)>) {
         if !self.mirror.active() || (dir != crate::inode::FUSE_ROOT && self.inodes.generation(dir).is_none())
         {
             return (0, Vec::new());
         }
         let epoch = self.mirror.epoch();
         let p = self.policy();
-        let (list, _complete) = match self.backend.list_plus(self.b(dir), self.bpf_cfg.prefetch_max) {
+        let (list, _complete) = match self.backend.list_plus(self.b(dir), max) {
             Ok(l) => l,
             Err(e) => {
                 tracing::debug!(dir, "prefetch: {e}");
@@ -430,7 +433,7 @@ impl EfuseFs {
             }
             let a = self.fuse_attr(a);
             if a.kind == FileKind::Dir {
-                subdirs.push(a.ino);
+                subdirs.push((dir, e.name.clone()));
             }
             // list_plus pinned the inode: the map entry takes the pin over.
             self.mirror
@@ -442,13 +445,25 @@ impl EfuseFs {
 
     /// Prefetch the tree under `dir` breadth-first, at most `max` entries.
     pub fn prefetch_tree(&self, dir: u64, max: usize) -> usize {
-        let mut queue = std::collections::VecDeque::from([dir]);
-        let mut total = 0;
-        while let Some(d) = queue.pop_front() {
+        let (n, subdirs) = self.prefetch_dir(dir, self.bpf_cfg.prefetch_max);
+        let mut total = n;
+        let mut queue = std::collections::VecDeque::from(subdirs);
+        while let Some((parent, name)) = queue.pop_front() {
             if total >= max {
                 break;
             }
-            let (n, subdirs) = self.prefetch_dir(d);
+            // By name again: in a tree larger than the maps the entry of a
+            // directory offered earlier may have been evicted (and its
+            // inode let go) by the time its turn comes.
+            let epoch = self.mirror.epoch();
+            let Ok(a) = self.backend.lookup(self.b(parent), &name) else {
+                continue;
+            };
+            let a = self.fuse_attr(a);
+            let p = self.policy();
+            self.mirror
+                .put_entry(epoch, parent, &name, &a, p.entry_ttl, p.attr_ttl, true);
+            let (n, subdirs) = self.prefetch_dir(a.ino, self.bpf_cfg.prefetch_max);
             total += n;
             queue.extend(subdirs);
         }
@@ -810,6 +825,30 @@ impl EfuseFs {
             }
             self.backend.forget(self.b(ino), n);
         }
+    }
+
+    /// What a later daemon needs to keep the export handles given out by
+    /// this one valid ([`crate::export_table`]): every inode known or
+    /// buried with its generation and backend identity. `None` where the
+    /// backend has no identities (nothing could be found again).
+    pub fn export_handles(&self) -> Option<(Vec<u8>, Vec<crate::export_table::Entry>)> {
+        let root = self.backend.identity(self.backend.root())?;
+        let entries = self.inodes.export(
+            |ino| self.backend.identity(self.b(ino)),
+            crate::export_table::MAX_ENTRIES,
+        );
+        Some((root, entries))
+    }
+
+    /// The backend identity of the root (keys the export table).
+    pub fn root_identity(&self) -> Option<Vec<u8>> {
+        self.backend.identity(self.backend.root())
+    }
+
+    /// Take in an earlier daemon's [`Self::export_handles`]; call before
+    /// serving.
+    pub fn import_handles(&self, entries: Vec<crate::export_table::Entry>) -> usize {
+        self.inodes.import(entries)
     }
 
     /// Attributes and their TTL.
@@ -1583,19 +1622,36 @@ mod tests {
     }
 
     #[test]
-    fn a_full_map_is_not_an_error() {
-        let (fs, maps) = bpf_fs(1);
-        file(&fs, "a");
-        file(&fs, "b");
-        let a = fs.lookup(1, OsStr::new("a")).unwrap();
-        let b = fs.lookup(1, OsStr::new("b")).unwrap();
-        assert_eq!(maps.entries.lock().len(), 1);
-        assert_eq!(fs.bpf_stats().map_full, 1);
-        fs.forget(a.attr.ino, 1);
-        fs.forget(b.attr.ino, 1);
-        // Detaching releases every map reference.
+    fn a_full_map_keeps_the_recent_entries() {
+        // The model evicts the smallest key, here the oldest name.
+        let (fs, maps) = bpf_fs(4);
+        let names: Vec<String> = (0..20).map(|i| format!("f{i:02}")).collect();
+        for n in &names {
+            file(&fs, n);
+        }
+        let mut inos = Vec::new();
+        for n in &names {
+            inos.push(fs.lookup(1, OsStr::new(n)).unwrap().attr.ino);
+        }
+        assert!(maps.entries.lock().len() <= 4);
+        let st = fs.bpf_stats();
+        assert_eq!(st.map_full, 0, "a full LRU map is never an error");
+        assert!(st.evicted >= 14, "{st:?}");
+        // The mirror noticed the evictions: at most an eighth over.
+        assert!(st.entries <= 5, "{st:?}");
+        // The newest names are answered in the kernel, counted.
+        assert_eq!(maps.bpf_lookup(1, "f19"), Some(inos[19]));
+        assert_eq!(maps.bpf_lookup(1, "f00"), None);
+        for &ino in &inos {
+            fs.forget(ino, 1);
+        }
+        // Detaching takes over the BPF lookup and releases every map
+        // reference: the kernel still holds f19 once.
         drop(fs.mirror.detach());
+        assert_eq!(fs.inodes().nlookup(inos[19]), 1);
+        fs.forget(inos[19], 1);
         assert_eq!(fs.inodes().len(), 0);
+        assert_eq!(fs.inodes().excess_forgets(), 0);
     }
 
     struct Collect(Vec<(u64, String)>, usize);

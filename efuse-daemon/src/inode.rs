@@ -25,9 +25,14 @@
 //! An inode is dropped from the table when both `nlookup` and `maprefs`
 //! are zero.
 //!
-//! Generations come from one per-mount counter, so an inode number that is
+//! Generations come from one counter, so an inode number that is
 //! forgotten and later handed out again (its backing object replaced) gets a
-//! new generation.
+//! new generation. The counter starts at the time of the mount in
+//! microseconds, so a later daemon never hands out a generation an earlier
+//! one gave (an old export handle cannot name a new object by chance); a
+//! daemon that exits cleanly [`InodeTable::export`]s what it knows, and the
+//! next one [`InodeTable::import`]s it, so that export handles survive a
+//! restart where the backend can reopen objects by identity.
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -44,23 +49,76 @@ pub const FUSE_ROOT: u64 = 1;
 /// A few suffice: more than that are hard links, invalidated by inode.
 const MAX_NAMES: usize = 4;
 
+/// One inode the kernel (or a BPF map entry) holds. Kept small: a
+/// million-file dataset has a million of these (40 bytes, and one
+/// allocation for its names).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Known {
     nlookup: u64,
+    generation: u64,
+    names: Names,
+    /// The bpf tier's counts; `None` (no allocation) elsewhere.
+    bpf: Option<Box<BpfRefs>>,
+}
+
+/// See the module docs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct BpfRefs {
     maprefs: u64,
     bpf_seen: u64,
-    generation: u64,
-    names: Vec<(u64, OsString)>,
+}
+
+/// Up to [`MAX_NAMES`] (parent, name) pairs packed in one allocation:
+/// per pair, the parent (8 bytes, native order), the name's length (one
+/// byte: names are at most 255 bytes) and the name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Names(Box<[u8]>);
+
+impl Names {
+    fn iter(&self) -> impl Iterator<Item = (u64, &OsStr)> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut rest: &[u8] = &self.0;
+        std::iter::from_fn(move || {
+            if rest.len() < 9 {
+                return None;
+            }
+            let parent = u64::from_ne_bytes(rest[..8].try_into().ok()?);
+            let len = rest[8] as usize;
+            let name = rest.get(9..9 + len)?;
+            rest = &rest[9 + len..];
+            Some((parent, OsStr::from_bytes(name)))
+        })
+    }
+
+    fn add(&mut self, parent: u64, name: &OsStr) {
+        use std::os::unix::ffi::OsStrExt;
+        let b = name.as_bytes();
+        if b.len() > u8::MAX as usize
+            || self.iter().count() >= MAX_NAMES
+            || self.iter().any(|(p, n)| p == parent && n == name)
+        {
+            return;
+        }
+        let mut v = Vec::with_capacity(self.0.len() + 9 + b.len());
+        v.extend_from_slice(&self.0);
+        v.extend_from_slice(&parent.to_ne_bytes());
+        v.push(b.len() as u8);
+        v.extend_from_slice(b);
+        self.0 = v.into_boxed_slice();
+    }
+
+    fn to_vec(&self) -> Vec<(u64, OsString)> {
+        self.iter().map(|(p, n)| (p, n.to_owned())).collect()
+    }
 }
 
 impl Known {
     fn new(generation: u64) -> Self {
         Self {
             nlookup: 0,
-            maprefs: 0,
-            bpf_seen: 0,
             generation,
-            names: Vec::new(),
+            names: Names::default(),
+            bpf: None,
         }
     }
 
@@ -69,13 +127,19 @@ impl Known {
         if name == "." || name == ".." {
             return;
         }
-        if self.names.len() < MAX_NAMES && !self.names.iter().any(|(p, n)| *p == parent && n == name) {
-            self.names.push((parent, name.to_owned()));
-        }
+        self.names.add(parent, name);
+    }
+
+    fn maprefs(&self) -> u64 {
+        self.bpf.as_ref().map_or(0, |b| b.maprefs)
+    }
+
+    fn bpf(&mut self) -> &mut BpfRefs {
+        self.bpf.get_or_insert_with(Default::default)
     }
 
     fn unused(&self) -> bool {
-        self.nlookup == 0 && self.maprefs == 0
+        self.nlookup == 0 && self.maprefs() == 0
     }
 }
 
@@ -125,10 +189,13 @@ const MAX_GRAVES: usize = 1 << 16;
 impl InodeTable {
     /// A table for a backend whose root is `backend_root`.
     pub fn new(backend_root: Ino) -> Self {
+        let now_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_micros() as u64);
         Self {
             backend_root,
             known: Mutex::new(HashMap::new()),
-            next_generation: AtomicU64::new(1),
+            next_generation: AtomicU64::new(now_us.max(1)),
             excess_forgets: AtomicU64::new(0),
             graves: Mutex::new(Graves::default()),
         }
@@ -184,6 +251,66 @@ impl InodeTable {
             .map(|(_, id)| id.clone().flatten())
     }
 
+    /// Every inode known or buried with an identity, as (FUSE inode,
+    /// generation, identity), for [`Self::import`] by a later daemon;
+    /// `identity(ino)` gives the backend identity of an inode still known
+    /// (FUSE number). Buried ones most recent first, at most `max` in all.
+    pub fn export(&self, identity: impl Fn(u64) -> Option<Vec<u8>>, max: usize) -> Vec<(u64, u64, Vec<u8>)> {
+        let known: Vec<(u64, u64)> = self
+            .known
+            .lock()
+            .iter()
+            .map(|(i, k)| (*i, k.generation))
+            .collect();
+        let mut out = Vec::new();
+        for (ino, generation) in known {
+            if out.len() >= max {
+                return out;
+            }
+            if let Some(id) = identity(ino) {
+                out.push((ino, generation, id));
+            }
+        }
+        let g = self.graves.lock();
+        for ino in g.order.iter().rev() {
+            if out.len() >= max {
+                break;
+            }
+            if let Some((generation, Some(Some(id)))) = g.by_ino.get(ino) {
+                out.push((*ino, *generation, id.clone()));
+            }
+        }
+        out
+    }
+
+    /// Take in what an earlier daemon [`Self::export`]ed: each inode is
+    /// buried with its generation and identity, so that an export handle
+    /// given out then finds the same object again (or ESTALE). Call before
+    /// serving.
+    pub fn import(&self, entries: impl IntoIterator<Item = (u64, u64, Vec<u8>)>) -> usize {
+        let mut g = self.graves.lock();
+        let mut n = 0;
+        let mut max_gen = 0;
+        for (ino, generation, id) in entries {
+            if ino == FUSE_ROOT {
+                continue;
+            }
+            if g.by_ino.insert(ino, (generation, Some(Some(id)))).is_none() {
+                g.order.push_front(ino);
+            }
+            max_gen = max_gen.max(generation);
+            n += 1;
+        }
+        while g.order.len() > MAX_GRAVES {
+            if let Some(old) = g.order.pop_front() {
+                g.by_ino.remove(&old);
+            }
+        }
+        self.next_generation
+            .fetch_max(max_gen.saturating_add(1), Ordering::Relaxed);
+        n
+    }
+
     /// Record the backend identity of `ino`, just forgotten (call before
     /// the backend lets the object go).
     pub fn bury(&self, ino: u64, identity: Option<Vec<u8>>) {
@@ -230,7 +357,7 @@ impl InodeTable {
     /// Count one more BPF map entry naming `ino` (as `name` in `parent`);
     /// returns its generation. The caller holds a backend pin for it.
     pub fn map_ref(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
-        self.add_ref(ino, parent, name, |k| k.maprefs += 1, || None)
+        self.add_ref(ino, parent, name, |k| k.bpf().maprefs += 1, || None)
     }
 
     /// One BPF map entry naming `ino` is gone (call [`Self::reconcile`]
@@ -241,7 +368,8 @@ impl InodeTable {
             debug_assert!(false, "map_unref of unknown inode {ino}");
             return false;
         };
-        k.maprefs = k.maprefs.saturating_sub(1);
+        let b = k.bpf();
+        b.maprefs = b.maprefs.saturating_sub(1);
         if k.unused() {
             known.remove(&ino);
             return true;
@@ -265,9 +393,9 @@ impl InodeTable {
             }
             return 0;
         };
-        let delta = total.saturating_sub(k.bpf_seen);
+        let delta = total.saturating_sub(k.bpf.as_ref().map_or(0, |b| b.bpf_seen));
         if delta > 0 {
-            k.bpf_seen = total;
+            k.bpf().bpf_seen = total;
             k.nlookup += delta;
             pin(delta);
         }
@@ -277,13 +405,15 @@ impl InodeTable {
     /// Forget every BPF lookup count seen (the counts were reset).
     pub fn reset_bpf_seen(&self) {
         for k in self.known.lock().values_mut() {
-            k.bpf_seen = 0;
+            if let Some(b) = &mut k.bpf {
+                b.bpf_seen = 0;
+            }
         }
     }
 
     /// Inodes named by BPF map entries, and how many entries name them.
     pub fn mapped(&self) -> u64 {
-        self.known.lock().values().map(|k| k.maprefs).sum()
+        self.known.lock().values().map(|k| k.maprefs()).sum()
     }
 
     /// Every inode the kernel holds with the names it was given under.
@@ -292,7 +422,7 @@ impl InodeTable {
             .lock()
             .iter()
             .filter(|(_, k)| k.nlookup > 0)
-            .map(|(i, k)| (*i, k.names.clone()))
+            .map(|(i, k)| (*i, k.names.to_vec()))
             .collect()
     }
 
@@ -423,6 +553,52 @@ mod tests {
         t.forget(10, 1);
         t.bury(10, Some(vec![1, 2]));
         assert_ne!(t.remember_again(10, 1, OsStr::new("a"), || Some(vec![3, 4])), g);
+    }
+
+    #[test]
+    fn names_pack_and_stay_few() {
+        let mut n = Names::default();
+        n.add(1, OsStr::new("a"));
+        n.add(1, OsStr::new("a"));
+        n.add(7, OsStr::new(&"x".repeat(255)));
+        n.add(2, OsStr::new(&"y".repeat(256)));
+        assert_eq!(
+            n.to_vec(),
+            vec![(1, OsString::from("a")), (7, OsString::from("x".repeat(255)))]
+        );
+        for i in 0..10 {
+            n.add(100 + i, OsStr::new("b"));
+        }
+        assert_eq!(n.iter().count(), MAX_NAMES);
+        assert!(
+            std::mem::size_of::<Known>() <= 40,
+            "{}",
+            std::mem::size_of::<Known>()
+        );
+    }
+
+    #[test]
+    fn an_exported_table_gives_old_handles_their_generation() {
+        let a = InodeTable::new(2);
+        let g5 = a.remember(5, 1, OsStr::new("kept"));
+        let g6 = a.remember(6, 1, OsStr::new("buried"));
+        a.forget(6, 1);
+        a.bury(6, Some(vec![6, 6]));
+        let out = a.export(|ino| Some(vec![ino as u8]), 10);
+        assert_eq!(out.len(), 2);
+        let b = InodeTable::new(2);
+        assert_eq!(b.import(out), 2);
+        // The same objects get their old generations back...
+        assert_eq!(b.remember_again(5, 1, OsStr::new("kept"), || Some(vec![5])), g5);
+        assert_eq!(
+            b.remember_again(6, 1, OsStr::new("buried"), || Some(vec![6, 6])),
+            g6
+        );
+        // ...another object under a known number a new one, above both.
+        b.forget(6, 1);
+        b.bury(6, Some(vec![6, 6]));
+        let g = b.remember_again(6, 1, OsStr::new("x"), || Some(vec![9]));
+        assert!(g > g5.max(g6));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod creds;
 pub mod daemon;
+pub mod export_table;
 pub mod fs;
 pub mod fuse;
 pub mod inode;

@@ -96,6 +96,24 @@ pub trait KernelMaps: Send + Sync {
     }
     /// Delete the no-xattr record of `ino` (absent is fine).
     fn del_noxattr(&self, _ino: u64) {}
+    /// Capacities of the entry and the attribute (and no-xattr) maps: LRU
+    /// maps, which evict what the programs used least recently when the
+    /// daemon adds to a full one.
+    fn capacities(&self) -> (usize, usize) {
+        (usize::MAX, usize::MAX)
+    }
+    /// The keys in the entry map now.
+    fn entry_keys(&self) -> Vec<NameKey> {
+        Vec::new()
+    }
+    /// The inodes in the attribute map now.
+    fn attr_keys(&self) -> Vec<u64> {
+        Vec::new()
+    }
+    /// The inodes in the no-xattr map now.
+    fn noxattr_keys(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }
 
 /// The optional programs a kernel's `fuse_bpf_ops` has and that are attached.
@@ -138,6 +156,13 @@ pub struct BpfStats {
     pub expired: u64,
     /// Inserts refused because a map was full.
     pub map_full: u64,
+    /// Entries the kernel evicted from the full LRU entry map (the least
+    /// recently used), noticed and released by the daemon.
+    #[serde(default)]
+    pub evicted: u64,
+    /// Capacity of the entry map (while attached).
+    #[serde(default)]
+    pub entry_capacity: u64,
     /// Miss events received.
     pub events: u64,
     /// Directories prefetched into the maps.
@@ -411,6 +436,47 @@ impl BpfMirror {
         }
     }
 
+    /// The kernel evicts from full LRU maps without telling: once the
+    /// mirror holds an eighth more than a map can, compare it with the
+    /// map's keys and release what was evicted, as for a delete (the count
+    /// is read after the entry is gone, so none is missed). One scan per
+    /// capacity/8 inserts.
+    fn sync_evictions(&self, m: &mut Mirror, maps: &dyn KernelMaps) {
+        let (ecap, acap) = maps.capacities();
+        let over = |len: usize, cap: usize| len > cap.saturating_add((cap / 8).max(1));
+        if over(m.entries.len(), ecap) {
+            let present: HashSet<(u64, Vec<u8>)> = maps
+                .entry_keys()
+                .into_iter()
+                .map(|k| {
+                    (
+                        k.parent,
+                        k.name[..(k.namelen as usize).min(k.name.len())].to_vec(),
+                    )
+                })
+                .collect();
+            let gone: Vec<((u64, OsString), u64)> = m
+                .entries
+                .iter()
+                .filter(|((p, n), _)| !present.contains(&(*p, n.as_bytes().to_vec())))
+                .map(|(k, i)| (k.clone(), *i))
+                .collect();
+            for (slot, ino) in gone {
+                Self::remove_key(m, &slot);
+                self.unmap(m, maps, slot.0, &slot.1, ino);
+                m.stats.evicted += 1;
+            }
+        }
+        if over(m.attrs.len(), acap) {
+            let present: HashSet<u64> = maps.attr_keys().into_iter().collect();
+            m.attrs.retain(|i| present.contains(i));
+        }
+        if over(m.noxattr.len(), acap) {
+            let present: HashSet<u64> = maps.noxattr_keys().into_iter().collect();
+            m.noxattr.retain(|i| present.contains(i));
+        }
+    }
+
     fn warn_full(m: &mut Mirror, what: &str) {
         m.stats.map_full += 1;
         if !m.full_warned {
@@ -498,6 +564,7 @@ impl BpfMirror {
         match maps.put_entry(&key, &value) {
             Ok(()) => {
                 Self::insert_key(&mut m, slot, ino);
+                self.sync_evictions(&mut m, &*maps);
                 m.stats.entries = m.entries.len() as u64;
             }
             Err(e) => {
@@ -538,6 +605,7 @@ impl BpfMirror {
         match maps.put_attr(attr.ino, &value) {
             Ok(()) => {
                 m.attrs.insert(attr.ino);
+                self.sync_evictions(&mut m, &*maps);
                 m.stats.attrs = m.attrs.len() as u64;
             }
             Err(MapError::Full) => return Self::warn_full(&mut m, "attribute"),
@@ -828,6 +896,7 @@ impl BpfMirror {
         if let Some(maps) = &m.maps {
             Self::fold_counters(&mut s, &maps.counters());
             s.answers = maps.answers();
+            s.entry_capacity = maps.capacities().0.min(u64::MAX as usize) as u64;
         }
         s.opens = m.opens.len() as u64;
         s.noxattr = m.noxattr.len() as u64;
@@ -873,7 +942,11 @@ impl KernelMaps for ModelMaps {
         let mut e = self.entries.lock();
         let k = (key.parent, key.name[..key.namelen as usize].to_vec());
         if self.capacity > 0 && e.len() >= self.capacity && !e.contains_key(&k) {
-            return Err(MapError::Full);
+            // As the kernel's LRU map: room is made by evicting (here the
+            // smallest key; the kernel's choice is the least recently used).
+            if let Some(victim) = e.keys().min().cloned() {
+                e.remove(&victim);
+            }
         }
         e.insert(k, *value);
         Ok(())
@@ -915,5 +988,26 @@ impl KernelMaps for ModelMaps {
     }
     fn del_noxattr(&self, ino: u64) {
         self.noxattr.lock().remove(&ino);
+    }
+    fn capacities(&self) -> (usize, usize) {
+        let cap = if self.capacity > 0 {
+            self.capacity
+        } else {
+            usize::MAX
+        };
+        (cap, usize::MAX)
+    }
+    fn entry_keys(&self) -> Vec<NameKey> {
+        self.entries
+            .lock()
+            .keys()
+            .filter_map(|(p, n)| NameKey::new(*p, n))
+            .collect()
+    }
+    fn attr_keys(&self) -> Vec<u64> {
+        self.attrs.lock().keys().copied().collect()
+    }
+    fn noxattr_keys(&self) -> Vec<u64> {
+        self.noxattr.lock().keys().copied().collect()
     }
 }

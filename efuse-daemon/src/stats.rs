@@ -201,7 +201,7 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
             out,
             "bpf tier{}: answered in the kernel: {} lookups, {} getattrs; sent to the daemon: {} lookups, {} getattrs; \
              maps hold {} entries, {} attrs; {} miss events ({} dropped), {} directories prefetched, \
-             {} races, {} expired, {} refused by full maps",
+             {} races, {} expired, {} refused by full maps, {} evicted (least recently used)",
             if b.attached { "" } else { " (detached)" },
             b.lookup_hits,
             b.getattr_hits,
@@ -214,7 +214,8 @@ pub fn render_table(s: &MountStats, prev: Option<&MountStats>, dt: f64) -> Strin
             b.prefetches,
             b.races,
             b.expired,
-            b.map_full + b.lookups_map_full
+            b.map_full + b.lookups_map_full,
+            b.evicted
         );
         let a = b.answers;
         let _ = writeln!(

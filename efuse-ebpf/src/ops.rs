@@ -24,6 +24,15 @@
 //! back and lets the daemon answer. A full count map means "ask the
 //! daemon", never an unaccounted answer.
 //!
+//! The entry, attribute and no-xattr maps are LRU hash maps: when the
+//! daemon adds to a full one, the kernel evicts what the programs used
+//! least recently, so the maps keep the hot set of a tree larger than they
+//! are. An eviction is a delete the daemon did not make: it notices it
+//! later (it compares its mirror with the map's keys) and only then reads
+//! the count, which the protocol above makes safe for any delete. The
+//! count map and the open map (each open holds a backing file) are plain
+//! hash maps: nothing there may vanish unseen.
+//!
 //! Programs are built into their own object (not `efuse`) because aya does
 //! not know struct_ops sections; the daemon loads this object itself. The
 //! section names are only labels for that loader.
@@ -41,7 +50,7 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_ktime_get_ns, generated::bpf_probe_read_kernel},
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use efuse_common::ops::{
     AttrValue, COUNTERS, CTR_EVENTS_DROPPED, CTR_EXPIRED, CTR_GETATTR_HIT, CTR_GETATTR_MISS,
@@ -52,10 +61,10 @@ use efuse_common::ops::{
 };
 
 #[map(name = "EFUSE_ENTRIES")]
-static ENTRIES: HashMap<NameKey, EntryValue> = HashMap::with_max_entries(DEFAULT_ENTRIES, 0);
+static ENTRIES: LruHashMap<NameKey, EntryValue> = LruHashMap::with_max_entries(DEFAULT_ENTRIES, 0);
 
 #[map(name = "EFUSE_ATTRS")]
-static ATTRS: HashMap<u64, AttrValue> = HashMap::with_max_entries(DEFAULT_ATTRS, 0);
+static ATTRS: LruHashMap<u64, AttrValue> = LruHashMap::with_max_entries(DEFAULT_ATTRS, 0);
 
 #[map(name = "EFUSE_LOOKUPS")]
 static LOOKUPS: HashMap<u64, u64> = HashMap::with_max_entries(DEFAULT_LOOKUPS, 0);
@@ -70,7 +79,7 @@ static COUNTERS_MAP: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTERS, 
 static OPENS: HashMap<u64, OpenValue> = HashMap::with_max_entries(DEFAULT_OPENS, 0);
 
 #[map(name = "EFUSE_NOXATTR")]
-static NOXATTR: HashMap<u64, NoXattr> = HashMap::with_max_entries(DEFAULT_NOXATTR, 0);
+static NOXATTR: LruHashMap<u64, NoXattr> = LruHashMap::with_max_entries(DEFAULT_NOXATTR, 0);
 
 const ENOTTY: i32 = 25;
 const O_ACCMODE: u32 = 3;

@@ -300,6 +300,24 @@ impl TestMount {
         a
     }
 
+    /// Unmount cleanly, wait for the daemon to exit, and mount the same
+    /// backing directory again with a new daemon.
+    pub fn restart(&mut self) {
+        let out = Command::new(efuse_bin())
+            .arg("umount")
+            .arg(self.mnt())
+            .output()
+            .expect("efuse umount");
+        assert!(
+            out.status.success(),
+            "efuse umount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut c = self.child.take().expect("daemon");
+        wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit after umount");
+        self.start();
+    }
+
     /// Kill the daemon with SIGKILL, as a crash would.
     pub fn kill_daemon(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -165,3 +165,52 @@ fn handles_open_the_same_file_while_it_exists_then_estale() {
         );
     }
 }
+
+#[test]
+fn handles_survive_a_daemon_restart() {
+    // ext4 keeps a handle valid for as long as its file exists, across
+    // unmounts; so does efuse over a tree whose filesystem opens by handle
+    // (the daemon that exits cleanly leaves its table to the next one).
+    for setup in [
+        &["--offload", "off"][..],
+        &["--offload", "kernel"],
+        &["--offload", "kernel", "-o", "inodes=descriptors"],
+    ] {
+        let mut m = TestMount::with_args(setup);
+        for root in [m.mnt(), m.twin()] {
+            fs::create_dir_all(root.join("d/e")).unwrap();
+            fs::write(root.join("d/e/f"), b"kept").unwrap();
+            fs::write(root.join("d/gone"), b"x").unwrap();
+        }
+        let handles = |root: &Path| ["d/e/f", "d/e", "d/gone"].map(|p| handle_of(&root.join(p)).unwrap().0);
+        let hm = handles(&m.mnt());
+        let ht = handles(&m.twin());
+        // One of them only ever looked up by the new daemon, before use.
+        m.restart();
+        fs::metadata(m.m("d/e/f")).unwrap();
+        for root in [m.b("."), m.twin()] {
+            fs::remove_file(root.join("d/gone")).unwrap();
+        }
+        let mut results = Vec::new();
+        for (root, h) in [(m.mnt(), &hm), (m.twin(), &ht)] {
+            let mnt: OwnedFd = fs::File::open(&root).unwrap().into();
+            let mut r = vec![format!("{:?}", read_handle(&h[0], &mnt))];
+            let d = open_handle(&h[1], &mnt, libc::O_RDONLY | libc::O_DIRECTORY)
+                .map(|d| {
+                    fs::read_dir(format!("/proc/self/fd/{}", d.as_raw_fd()))
+                        .unwrap()
+                        .count()
+                })
+                .map_err(|e| e.raw_os_error());
+            r.push(format!("{d:?}"));
+            r.push(format!("{:?}", read_handle(&h[2], &mnt)));
+            results.push(r);
+        }
+        assert_eq!(
+            results[0], results[1],
+            "{setup:?}: handles across a restart on efuse (left) and a plain directory (right) differ"
+        );
+        assert!(results[0][0].contains("[107, 101, 112, 116]"), "{results:?}");
+        assert!(results[0][2].contains(&libc::ESTALE.to_string()), "{results:?}");
+    }
+}

@@ -579,6 +579,8 @@ fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
         fs::write(m.b(format!("f{i}")), b"x").unwrap();
     }
     m.settle();
+    // How many fail depends on how fast the kernel forgets (a loaded
+    // machine forgets slowly): only the errno is certain.
     let mut failed = Vec::new();
     for i in 0..1000 {
         if let Err(e) = fs::metadata(m.m(format!("f{i}"))) {
@@ -586,16 +588,12 @@ fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
             failed.push(i);
         }
     }
-    assert!(
-        failed.len() < 1000 - 256,
-        "{} of 1000 lookups failed",
-        failed.len()
-    );
     // The kernel was made to drop entries, far below what it looked up.
-    // (The control socket itself needs a descriptor: ask until it answers.)
+    // (The control socket itself needs a descriptor: ask until it answers.
+    // The bounds only keep a broken relief from hanging the test.)
     let mut held = u64::MAX;
     assert!(
-        eventually(Duration::from_secs(5), || {
+        eventually(Duration::from_secs(60), || {
             let (code, out, _) = efuse(&[
                 std::ffi::OsStr::new("stats"),
                 std::ffi::OsStr::new("--json"),
@@ -612,7 +610,7 @@ fn running_out_of_descriptors_makes_the_kernel_drop_entries() {
     // Every file that failed in the burst is reachable again.
     for i in failed {
         assert!(
-            eventually(Duration::from_secs(5), || fs::metadata(m.m(format!("f{i}")))
+            eventually(Duration::from_secs(60), || fs::metadata(m.m(format!("f{i}")))
                 .is_ok()),
             "f{i} stays unreachable"
         );

@@ -60,9 +60,9 @@ impl std::fmt::Display for InodeMode {
 }
 
 /// `struct file_handle` bytes (handle_bytes, handle_type, f_handle) up to
-/// this size are kept inside the node: ext4, xfs, btrfs and tmpfs handles
-/// without a parent fit.
-const INLINE: usize = 30;
+/// this size are kept inside the node: ext4, xfs and tmpfs handles without
+/// a parent fit (others take an allocation).
+const INLINE: usize = 22;
 
 /// The kernel's MAX_HANDLE_SZ.
 const MAX_HANDLE: usize = 128;
@@ -149,7 +149,8 @@ struct Node {
     fd: Option<Arc<OwnedFd>>,
     /// Handle mode: the node itself.
     handle: Option<Handle>,
-    pins: u64,
+    /// Saturates (four billion lookups of one inode without a forget).
+    pins: u32,
     /// Used since the cache last passed it (handle mode).
     hot: AtomicBool,
     /// Keep the descriptor until the node goes (see the module docs).
@@ -359,7 +360,7 @@ impl Nodes {
         let mut map = self.map.write();
         if let Some(n) = map.get_mut(&ino) {
             if ino != self.root {
-                n.pins += 1;
+                n.pins = n.pins.saturating_add(1);
             }
             if handle.is_some() && n.handle != handle && !n.sticky {
                 // The number was reused: the object the node named is gone
@@ -402,7 +403,7 @@ impl Nodes {
         let mut map = self.map.write();
         let n = map.get_mut(&ino).ok_or(BackendError::Stale(ino))?;
         if ino != self.root {
-            n.pins += 1;
+            n.pins = n.pins.saturating_add(1);
         }
         Ok(())
     }
@@ -416,7 +417,7 @@ impl Nodes {
         let Some(node) = map.get_mut(&ino) else {
             return false;
         };
-        node.pins = node.pins.saturating_sub(n);
+        node.pins = node.pins.saturating_sub(n.min(u32::MAX as u64) as u32);
         if node.pins > 0 {
             return false;
         }
@@ -457,7 +458,7 @@ impl Nodes {
     /// Pins of `ino` (0 if not held).
     #[cfg(test)]
     pub(super) fn pins(&self, ino: Ino) -> u64 {
-        self.map.read().get(&ino).map_or(0, |n| n.pins)
+        self.map.read().get(&ino).map_or(0, |n| n.pins as u64)
     }
 
     /// The handle of `ino`, in handle mode.
@@ -616,7 +617,7 @@ mod tests {
     #[test]
     fn handles_are_small() {
         assert!(
-            std::mem::size_of::<Node>() <= 56,
+            std::mem::size_of::<Node>() <= 40,
             "{}",
             std::mem::size_of::<Node>()
         );
