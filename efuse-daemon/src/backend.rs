@@ -328,6 +328,12 @@ pub trait Backend: Send + Sync + 'static {
     fn inode_mode(&self) -> Option<dir::nodes::InodeMode> {
         None
     }
+    /// Does the backend see every change in directory `dir` (its own and
+    /// its entries'), also those made behind the mount, and report them
+    /// through [`Backend::watch`]'s sink?
+    fn watched(&self, _dir: Ino) -> bool {
+        false
+    }
     /// The backend's node table, where it holds backing objects.
     fn node_stats(&self) -> Option<NodeStats> {
         None

@@ -128,6 +128,10 @@ pub struct KernelTierConfig {
     /// Watch the `dir` backend with inotify and invalidate kernel caches
     /// when the tree changes behind the mount.
     pub watch: bool,
+    /// TTL (ms) of entries in directories the watch covers (and of the
+    /// attributes of their files with one link): invalidation keeps them
+    /// coherent, so they may outlive `entry_ttl_ms`; 0 = use the plain TTLs.
+    pub watched_ttl_ms: u64,
     /// Remote backends: on the first lookup miss in a directory, fetch up
     /// to this many of its entries in one batch and answer later lookups
     /// from memory; 0 = off.
@@ -155,6 +159,7 @@ impl Default for KernelTierConfig {
             zero_open: false,
             writeback_cache: false,
             watch: true,
+            watched_ttl_ms: 3_600_000,
             prefetch_max: 4096,
             prefetch_ttl_ms: 5_000,
             staging_dir: None,

@@ -163,6 +163,11 @@ pub struct CachePolicy {
     pub keep_cache: bool,
     /// Use passthrough for opens where possible.
     pub passthrough: bool,
+    /// TTL of entries (and attributes of files with one link) in a
+    /// directory the backend watches: every change there, through the
+    /// mount or behind it, is invalidated, so the TTL need not bound
+    /// staleness (zero: the plain TTLs).
+    pub watched_ttl: Duration,
 }
 
 impl CachePolicy {
@@ -175,6 +180,7 @@ impl CachePolicy {
                 negative_ttl: Duration::ZERO,
                 keep_cache: false,
                 passthrough: false,
+                watched_ttl: Duration::ZERO,
             },
             // The bpf tier keeps the kernel tier's caching; its programs
             // answer what the dcache does not hold.
@@ -184,6 +190,7 @@ impl CachePolicy {
                 negative_ttl: Duration::from_millis(k.negative_ttl_ms),
                 keep_cache: true,
                 passthrough: k.passthrough,
+                watched_ttl: Duration::from_millis(k.watched_ttl_ms),
             },
         }
     }
@@ -718,11 +725,22 @@ impl EfuseFs {
             .inodes
             .remember_again(attr.ino, parent, name, || self.backend.identity(b));
         let p = self.policy();
+        let (mut entry_ttl, mut attr_ttl) = (p.entry_ttl, p.attr_ttl);
+        // Coherent by invalidation alone: a dataset stays cached from one
+        // epoch to the next, however long apart. A file with more links may
+        // change through a directory nobody watches: plain TTL for its
+        // attributes.
+        if p.watched_ttl > entry_ttl && self.backend.watched(self.b(parent)) {
+            entry_ttl = p.watched_ttl;
+            if attr.kind == FileKind::Dir || attr.nlink <= 1 {
+                attr_ttl = attr_ttl.max(p.watched_ttl);
+            }
+        }
         Entry {
             attr,
             generation,
-            entry_ttl: p.entry_ttl,
-            attr_ttl: p.attr_ttl,
+            entry_ttl,
+            attr_ttl,
         }
     }
 

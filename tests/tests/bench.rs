@@ -25,14 +25,23 @@ fn quick_bench_writes_table_json_and_plots() {
     ]);
     assert_eq!(code, 0, "bench failed:\n{stderr}");
     assert!(stdout.contains("| workload | target |"), "{stdout}");
+    assert!(stdout.contains("### dataset epochs"), "{stdout}");
     let json: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(out.path().join("results.json")).unwrap()).unwrap();
     let rows = json["rows"].as_array().unwrap();
     let workloads: std::collections::BTreeSet<&str> =
         rows.iter().map(|r| r["workload"].as_str().unwrap()).collect();
-    assert_eq!(workloads.len(), 11, "{workloads:?}");
+    assert_eq!(workloads.len(), 13, "{workloads:?}");
     for w in &workloads {
-        for target in ["raw", "efuse-off", "efuse-off-sim"] {
+        // The dataset epochs run on the dir backend only (a pass over the
+        // whole dataset behind simulated latency would take minutes).
+        let epoch = w.starts_with("epoch_");
+        let targets: &[&str] = if epoch {
+            &["raw", "efuse-off"]
+        } else {
+            &["raw", "efuse-off", "efuse-off-sim"]
+        };
+        for &target in targets {
             let row = rows.iter().find(|r| r["workload"] == *w && r["target"] == target);
             let row = row.unwrap_or_else(|| panic!("no {target} row for {w}"));
             assert!(row["ops"].as_u64().unwrap() > 0);
@@ -51,6 +60,13 @@ fn quick_bench_writes_table_json_and_plots() {
             .unwrap();
         if matches!(*w, "stat_warm" | "py_read" | "ls_l") {
             assert!(off["upcalls_per_op"].as_f64().unwrap() >= 1.0, "{off}");
+        }
+        // A dataset epoch reports its whole pass and the daemon's memory
+        // and descriptors after it.
+        if epoch {
+            assert!(off["pass_ns"].as_u64().unwrap() > 0, "{off}");
+            assert!(off["daemon_rss_kib"].as_u64().unwrap() > 0, "{off}");
+            assert!(off["daemon_fds"].as_u64().unwrap() > 0, "{off}");
         }
     }
     for f in [

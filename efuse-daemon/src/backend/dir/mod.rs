@@ -12,14 +12,20 @@
 //!
 //! Backend inode numbers are the backing `st_ino`.
 
+mod atime;
+mod dirents;
 pub mod nodes;
+pub use atime::Atime;
+use atime::atime_view;
+mod watch;
+mod xattr;
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{CString, OsStr};
 use std::fs::File;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -39,39 +45,6 @@ struct DirHandle {
     fd: OwnedFd,
 }
 
-/// Clears the watch thread's busy flag when a batch is handled (or left).
-struct IdleOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
-
-impl Drop for IdleOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(false, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-/// inotify state: one watch per directory the kernel holds.
-struct Watcher {
-    inotify: Arc<nix::sys::inotify::Inotify>,
-    /// The watch thread has taken events off the queue and not yet handled
-    /// them all.
-    busy: Arc<std::sync::atomic::AtomicBool>,
-    by_wd: HashMap<nix::sys::inotify::WatchDescriptor, Ino>,
-    by_ino: HashMap<Ino, nix::sys::inotify::WatchDescriptor>,
-    full_warned: bool,
-}
-
-const WATCH_MASK: nix::sys::inotify::AddWatchFlags = nix::sys::inotify::AddWatchFlags::from_bits_truncate(
-    libc::IN_CREATE
-        | libc::IN_DELETE
-        | libc::IN_MOVED_FROM
-        | libc::IN_MOVED_TO
-        | libc::IN_ATTRIB
-        | libc::IN_MODIFY
-        | libc::IN_CLOSE_WRITE
-        | libc::IN_DELETE_SELF
-        | libc::IN_MOVE_SELF
-        | libc::IN_ONLYDIR,
-);
-
 /// A local directory served as a backend. See the module docs.
 pub struct DirBackend {
     root_ino: Ino,
@@ -85,39 +58,12 @@ pub struct DirBackend {
     dirs: RwLock<HashMap<Fh, Arc<Mutex<DirHandle>>>>,
     next_fh: AtomicU64,
     /// Lock order: taken after `nodes` is released, never inside it.
-    watcher: Mutex<Option<Watcher>>,
+    watcher: Mutex<Option<watch::Watcher>>,
     self_weak: Mutex<Option<std::sync::Weak<DirBackend>>>,
 }
 
 fn cstr(name: &OsStr) -> Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| BackendError::InvalidName(name.to_owned()))
-}
-
-/// getxattrat(2)/listxattrat(2) (Linux 6.13+): read attributes through the
-/// O_PATH descriptor itself. Without them every call resolves the
-/// `/proc/self/fd/N` path (a procfs lookup and a magic-link walk).
-const SYS_GETXATTRAT: libc::c_long = 464;
-const SYS_LISTXATTRAT: libc::c_long = 465;
-
-/// `struct xattr_args`.
-#[repr(C)]
-struct XattrArgs {
-    value: u64,
-    size: u32,
-    flags: u32,
-}
-
-/// The `*xattrat` calls may be used (cleared at the first ENOSYS).
-static XATTR_AT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
-
-/// The kernel has no `*xattrat` syscalls (ENOSYS; EBADF where an older
-/// kernel refuses an O_PATH descriptor): remember, and use the path.
-fn xattr_at_missing<T>(r: &Result<T>) -> bool {
-    let missing = matches!(r, Err(e) if matches!(e.to_errno(), libc::ENOSYS | libc::EBADF));
-    if missing {
-        XATTR_AT.store(false, Ordering::Relaxed);
-    }
-    missing
 }
 
 fn proc_path(fd: RawFd) -> CString {
@@ -192,46 +138,6 @@ fn check(op: &'static str, rc: libc::c_int) -> Result<libc::c_int> {
 
 fn ts(sec: i64, nsec: i64) -> SystemTime {
     crate::unixtime::from_unix(sec, nsec)
-}
-
-/// An atime mode of a mount.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Atime {
-    /// `noatime`: reads never update atimes.
-    No,
-    /// `relatime`: only when atime is older than mtime/ctime or a day.
-    Rel,
-    /// `strictatime`: every read.
-    Strict,
-}
-
-impl Atime {
-    /// The atime mode an efuse mount's options ask for (the last one
-    /// named wins, as with mount(8)); None if they name none.
-    pub fn of_options(options: &[String]) -> Option<Self> {
-        options.iter().rev().find_map(|o| match o.as_str() {
-            "noatime" => Some(Atime::No),
-            "relatime" => Some(Atime::Rel),
-            "strictatime" => Some(Atime::Strict),
-            _ => None,
-        })
-    }
-
-    fn mount_attr(self) -> u64 {
-        match self {
-            Atime::No => 0x10,
-            Atime::Rel => 0x00,
-            Atime::Strict => 0x20,
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Atime::No => "noatime",
-            Atime::Rel => "relatime",
-            Atime::Strict => "strictatime",
-        }
-    }
 }
 
 /// Convert a `struct stat` to [`Attr`].
@@ -328,44 +234,6 @@ fn open_root(root: &Path) -> anyhow::Result<OwnedFd> {
     }
     // SAFETY: `fd` was just returned by open and is not owned elsewhere.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// A private, detached copy of `root`'s mount with atime mode `mode`
-/// (open_tree and mount_setattr, Linux 5.12+); `None` where the kernel
-/// cannot.
-fn atime_view(root: &Path, mode: Atime) -> anyhow::Result<Option<OwnedFd>> {
-    use anyhow::Context;
-    let c = CString::new(root.as_os_str().as_bytes()).context("backend path contains NUL")?;
-    const OPEN_TREE_CLONE: libc::c_uint = 1;
-    const MOUNT_ATTR_ATIME_MASK: u64 = 0x70;
-    // SAFETY: valid C string; the returned fd is owned below.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_open_tree,
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
-        )
-    };
-    if fd < 0 {
-        return Ok(None);
-    }
-    // SAFETY: a descriptor we own from here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
-    // struct mount_attr: attr_set, attr_clr, propagation, userns_fd.
-    let attr: [u64; 4] = [mode.mount_attr(), MOUNT_ATTR_ATIME_MASK, 0, 0];
-    // SAFETY: valid fd, empty C string, and a mount_attr of the size passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH as libc::c_uint,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr),
-        )
-    };
-    Ok((rc == 0).then_some(fd))
 }
 
 impl DirBackend {
@@ -512,41 +380,6 @@ impl DirBackend {
         }
     }
 
-    fn add_watch(&self, ino: Ino, fd: &OwnedFd) {
-        let mut w = self.watcher.lock();
-        let Some(w) = w.as_mut() else { return };
-        if w.by_ino.contains_key(&ino) {
-            return;
-        }
-        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
-        match w.inotify.add_watch(path.as_str(), WATCH_MASK) {
-            Ok(wd) => {
-                tracing::trace!(ino, ?wd, "inotify watch added");
-                w.by_wd.insert(wd, ino);
-                w.by_ino.insert(ino, wd);
-            }
-            Err(e) => {
-                if !w.full_warned {
-                    w.full_warned = true;
-                    tracing::warn!(
-                        "inotify watch failed ({e}); changes behind the mount in further directories \
-                         are seen only after the cache TTL (raise fs.inotify.max_user_watches)"
-                    );
-                }
-            }
-        }
-    }
-
-    fn remove_watch(&self, ino: Ino) {
-        let mut w = self.watcher.lock();
-        if let Some(w) = w.as_mut()
-            && let Some(wd) = w.by_ino.remove(&ino)
-        {
-            w.by_wd.remove(&wd);
-            let _ = w.inotify.rm_watch(wd);
-        }
-    }
-
     /// Give newly created `name` under `parent_fd` to the caller.
     /// Give a new object its creator as owner, as the kernel's
     /// inode_init_owner() would have: the caller's uid, and the caller's gid
@@ -577,73 +410,15 @@ impl DirBackend {
         }
         Ok(())
     }
-
-    fn xattr_target(&self, ino: Ino) -> Result<(Arc<OwnedFd>, CString)> {
-        let fd = self.fd(ino)?;
-        let p = proc_path(fd.as_raw_fd());
-        Ok((fd, p))
-    }
-
-    /// Call an xattr getter twice: once for the size, once for the data.
-    fn xattr_buf(op: &'static str, f: impl Fn(*mut libc::c_void, usize) -> isize) -> Result<Vec<u8>> {
-        loop {
-            let size = f(std::ptr::null_mut(), 0);
-            if size < 0 {
-                return Err(BackendError::last_os(op));
-            }
-            let mut buf = vec![0u8; size as usize];
-            let got = f(buf.as_mut_ptr().cast(), buf.len());
-            if got < 0 {
-                let e = std::io::Error::last_os_error();
-                // Grew between the two calls: ask again.
-                if e.raw_os_error() == Some(libc::ERANGE) {
-                    continue;
-                }
-                return Err(BackendError::io(op, e));
-            }
-            buf.truncate(got as usize);
-            return Ok(buf);
-        }
-    }
-}
-
-/// Parse a `getdents64` buffer into entries.
-fn parse_dirents(buf: &[u8], out: &mut Vec<(OsString, u64, u8, u64)>) {
-    let mut pos = 0;
-    while pos + 19 <= buf.len() {
-        let ino = u64::from_ne_bytes(buf[pos..pos + 8].try_into().expect("8 bytes"));
-        let off = u64::from_ne_bytes(buf[pos + 8..pos + 16].try_into().expect("8 bytes"));
-        let reclen = u16::from_ne_bytes(buf[pos + 16..pos + 18].try_into().expect("2 bytes")) as usize;
-        let dtype = buf[pos + 18];
-        if reclen == 0 || pos + reclen > buf.len() {
-            break;
-        }
-        let name_bytes = &buf[pos + 19..pos + reclen];
-        let len = name_bytes
-            .iter()
-            .position(|&b| b == 0)
-            .unwrap_or(name_bytes.len());
-        out.push((OsString::from_vec(name_bytes[..len].to_vec()), ino, dtype, off));
-        pos += reclen;
-    }
-}
-
-fn kind_from_dtype(d: u8) -> Option<FileKind> {
-    Some(match d {
-        libc::DT_REG => FileKind::File,
-        libc::DT_DIR => FileKind::Dir,
-        libc::DT_LNK => FileKind::Symlink,
-        libc::DT_FIFO => FileKind::Fifo,
-        libc::DT_SOCK => FileKind::Socket,
-        libc::DT_CHR => FileKind::CharDev,
-        libc::DT_BLK => FileKind::BlockDev,
-        _ => return None,
-    })
 }
 
 impl Backend for DirBackend {
     fn inode_mode(&self) -> Option<nodes::InodeMode> {
         Some(self.nodes.mode())
+    }
+
+    fn watched(&self, dir: Ino) -> bool {
+        self.watching(dir)
     }
 
     fn node_stats(&self) -> Option<super::NodeStats> {
@@ -1042,114 +817,11 @@ impl Backend for DirBackend {
     }
 
     fn readdir(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<DirEntry>> {
-        let h = self
-            .dirs
-            .read()
-            .get(&dh)
-            .cloned()
-            .ok_or(BackendError::Stale(dh))?;
-        let h = h.lock();
-        // SAFETY: valid fd.
-        let rc = unsafe { libc::lseek(h.fd.as_raw_fd(), offset as libc::off_t, libc::SEEK_SET) };
-        if rc < 0 {
-            return Err(BackendError::last_os("seekdir"));
-        }
-        let mut out = Vec::new();
-        let mut raw = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        while out.len() < max {
-            // SAFETY: valid fd and buffer of the given length.
-            let n = unsafe {
-                libc::syscall(
-                    libc::SYS_getdents64,
-                    h.fd.as_raw_fd(),
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                )
-            };
-            if n < 0 {
-                return Err(BackendError::last_os("getdents64"));
-            }
-            if n == 0 {
-                break;
-            }
-            raw.clear();
-            parse_dirents(&buf[..n as usize], &mut raw);
-            for (name, ino, dtype, next) in raw.drain(..) {
-                if out.len() >= max {
-                    break;
-                }
-                let kind = match kind_from_dtype(dtype) {
-                    Some(k) => k,
-                    None => {
-                        let c = cstr(&name)?;
-                        let mut st = MaybeUninit::<libc::stat>::uninit();
-                        // SAFETY: valid dirfd, C string and out pointer.
-                        let rc = unsafe {
-                            libc::fstatat(
-                                h.fd.as_raw_fd(),
-                                c.as_ptr(),
-                                st.as_mut_ptr(),
-                                libc::AT_SYMLINK_NOFOLLOW,
-                            )
-                        };
-                        if rc < 0 {
-                            continue;
-                        }
-                        // SAFETY: fstatat succeeded.
-                        FileKind::from_mode(unsafe { st.assume_init() }.st_mode).unwrap_or(FileKind::File)
-                    }
-                };
-                out.push(DirEntry {
-                    name,
-                    ino,
-                    kind,
-                    next,
-                });
-            }
-        }
-        Ok(out)
+        self.dir_read(dh, offset, max)
     }
 
     fn readdir_plus(&self, dh: Fh, offset: u64, max: usize) -> Result<Vec<(DirEntry, Attr)>> {
-        let dir_ino = self
-            .dirs
-            .read()
-            .get(&dh)
-            .map(|h| h.lock().ino)
-            .ok_or(BackendError::Stale(dh))?;
-        let entries = self.readdir(dh, offset, max)?;
-        let pfd = self.fd(dir_ino)?;
-        let mut out = Vec::with_capacity(entries.len());
-        for e in entries {
-            let b = e.name.as_bytes();
-            if b == b"." || b == b".." {
-                let attr = if b == b"." {
-                    self.getattr(dir_ino)?
-                } else {
-                    // Only the name and kind of `..` matter to the kernel.
-                    let mut a = self.getattr(dir_ino)?;
-                    a.ino = e.ino;
-                    a
-                };
-                out.push((e, attr));
-                continue;
-            }
-            match self.pin_child(pfd.as_raw_fd(), &e.name) {
-                Ok(attr) => out.push((
-                    DirEntry {
-                        ino: attr.ino,
-                        kind: attr.kind,
-                        ..e
-                    },
-                    attr,
-                )),
-                // Removed since the listing, or a hidden mount point: skip.
-                Err(BackendError::NotFound | BackendError::CrossDevice) => {}
-                Err(err) => return Err(err),
-            }
-        }
-        Ok(out)
+        self.dir_read_plus(dh, offset, max)
     }
 
     fn releasedir(&self, dh: Fh) {
@@ -1178,92 +850,19 @@ impl Backend for DirBackend {
     }
 
     fn getxattr(&self, ino: Ino, name: &OsStr) -> Result<Vec<u8>> {
-        let n = cstr(name)?;
-        if XATTR_AT.load(Ordering::Relaxed) {
-            let fd = self.fd(ino)?;
-            let r = Self::xattr_buf("getxattrat", |p, len| {
-                let mut args = XattrArgs {
-                    value: p as u64,
-                    size: len as u32,
-                    flags: 0,
-                };
-                // SAFETY: a valid descriptor, C strings, and `args` naming a
-                // buffer of `len` bytes (or null, 0).
-                unsafe {
-                    libc::syscall(
-                        SYS_GETXATTRAT,
-                        fd.as_raw_fd(),
-                        c"".as_ptr(),
-                        libc::AT_EMPTY_PATH,
-                        n.as_ptr(),
-                        &mut args as *mut XattrArgs,
-                        std::mem::size_of::<XattrArgs>(),
-                    ) as isize
-                }
-            });
-            if !xattr_at_missing(&r) {
-                return r;
-            }
-        }
-        let (_fd, path) = self.xattr_target(ino)?;
-        Self::xattr_buf("getxattr", |p, len| {
-            // SAFETY: valid C strings and a buffer of `len` bytes (or null, 0).
-            unsafe { libc::getxattr(path.as_ptr(), n.as_ptr(), p, len) }
-        })
+        self.xattr_get(ino, name)
     }
 
     fn setxattr(&self, ino: Ino, name: &OsStr, value: &[u8], flags: i32) -> Result<()> {
-        let (_fd, path) = self.xattr_target(ino)?;
-        let n = cstr(name)?;
-        // SAFETY: valid C strings and value slice.
-        let rc = unsafe {
-            libc::setxattr(
-                path.as_ptr(),
-                n.as_ptr(),
-                value.as_ptr().cast(),
-                value.len(),
-                flags,
-            )
-        };
-        check("setxattr", rc)?;
-        Ok(())
+        self.xattr_set(ino, name, value, flags)
     }
 
     fn listxattr(&self, ino: Ino) -> Result<Vec<u8>> {
-        if XATTR_AT.load(Ordering::Relaxed) {
-            let fd = self.fd(ino)?;
-            let r = Self::xattr_buf("listxattrat", |p, len| {
-                // SAFETY: a valid descriptor and a buffer of `len` bytes (or null, 0).
-                unsafe {
-                    libc::syscall(
-                        SYS_LISTXATTRAT,
-                        fd.as_raw_fd(),
-                        c"".as_ptr(),
-                        libc::AT_EMPTY_PATH,
-                        p,
-                        len,
-                    ) as isize
-                }
-            });
-            if !xattr_at_missing(&r) {
-                return r;
-            }
-        }
-        let (_fd, path) = self.xattr_target(ino)?;
-        Self::xattr_buf("listxattr", |p, len| {
-            // SAFETY: valid C string and a buffer of `len` bytes (or null, 0).
-            unsafe { libc::listxattr(path.as_ptr(), p.cast(), len) }
-        })
+        self.xattr_list(ino)
     }
 
     fn removexattr(&self, ino: Ino, name: &OsStr) -> Result<()> {
-        let (_fd, path) = self.xattr_target(ino)?;
-        let n = cstr(name)?;
-        // SAFETY: valid C strings.
-        check("removexattr", unsafe {
-            libc::removexattr(path.as_ptr(), n.as_ptr())
-        })?;
-        Ok(())
+        self.xattr_remove(ino, name)
     }
 
     fn fallocate(&self, fh: Fh, offset: u64, len: u64, mode: i32) -> Result<()> {
@@ -1390,106 +989,11 @@ impl Backend for DirBackend {
     }
 
     fn changes_pending(&self) -> bool {
-        let w = self.watcher.lock();
-        let Some(w) = w.as_ref() else { return false };
-        if w.busy.load(std::sync::atomic::Ordering::SeqCst) {
-            return true;
-        }
-        let mut queued: libc::c_int = 0;
-        let fd = std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&*w.inotify));
-        // SAFETY: FIONREAD writes one int.
-        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut queued) };
-        rc == 0 && queued > 0
+        self.watch_pending()
     }
 
     fn watch(&self, sink: super::ChangeSink) -> anyhow::Result<bool> {
-        use nix::sys::inotify::{InitFlags, Inotify};
-        let inotify = Arc::new(Inotify::init(InitFlags::IN_CLOEXEC)?);
-        let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        *self.watcher.lock() = Some(Watcher {
-            inotify: inotify.clone(),
-            busy: busy.clone(),
-            by_wd: HashMap::new(),
-            by_ino: HashMap::new(),
-            full_warned: false,
-        });
-        // Watch every directory already pinned (at least the root).
-        let dirs = self.nodes.open_nodes();
-        for (ino, fd) in dirs {
-            if fstat_fd(fd.as_raw_fd()).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFDIR) {
-                self.add_watch(ino, &fd);
-            }
-        }
-        let me = self.self_weak.lock().clone();
-        std::thread::Builder::new()
-            .name("efuse-inotify".into())
-            .spawn(move || {
-                loop {
-                    // Wait until events are queued, then say so before
-                    // taking them off the queue: `changes_pending` is true
-                    // from the moment an event is queued until it has been
-                    // handled.
-                    let mut pfd = libc::pollfd {
-                        fd: std::os::fd::AsRawFd::as_raw_fd(&std::os::fd::AsFd::as_fd(&*inotify)),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    if unsafe { libc::poll(&mut pfd, 1, -1) } < 0 {
-                        continue;
-                    }
-                    busy.store(true, std::sync::atomic::Ordering::SeqCst);
-                    let _idle = IdleOnDrop(&busy);
-                    let events = match inotify.read_events() {
-                        Ok(ev) if ev.is_empty() => continue,
-                        Ok(ev) => ev,
-                        Err(nix::errno::Errno::EINTR) => continue,
-                        Err(e) => {
-                            tracing::warn!("inotify read failed, no more change events: {e}");
-                            return;
-                        }
-                    };
-                    let Some(me) = me.as_ref().and_then(std::sync::Weak::upgrade) else {
-                        tracing::debug!("backend gone; inotify thread exits");
-                        return;
-                    };
-                    for ev in events {
-                        tracing::trace!(?ev, "inotify event");
-                        if ev.mask.contains(nix::sys::inotify::AddWatchFlags::IN_Q_OVERFLOW) {
-                            sink(super::ChangeEvent::Overflow);
-                            continue;
-                        }
-                        let dir = me
-                            .watcher
-                            .lock()
-                            .as_ref()
-                            .and_then(|w| w.by_wd.get(&ev.wd).copied());
-                        let Some(dir) = dir else { continue };
-                        let child = ev.name.as_ref().and_then(|n| {
-                            let pfd = me.fd(dir).ok()?;
-                            let c = cstr(n).ok()?;
-                            let mut st = MaybeUninit::<libc::stat>::uninit();
-                            // SAFETY: valid dirfd, C string and out pointer.
-                            let rc = unsafe {
-                                libc::fstatat(
-                                    pfd.as_raw_fd(),
-                                    c.as_ptr(),
-                                    st.as_mut_ptr(),
-                                    libc::AT_SYMLINK_NOFOLLOW,
-                                )
-                            };
-                            // SAFETY: fstatat succeeded.
-                            (rc == 0).then(|| unsafe { st.assume_init() }.st_ino)
-                        });
-                        sink(super::ChangeEvent::Changed {
-                            dir,
-                            name: ev.name,
-                            child,
-                        });
-                    }
-                }
-            })?;
-        Ok(true)
+        self.watch_start(sink)
     }
 }
 
