@@ -45,8 +45,14 @@ pub enum Command {
     /// Load a directory tree of a `bpf`-tier mount into its BPF maps, so
     /// its first accesses are answered in the kernel.
     Prefetch(PrefetchArgs),
-    /// Run the latency comparison: raw directory, plain FUSE, efuse tiers, peer FUSE filesystems.
-    Bench(BenchArgs),
+    /// Run the latency comparison: raw directory, plain FUSE, efuse tiers, peer FUSE filesystems
+    /// (runs the efuse-bench program installed beside efuse; `efuse bench --help` lists its options).
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// Arguments of efuse-bench.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
     /// efuse's FUSE module with the BPF hook (efuse.ko) for this kernel:
     /// install, status, remove.
     #[command(subcommand)]
@@ -71,30 +77,6 @@ pub struct PrefetchArgs {
     /// Most entries to load.
     #[arg(long, default_value_t = 65_536)]
     pub max: usize,
-}
-
-/// `efuse bench`.
-#[derive(Debug, Args, Clone)]
-pub struct BenchArgs {
-    /// Small dataset and few repetitions (under 2 minutes).
-    #[arg(long)]
-    pub quick: bool,
-    /// Where results.md, results.json and the plots go.
-    #[arg(long, default_value = "bench-out")]
-    pub out: PathBuf,
-    /// Where the bench makes its scratch directory `efuse-bench/` (dataset, mount points) [default: $TMPDIR].
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
-    /// Keep the dataset in the scratch directory afterwards.
-    #[arg(long)]
-    pub keep: bool,
-    /// Files of the dataset-epoch workload [default: 1,000,000; 20,000 with --quick].
-    #[arg(long)]
-    pub files: Option<usize>,
-    /// Run only these workloads (comma-separated: stat, cold-lookup, walk, open-read, seq-read,
-    /// rand-read, create-unlink, loader, py-read, ls-l, epoch).
-    #[arg(long, value_delimiter = ',')]
-    pub only: Vec<String>,
 }
 
 /// `efuse stats`.

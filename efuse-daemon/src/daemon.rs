@@ -617,8 +617,47 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     } else {
         (None, Some("disabled (--trace off)".to_string()))
     };
-    let fs =
-        Arc::new(EfuseFs::new(backend, cfg.offload, cfg.kernel.clone()).with_bpf_config(cfg.bpf.clone()));
+    let k = &cfg.kernel;
+    let mut staging_dir = None;
+    let mut staging = None;
+    if backend.is_remote() && k.passthrough && k.staging_max_mib > 0 {
+        let dir = k
+            .staging_dir
+            .clone()
+            .unwrap_or_else(|| Path::new("/var/cache/efuse").join(mount_id(mp)));
+        match crate::staging::Staging::open(&dir, k.staging_max_mib << 20, k.staging_max_file_mib << 20) {
+            Ok(s) => {
+                tracing::info!(dir = %dir.display(), "staging remote files locally for passthrough");
+                staging = Some(s);
+                staging_dir = Some(dir);
+            }
+            Err(e) => {
+                tracing::warn!("no local staging ({e:#}); remote files are read through the page cache")
+            }
+        }
+    }
+    let fs = Arc::new(EfuseFs::build(
+        backend,
+        crate::fs::FsConfig {
+            tier: cfg.offload,
+            kernel: cfg.kernel.clone(),
+            bpf: cfg.bpf.clone(),
+            xattr: cfg.xattr,
+            others_may_use: cfg
+                .options
+                .iter()
+                .any(|o| o == "allow_other" || o == "allow_root"),
+            bpf_refusal: allow_root(cfg).then_some(ALLOW_ROOT_NO_BPF),
+            staging,
+        },
+    ));
+    if !fs.xattrs() {
+        tracing::info!(
+            backend = %kind,
+            "extended attributes off (-o xattr={}): the kernel answers EOPNOTSUPP after the first request",
+            cfg.xattr
+        );
+    }
     // Export handles an earlier daemon of this tree gave out stay valid.
     let handle_table = (cfg.backend == BackendKind::Dir)
         .then(|| cfg.source.clone())
@@ -631,40 +670,6 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             tracing::info!(n, "export handles of the previous daemon taken over");
         }
     }
-    let k = &cfg.kernel;
-    let mut staging_dir = None;
-    if fs.backend().is_remote() && k.passthrough && k.staging_max_mib > 0 {
-        let dir = k
-            .staging_dir
-            .clone()
-            .unwrap_or_else(|| Path::new("/var/cache/efuse").join(mount_id(mp)));
-        match crate::staging::Staging::open(&dir, k.staging_max_mib << 20, k.staging_max_file_mib << 20) {
-            Ok(s) => {
-                tracing::info!(dir = %dir.display(), "staging remote files locally for passthrough");
-                fs.set_staging(s);
-                staging_dir = Some(dir);
-            }
-            Err(e) => {
-                tracing::warn!("no local staging ({e:#}); remote files are read through the page cache")
-            }
-        }
-    }
-    fs.set_xattrs(cfg.xattr);
-    if allow_root(cfg) {
-        fs.refuse_bpf(ALLOW_ROOT_NO_BPF);
-    }
-    if !fs.xattrs() {
-        tracing::info!(
-            backend = %kind,
-            "extended attributes off (-o xattr={}): the kernel answers EOPNOTSUPP after the first request",
-            cfg.xattr
-        );
-    }
-    fs.set_posix_acl(
-        cfg.options
-            .iter()
-            .any(|o| o == "allow_other" || o == "allow_root"),
-    );
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
     let (spec, others) = fuse_config(cfg);
@@ -675,11 +680,13 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
     let dev = connection_of(mp).unwrap_or(0);
     let allow_root = cfg.options.iter().any(|o| o == "allow_root");
     let (f2, m2) = (fs.clone(), metrics.clone());
-    let mut notify_dev = None;
+    // What needs the session is handed over before its first request is
+    // read: no request is served without its kernel invalidations.
+    fs.set_connection(dev, fuse);
     let session = crate::transport::Session::start(
         fd,
         |dev| {
-            notify_dev = Some(dev.clone());
+            f2.set_notifier(Arc::new(crate::fuse::Notify::new(dev.clone())));
             let d = crate::fuse::Dispatcher::new(f2, m2, dev);
             // SAFETY: geteuid cannot fail.
             let me = unsafe { libc::geteuid() };
@@ -701,11 +708,7 @@ fn serve(cfg: &MountConfig, mp: &Path, log: Option<PathBuf>, ready: &mut Option<
             return Err(e).with_context(|| format!("cannot serve {}", mp.display()));
         }
     };
-    if let Some(d) = notify_dev {
-        fs.set_notifier(Arc::new(crate::fuse::Notify::new(d)));
-    }
     let transport = session.in_use().clone();
-    fs.set_connection(dev, fuse);
     if cfg.offload == Offload::Bpf
         && let Err(e) = fs.attach_bpf()
     {

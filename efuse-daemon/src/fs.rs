@@ -231,14 +231,14 @@ const READDIR_BATCH: usize = 256;
 pub struct EfuseFs {
     backend: SharedBackend,
     /// Ask the kernel to enforce POSIX ACLs (see [`EfuseFs::posix_acl`]).
-    posix_acl: std::sync::atomic::AtomicBool,
+    posix_acl: bool,
     /// `-o xattr` resolved to none: xattr requests are answered ENOSYS.
-    no_xattrs: std::sync::atomic::AtomicBool,
+    no_xattrs: bool,
     /// Writable handles and their inodes: while an inode has one, the bpf
     /// tier answers nothing about it (see `BpfMirror::writer_opened`).
     writer_fhs: parking_lot::Mutex<HashMap<Fh, u64>>,
     /// Why this mount may not use the bpf tier, if it may not.
-    bpf_refusal: std::sync::OnceLock<&'static str>,
+    bpf_refusal: Option<&'static str>,
     inodes: Arc<InodeTable>,
     kernel_cfg: KernelTierConfig,
     /// What the bpf tier's maps hold (inactive unless attached).
@@ -264,12 +264,69 @@ pub struct EfuseFs {
     /// Metadata cache with batched prefetch (remote backends only).
     meta: Option<crate::cache::MetaCache>,
     /// Local copies for passthrough on remote backends.
-    staging: std::sync::OnceLock<crate::staging::Staging>,
+    staging: Option<crate::staging::Staging>,
+}
+
+/// Everything a filesystem is built from, in one pass ([`EfuseFs::build`]);
+/// only what needs the FUSE session (the notifier, the connection, its
+/// backing ids) is handed over later, before the first request is read.
+pub struct FsConfig {
+    /// The tier to start in.
+    pub tier: Offload,
+    /// Settings of the kernel tier.
+    pub kernel: KernelTierConfig,
+    /// Settings of the bpf tier.
+    pub bpf: crate::config::BpfConfig,
+    /// `-o xattr=`.
+    pub xattr: crate::config::Xattr,
+    /// Other users may use the mount (`allow_other`, `allow_root`): the
+    /// kernel enforces POSIX ACLs where the backend keeps them.
+    pub others_may_use: bool,
+    /// Why the mount may never use the bpf tier, if it may not.
+    pub bpf_refusal: Option<&'static str>,
+    /// Local copies for passthrough (remote backends).
+    pub staging: Option<crate::staging::Staging>,
+}
+
+impl FsConfig {
+    /// `tier` with default settings (tests, tools).
+    pub fn tier(tier: Offload, kernel: KernelTierConfig) -> Self {
+        Self {
+            tier,
+            kernel,
+            bpf: crate::config::BpfConfig::default(),
+            xattr: crate::config::Xattr::Auto,
+            others_may_use: false,
+            bpf_refusal: None,
+            staging: None,
+        }
+    }
 }
 
 impl EfuseFs {
-    /// A filesystem over `backend` starting in `tier`.
+    /// A filesystem over `backend` starting in `tier`, other settings
+    /// default.
     pub fn new(backend: SharedBackend, tier: Offload, kernel_cfg: KernelTierConfig) -> Self {
+        Self::build(backend, FsConfig::tier(tier, kernel_cfg))
+    }
+
+    /// A filesystem over `backend` as `cfg` says.
+    pub fn build(backend: SharedBackend, cfg: FsConfig) -> Self {
+        let FsConfig {
+            tier,
+            kernel: kernel_cfg,
+            bpf: bpf_cfg,
+            xattr,
+            others_may_use,
+            bpf_refusal,
+            staging,
+        } = cfg;
+        let xattrs = match xattr {
+            crate::config::Xattr::On => true,
+            crate::config::Xattr::Off => false,
+            crate::config::Xattr::Auto => backend.xattrs(),
+        };
+        let posix_acl = others_may_use && xattrs && backend.posix_acl();
         let root = backend.root();
         let policy = CachePolicy::for_tier(tier, &kernel_cfg);
         let meta = (backend.is_remote() && kernel_cfg.prefetch_max > 0).then(|| {
@@ -296,16 +353,18 @@ impl EfuseFs {
         } else {
             limit_budget
         };
+        let mirror = crate::offload::BpfMirror::new(
+            inodes.clone(),
+            backend.clone(),
+            if per_inode_fd { fd_budget / 2 } else { usize::MAX },
+        );
+        mirror.set_xattrs(xattrs);
         Self {
             meta,
-            staging: std::sync::OnceLock::new(),
-            mirror: crate::offload::BpfMirror::new(
-                inodes.clone(),
-                backend.clone(),
-                if per_inode_fd { fd_budget / 2 } else { usize::MAX },
-            ),
+            staging,
+            mirror,
             bpf: parking_lot::Mutex::new(None),
-            bpf_cfg: crate::config::BpfConfig::default(),
+            bpf_cfg,
             connection: std::sync::OnceLock::new(),
             bpf_hook: parking_lot::Mutex::new(None),
             backend,
@@ -314,20 +373,14 @@ impl EfuseFs {
             tier: parking_lot::RwLock::new((tier, policy)),
             inode_handles: parking_lot::Mutex::new(std::collections::HashMap::new()),
             handle_clock: std::sync::atomic::AtomicU64::new(0),
-            posix_acl: std::sync::atomic::AtomicBool::new(false),
-            no_xattrs: std::sync::atomic::AtomicBool::new(false),
+            posix_acl,
+            no_xattrs: !xattrs,
             writer_fhs: parking_lot::Mutex::new(HashMap::new()),
-            bpf_refusal: std::sync::OnceLock::new(),
+            bpf_refusal,
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
             notifier: std::sync::OnceLock::new(),
         }
-    }
-
-    /// Use `cfg` for the bpf tier's maps.
-    pub fn with_bpf_config(mut self, cfg: crate::config::BpfConfig) -> Self {
-        self.bpf_cfg = cfg;
-        self
     }
 
     /// The mount is up on connection `dev` of `fuse`.
@@ -348,7 +401,7 @@ impl EfuseFs {
     /// Load the bpf tier's programs and attach them to this mount's
     /// connection; on failure nothing is attached and the error says why.
     pub fn attach_bpf(self: &Arc<Self>) -> anyhow::Result<()> {
-        if let Some(why) = self.bpf_refusal.get() {
+        if let Some(why) = self.bpf_refusal {
             anyhow::bail!("{why}");
         }
         let mut slot = self.bpf.lock();
@@ -503,14 +556,9 @@ impl EfuseFs {
         Ok(ino)
     }
 
-    /// Stage remote files locally so passthrough can serve them.
-    pub fn set_staging(&self, s: crate::staging::Staging) {
-        let _ = self.staging.set(s);
-    }
-
     /// A staged local copy of `ino` (`a`) open as `fh`, if staging applies.
     fn staged_copy(&self, fh: Fh, a: &Attr) -> Option<Arc<std::fs::File>> {
-        let s = self.staging.get()?;
+        let s = self.staging.as_ref()?;
         if a.kind != FileKind::File {
             return None;
         }
@@ -615,33 +663,9 @@ impl EfuseFs {
         count
     }
 
-    /// Offer POSIX ACLs to the kernel if the mount lets other users in
-    /// (`allow_other`/`allow_root`) and the backend keeps ACLs.
-    pub fn set_posix_acl(&self, others_may_use: bool) {
-        let on = others_may_use && self.xattrs() && self.backend.posix_acl();
-        self.posix_acl.store(on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Serve extended attributes (`-o xattr=`): `auto` where the backend
-    /// keeps them.
-    pub fn set_xattrs(&self, mode: crate::config::Xattr) {
-        let on = match mode {
-            crate::config::Xattr::On => true,
-            crate::config::Xattr::Off => false,
-            crate::config::Xattr::Auto => self.backend.xattrs(),
-        };
-        self.no_xattrs.store(!on, std::sync::atomic::Ordering::Relaxed);
-        self.mirror.set_xattrs(on);
-    }
-
-    /// Never use the bpf tier on this mount, for `why`.
-    pub fn refuse_bpf(&self, why: &'static str) {
-        let _ = self.bpf_refusal.set(why);
-    }
-
     /// Is the bpf tier refused on this mount?
     pub fn bpf_refused(&self) -> bool {
-        self.bpf_refusal.get().is_some()
+        self.bpf_refusal.is_some()
     }
 
     /// The connection's passthrough backing ids (once the session exists).
@@ -657,12 +681,12 @@ impl EfuseFs {
 
     /// Whether extended attributes are served.
     pub fn xattrs(&self) -> bool {
-        !self.no_xattrs.load(std::sync::atomic::Ordering::Relaxed)
+        !self.no_xattrs
     }
 
     /// Whether INIT asks for FUSE_POSIX_ACL.
     pub fn posix_acl(&self) -> bool {
-        self.posix_acl.load(std::sync::atomic::Ordering::Relaxed)
+        self.posix_acl
     }
 
     /// Settings of the kernel tier.
@@ -1085,7 +1109,7 @@ impl EfuseFs {
         let p = self.policy();
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
 
-        let stage = p.passthrough && read_only && self.staging.get().is_some();
+        let stage = p.passthrough && read_only && self.staging.is_some();
         // Staging keys copies by the attributes at open: get them with the open.
         let (fh, attr) = if stage {
             let (fh, a) = self.backend.open_attr(self.b(ino), flags)?;
@@ -1507,10 +1531,12 @@ mod tests {
     /// A `bpf`-tier filesystem over an in-memory tree with a model of the
     /// kernel maps attached.
     fn bpf_fs(capacity: usize) -> (EfuseFs, Arc<crate::offload::ModelMaps>) {
-        let fs = EfuseFs::new(
+        let fs = EfuseFs::build(
             Arc::new(MemBackend::new()),
-            Offload::Bpf,
-            KernelTierConfig::default(),
+            FsConfig {
+                xattr: crate::config::Xattr::On,
+                ..FsConfig::tier(Offload::Bpf, KernelTierConfig::default())
+            },
         );
         let maps = Arc::new(crate::offload::ModelMaps {
             capacity,
@@ -1562,7 +1588,6 @@ mod tests {
     #[test]
     fn xattr_records_follow_changes_and_writers() {
         let (fs, maps) = bpf_fs(0);
-        fs.set_xattrs(crate::config::Xattr::On);
         let ino = file(&fs, "f");
         fs.lookup(1, OsStr::new("f")).unwrap();
         // No attributes: recorded with the backend's errno per namespace.

@@ -666,37 +666,24 @@ fn set_time(t: Option<std::time::SystemTime>) -> SetTime {
     }
 }
 
-fn type_bits(k: FileKind) -> u32 {
-    match k {
-        FileKind::File => libc::S_IFREG,
-        FileKind::Dir => libc::S_IFDIR,
-        FileKind::Symlink => libc::S_IFLNK,
-        FileKind::Fifo => libc::S_IFIFO,
-        FileKind::Socket => libc::S_IFSOCK,
-        FileKind::CharDev => libc::S_IFCHR,
-        FileKind::BlockDev => libc::S_IFBLK,
-    }
-}
-
-/// `struct fuse_attr` (88 bytes).
+/// `struct fuse_attr` (88 bytes), from the one conversion
+/// ([`wire::fuse_attr`]) the bpf tier's maps use too.
 fn attr(out: &mut Out, a: &Attr) {
-    let (at, atn) = wire::time(a.atime);
-    let (mt, mtn) = wire::time(a.mtime);
-    let (ct, ctn) = wire::time(a.ctime);
-    for v in [a.ino, a.size, a.blocks, at, mt, ct] {
+    let f = wire::fuse_attr(a);
+    for v in [f.ino, f.size, f.blocks, f.atime, f.mtime, f.ctime] {
         out.u64(v);
     }
     for v in [
-        atn,
-        mtn,
-        ctn,
-        type_bits(a.kind) | a.perm as u32,
-        a.nlink,
-        a.uid,
-        a.gid,
-        a.rdev,
-        a.blksize,
-        0,
+        f.atimensec,
+        f.mtimensec,
+        f.ctimensec,
+        f.mode,
+        f.nlink,
+        f.uid,
+        f.gid,
+        f.rdev,
+        f.blksize,
+        f.flags,
     ] {
         out.u32(v);
     }
@@ -787,7 +774,7 @@ impl Dirents<'_, '_> {
         self.out.u64(ino);
         self.out.u64(next);
         self.out.u32(name.len() as u32);
-        self.out.u32(type_bits(kind) >> 12);
+        self.out.u32(kind.mode_bits() >> 12);
         self.out.put(name);
         self.out.zeros(padded - len);
     }

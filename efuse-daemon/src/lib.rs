@@ -11,7 +11,6 @@
 #![warn(missing_docs)]
 
 pub mod backend;
-pub mod bench;
 pub mod bpf;
 pub mod cache;
 pub mod cli;
@@ -30,7 +29,6 @@ pub mod metrics;
 pub mod mount;
 pub mod offload;
 pub mod passthrough;
-pub mod plot;
 pub mod staging;
 pub mod stats;
 pub mod trace;
@@ -65,7 +63,7 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
         cli::Command::Umount(u) => daemon::umount(u),
         cli::Command::Status(s) => daemon::status(s),
         cli::Command::Stats(s) => stats::run(s),
-        cli::Command::Bench(b) => bench::run(b),
+        cli::Command::Bench { args } => run_bench(args),
         cli::Command::Offload(o) => daemon::offload(o),
         cli::Command::Prefetch(p) => daemon::prefetch(p),
         cli::Command::Kmod(k) => match k {
@@ -81,6 +79,24 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
             1
         }
     }
+}
+
+/// `efuse bench`: the benchmark and its plots are a program of their own
+/// (`efuse-bench`, crate efuse-bench), so the daemon links no plotting;
+/// this runs the one installed beside `efuse`, else the one on PATH.
+fn run_bench(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("efuse-bench")))
+        .filter(|p| p.exists());
+    let prog = beside.unwrap_or_else(|| "efuse-bench".into());
+    let e = std::process::Command::new(&prog).args(args).exec();
+    anyhow::bail!(
+        "cannot run {} ({e}): `efuse bench` runs the efuse-bench program; build it with \
+         `cargo build --release -p efuse-bench` and install it beside efuse",
+        prog.display()
+    )
 }
 
 /// Invoked as `mount.fuse.efuse` (mount(8), fstab): translate the arguments.

@@ -40,11 +40,11 @@ use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use efuse_common::ops::{
-    AttrValue, COUNTERS, EntryValue, FOPEN_NOFLUSH, FOPEN_PASSTHROUGH, FuseAttr, FuseAttrOut, FuseEntryOut,
-    NameKey, NoXattr, OpenValue,
+    AttrValue, COUNTERS, EntryValue, FOPEN_NOFLUSH, FOPEN_PASSTHROUGH, FuseAttrOut, FuseEntryOut, NameKey,
+    NoXattr, OpenValue,
 };
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -251,35 +251,7 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// The same conversion as the daemon's replies (before 1970 too).
-fn split_time(t: SystemTime) -> (u64, u32) {
-    crate::unixtime::to_fuse(t)
-}
-
-/// The kernel's `struct fuse_attr` for attributes with a FUSE inode number.
-pub fn fuse_attr(a: &Attr) -> FuseAttr {
-    let (atime, atimensec) = split_time(a.atime);
-    let (mtime, mtimensec) = split_time(a.mtime);
-    let (ctime, ctimensec) = split_time(a.ctime);
-    FuseAttr {
-        ino: a.ino,
-        size: a.size,
-        blocks: a.blocks,
-        atime,
-        mtime,
-        ctime,
-        atimensec,
-        mtimensec,
-        ctimensec,
-        mode: a.kind.mode_bits() | u32::from(a.perm),
-        nlink: a.nlink,
-        uid: a.uid,
-        gid: a.gid,
-        rdev: a.rdev,
-        blksize: a.blksize,
-        flags: 0,
-    }
-}
+pub use crate::transport::wire::fuse_attr;
 
 fn deadline(now: u64, ttl: Duration) -> u64 {
     now.saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64)

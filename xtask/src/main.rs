@@ -286,7 +286,14 @@ pub(crate) fn cargo() -> Command {
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup()?;
     // The real-mount tests run the efuse binary: build it first.
-    run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--package",
+        "efuse-daemon",
+        "--package",
+        "efuse-bench",
+        "--bins",
+    ]))?;
     if args.is_empty() {
         // The standards every change is held to.
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -417,7 +424,14 @@ fn failure_output(output: &str, test: &str) -> Option<String> {
 
 fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
     setup()?;
-    run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--package",
+        "efuse-daemon",
+        "--package",
+        "efuse-bench",
+        "--bins",
+    ]))?;
     run(cargo().args(["test", "--package", "efuse-tests", "--no-run"]))?;
     let _load = load.then(Load::start);
     let mut failures: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
@@ -517,7 +531,15 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     setup()?;
-    run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "efuse-daemon",
+        "--package",
+        "efuse-bench",
+        "--bins",
+    ]))?;
     let efuse = root().join("target/release/efuse");
     let base = std::env::temp_dir().join("efuse-demo");
     let (src, mnt) = (base.join("data"), base.join("mnt"));
@@ -558,7 +580,15 @@ fn demo() -> anyhow::Result<()> {
 
 fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
     setup()?;
-    run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"]))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "efuse-daemon",
+        "--package",
+        "efuse-bench",
+        "--bins",
+    ]))?;
     let mut cmd = Command::new(root().join("target/release/efuse"));
     cmd.arg("bench").arg("--out").arg(out);
     if quick {
@@ -570,7 +600,15 @@ fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
-        Cmd::Build => run(cargo().args(["build", "--release", "--package", "efuse-daemon", "--bins"])),
+        Cmd::Build => run(cargo().args([
+            "build",
+            "--release",
+            "--package",
+            "efuse-daemon",
+            "--package",
+            "efuse-bench",
+            "--bins",
+        ])),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Soak { repeat, load, long } => soak(repeat, load, long),
@@ -581,14 +619,28 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Kmod => {
-            run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+            run(cargo().args([
+                "build",
+                "--package",
+                "efuse-daemon",
+                "--package",
+                "efuse-bench",
+                "--bins",
+            ]))?;
             let g = stock_guest()?;
             println!("{}", g.module.unwrap_or_default().display());
             Ok(())
         }
         Cmd::Vm { add, patched, cmd } => {
             setup()?;
-            run(cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+            run(cargo().args([
+                "build",
+                "--package",
+                "efuse-daemon",
+                "--package",
+                "efuse-bench",
+                "--bins",
+            ]))?;
             let guest = if patched {
                 efuse_tests::vm::Guest {
                     kernel: vm::patched_kernel()?,

@@ -223,7 +223,14 @@ pub fn module(k: &StockKernel) -> anyhow::Result<PathBuf> {
     let started = std::time::Instant::now();
     let efuse = root().join("target/debug/efuse");
     if !efuse.exists() {
-        run(crate::cargo().args(["build", "--package", "efuse-daemon", "--bins"]))?;
+        run(crate::cargo().args([
+            "build",
+            "--package",
+            "efuse-daemon",
+            "--package",
+            "efuse-bench",
+            "--bins",
+        ]))?;
     }
     run(Command::new(&efuse)
         .args(["kmod", "install", "--no-load", "--kernel", &k.release])

@@ -744,6 +744,31 @@ pub fn time(t: SystemTime) -> (u64, u32) {
     crate::unixtime::to_fuse(t)
 }
 
+/// The kernel's `struct fuse_attr` for attributes with a FUSE inode number.
+pub fn fuse_attr(a: &crate::backend::Attr) -> efuse_common::ops::FuseAttr {
+    let (atime, atimensec) = time(a.atime);
+    let (mtime, mtimensec) = time(a.mtime);
+    let (ctime, ctimensec) = time(a.ctime);
+    efuse_common::ops::FuseAttr {
+        ino: a.ino,
+        size: a.size,
+        blocks: a.blocks,
+        atime,
+        mtime,
+        ctime,
+        atimensec,
+        mtimensec,
+        ctimensec,
+        mode: a.kind.mode_bits() | u32::from(a.perm),
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
 /// The out-header for a reply of `body` bytes (error 0) or an errno.
 pub fn out_header(unique: u64, error: i32, body: usize) -> [u8; OUT_HEADER_LEN] {
     let mut h = [0u8; OUT_HEADER_LEN];

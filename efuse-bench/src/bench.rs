@@ -1,4 +1,4 @@
-//! `efuse bench`: the same workloads on the raw backing directory, efuse
+//! `efuse bench` (the `efuse-bench` program): the same workloads on the raw backing directory, efuse
 //! at every tier this kernel offers, and peer FUSE filesystems, with the
 //! `dir` backend and with simulated 3FS latency (`sim`).
 //!
@@ -26,8 +26,8 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
-use crate::cli::BenchArgs;
-use crate::control::query_stats;
+use crate::BenchArgs;
+use efuse::control::query_stats;
 
 /// Sizes of the dataset and the passes.
 #[derive(Clone, Debug, Serialize)]
@@ -258,11 +258,21 @@ fn cpu_ns(pid: u32) -> Option<u64> {
     Some(sum)
 }
 
+/// The `efuse` program: beside this one (as cargo builds and installs
+/// them), else on PATH.
+fn efuse_program() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join("efuse")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| "efuse".into())
+}
+
 impl Drop for Target {
     fn drop(&mut self) {
         if self.mounted {
             if self.efuse {
-                let _ = Command::new(std::env::current_exe().unwrap_or_else(|_| "efuse".into()))
+                let _ = Command::new(efuse_program())
                     .arg("umount")
                     .arg("--force")
                     .arg(&self.root)
@@ -272,7 +282,7 @@ impl Drop for Target {
             }
             // Whatever happened above (no efuse binary to run, a peer's
             // mount): abort and detach what is still mounted here.
-            if let Some(m) = crate::daemon::mountinfo()
+            if let Some(m) = efuse::daemon::mountinfo()
                 .unwrap_or_default()
                 .into_iter()
                 .rev()
@@ -297,7 +307,7 @@ fn drop_caches() {
 fn wait_mounted(p: &Path, secs: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
-        if crate::daemon::connection_of(p).is_some() && fs::read_dir(p).is_ok() {
+        if efuse::daemon::connection_of(p).is_some() && fs::read_dir(p).is_ok() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -403,7 +413,7 @@ impl Bench {
         let mnt = self.work.join("mnt").join(name);
         fs::create_dir_all(&mnt)?;
         let log = self.out.join("logs").join(format!("{name}.log"));
-        let mut cmd = Command::new(std::env::current_exe()?);
+        let mut cmd = Command::new(efuse_program());
         cmd.arg("mount")
             .arg(&self.data)
             .arg(&mnt)
@@ -418,7 +428,7 @@ impl Bench {
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        let daemon = crate::daemon::read_record(&mnt).map(|r| r.pid);
+        let daemon = efuse::daemon::read_record(&mnt).map(|r| r.pid);
         Ok(Target {
             name: name.into(),
             backend,
@@ -783,7 +793,7 @@ fn on_signal_unmount(work: &Path) -> anyhow::Result<()> {
             let _sweep = MOUNTING.lock();
             eprintln!("efuse bench: {sig}: unmounting its targets");
             let mnt = work.join("mnt");
-            for m in crate::daemon::mountinfo().unwrap_or_default() {
+            for m in efuse::daemon::mountinfo().unwrap_or_default() {
                 if m.mountpoint.starts_with(&mnt) {
                     m.abort();
                     let _ = nix::mount::umount2(&m.mountpoint, nix::mount::MntFlags::MNT_DETACH);
@@ -909,12 +919,12 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("efuse bench mounts filesystems and must run as root");
     }
     let started = Instant::now();
-    let out = crate::daemon::absolute(&args.out)?;
+    let out = efuse::daemon::absolute(&args.out)?;
     fs::create_dir_all(out.join("logs"))?;
     // Everything the bench creates and deletes lives in a directory of its
     // own, never in the user's --work-dir itself.
     let work = match &args.work_dir {
-        Some(w) => crate::daemon::absolute(w)?,
+        Some(w) => efuse::daemon::absolute(w)?,
         None => std::env::temp_dir(),
     }
     .join("efuse-bench");
@@ -1094,7 +1104,7 @@ fn ratio(x: Option<f64>) -> String {
 }
 
 fn markdown(r: &Report) -> String {
-    use crate::stats::fmt_ns;
+    use efuse::stats::fmt_ns;
     let mut s = String::new();
     let _ = writeln!(
         s,
