@@ -287,7 +287,7 @@ pub fn prefetch(mp: &Path, rel: &Path, max: usize) -> anyhow::Result<usize> {
 
 /// Socket path of a mount.
 pub fn socket_path(mp: &Path) -> PathBuf {
-    Path::new(crate::daemon::STATE_DIR).join(format!("{}.sock", crate::daemon::mount_id(mp)))
+    Path::new(crate::state::STATE_DIR).join(format!("{}.sock", crate::state::mount_id(mp)))
 }
 
 /// Serve the control socket on a background thread; also drains the trace

@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bpf;
 pub mod cache;
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod control;
 pub mod creds;
@@ -30,6 +31,7 @@ pub mod mount;
 pub mod offload;
 pub mod passthrough;
 pub mod staging;
+pub mod state;
 pub mod stats;
 pub mod trace;
 pub mod transport;
@@ -59,13 +61,13 @@ pub fn run(args: Vec<std::ffi::OsString>) -> i32 {
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     let res = match &cli.command {
-        cli::Command::Mount(m) => daemon::mount(m),
-        cli::Command::Umount(u) => daemon::umount(u),
-        cli::Command::Status(s) => daemon::status(s),
+        cli::Command::Mount(m) => commands::mount(m),
+        cli::Command::Umount(u) => commands::umount(u),
+        cli::Command::Status(s) => commands::status(s),
         cli::Command::Stats(s) => stats::run(s),
         cli::Command::Bench { args } => run_bench(args),
-        cli::Command::Offload(o) => daemon::offload(o),
-        cli::Command::Prefetch(p) => daemon::prefetch(p),
+        cli::Command::Offload(o) => commands::offload(o),
+        cli::Command::Prefetch(p) => commands::prefetch(p),
         cli::Command::Kmod(k) => match k {
             kmod::KmodCommand::Install(a) => kmod::install(a),
             kmod::KmodCommand::Status => kmod::status(),
