@@ -50,15 +50,60 @@ pub const FUSE_ROOT: u64 = 1;
 const MAX_NAMES: usize = 4;
 
 /// One inode the kernel (or a BPF map entry) holds. Kept small: a
-/// million-file dataset has a million of these (40 bytes, and one
-/// allocation for its names).
+/// million-file dataset has a million of these (32 bytes, and one
+/// allocation for its names); the bpf tier's counts live beside them
+/// ([`Table::bpf`]), only for inodes that have any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Known {
     nlookup: u64,
     generation: u64,
     names: Names,
-    /// The bpf tier's counts; `None` (no allocation) elsewhere.
-    bpf: Option<Box<BpfRefs>>,
+}
+
+/// The inodes the table holds, and the bpf tier's counts of those that
+/// have any.
+#[derive(Debug, Default)]
+struct Table {
+    known: HashMap<u64, Known>,
+    bpf: HashMap<u64, BpfRefs>,
+}
+
+impl std::ops::Deref for Table {
+    type Target = HashMap<u64, Known>;
+    fn deref(&self) -> &Self::Target {
+        &self.known
+    }
+}
+
+impl std::ops::DerefMut for Table {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.known
+    }
+}
+
+impl Table {
+    fn maprefs(&self, ino: u64) -> u64 {
+        self.bpf.get(&ino).map_or(0, |b| b.maprefs)
+    }
+
+    /// Neither the kernel nor a map entry refers to `ino`.
+    fn unused(&self, ino: u64) -> bool {
+        self.known.get(&ino).is_none_or(|k| k.nlookup == 0) && self.maprefs(ino) == 0
+    }
+
+    fn remove_inode(&mut self, ino: u64) {
+        self.known.remove(&ino);
+        self.bpf.remove(&ino);
+    }
+}
+
+/// Which reference [`InodeTable::add_ref`] adds.
+#[derive(Clone, Copy)]
+enum Ref {
+    /// A lookup the kernel got.
+    Lookup,
+    /// A BPF map entry.
+    Map,
 }
 
 /// See the module docs.
@@ -118,7 +163,6 @@ impl Known {
             nlookup: 0,
             generation,
             names: Names::default(),
-            bpf: None,
         }
     }
 
@@ -128,18 +172,6 @@ impl Known {
             return;
         }
         self.names.add(parent, name);
-    }
-
-    fn maprefs(&self) -> u64 {
-        self.bpf.as_ref().map_or(0, |b| b.maprefs)
-    }
-
-    fn bpf(&mut self) -> &mut BpfRefs {
-        self.bpf.get_or_insert_with(Default::default)
-    }
-
-    fn unused(&self) -> bool {
-        self.nlookup == 0 && self.maprefs() == 0
     }
 }
 
@@ -156,7 +188,7 @@ pub struct Forgotten {
 #[derive(Debug)]
 pub struct InodeTable {
     backend_root: Ino,
-    known: Mutex<HashMap<u64, Known>>,
+    known: Mutex<Table>,
     next_generation: AtomicU64,
     /// FORGETs for more than the table counted (or for unknown inodes):
     /// each one is a lookup the daemon missed, i.e. an inode it could have
@@ -194,7 +226,7 @@ impl InodeTable {
             .map_or(1, |d| d.as_micros() as u64);
         Self {
             backend_root,
-            known: Mutex::new(HashMap::new()),
+            known: Mutex::new(Table::default()),
             next_generation: AtomicU64::new(now_us.max(1)),
             excess_forgets: AtomicU64::new(0),
             graves: Mutex::new(Graves::default()),
@@ -226,7 +258,7 @@ impl InodeTable {
     /// Count one more kernel reference to FUSE inode `ino`, handed out as
     /// `name` in `parent`; returns its generation.
     pub fn remember(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
-        self.add_ref(ino, parent, name, |k| k.nlookup += 1, || None)
+        self.add_ref(ino, parent, name, Ref::Lookup, || None)
     }
 
     /// As [`Self::remember`], for an inode that may have been forgotten
@@ -239,7 +271,7 @@ impl InodeTable {
         name: &OsStr,
         identity: impl FnOnce() -> Option<Vec<u8>>,
     ) -> u64 {
-        self.add_ref(ino, parent, name, |k| k.nlookup += 1, identity)
+        self.add_ref(ino, parent, name, Ref::Lookup, identity)
     }
 
     /// The identity a forgotten inode had (see [`Self::bury`]), if kept.
@@ -332,46 +364,53 @@ impl InodeTable {
         }
     }
 
-    /// Find or create `ino` (named `name` in `parent`), let `count` add a
-    /// reference, and return its generation. The root is never counted.
+    /// Find or create `ino` (named `name` in `parent`), add a reference
+    /// of kind `r`, and return its generation. The root is never counted.
     fn add_ref(
         &self,
         ino: u64,
         parent: u64,
         name: &OsStr,
-        count: impl FnOnce(&mut Known),
+        r: Ref,
         identity: impl FnOnce() -> Option<Vec<u8>>,
     ) -> u64 {
         if ino == FUSE_ROOT {
             return 0;
         }
-        let mut known = self.known.lock();
-        let k = known
+        let mut t = self.known.lock();
+        let k = t
+            .known
             .entry(ino)
             .or_insert_with(|| Known::new(self.new_generation(ino, identity)));
-        count(k);
+        if let Ref::Lookup = r {
+            k.nlookup += 1;
+        }
         k.add_name(parent, name);
-        k.generation
+        let generation = k.generation;
+        if let Ref::Map = r {
+            t.bpf.entry(ino).or_default().maprefs += 1;
+        }
+        generation
     }
 
     /// Count one more BPF map entry naming `ino` (as `name` in `parent`);
     /// returns its generation. The caller holds a backend pin for it.
     pub fn map_ref(&self, ino: u64, parent: u64, name: &OsStr) -> u64 {
-        self.add_ref(ino, parent, name, |k| k.bpf().maprefs += 1, || None)
+        self.add_ref(ino, parent, name, Ref::Map, || None)
     }
 
     /// One BPF map entry naming `ino` is gone (call [`Self::reconcile`]
     /// first); true if the inode left the table.
     pub fn map_unref(&self, ino: u64) -> bool {
-        let mut known = self.known.lock();
-        let Some(k) = known.get_mut(&ino) else {
+        let mut t = self.known.lock();
+        if !t.known.contains_key(&ino) {
             debug_assert!(false, "map_unref of unknown inode {ino}");
             return false;
-        };
-        let b = k.bpf();
+        }
+        let b = t.bpf.entry(ino).or_default();
         b.maprefs = b.maprefs.saturating_sub(1);
-        if k.unused() {
-            known.remove(&ino);
+        if t.unused(ino) {
+            t.remove_inode(ino);
             return true;
         }
         false
@@ -382,8 +421,9 @@ impl InodeTable {
     /// the table lock, so no concurrent forget can unpin first) to take
     /// their backend pins. Returns how many were added.
     pub fn reconcile(&self, ino: u64, total: u64, pin: impl FnOnce(u64)) -> u64 {
-        let mut known = self.known.lock();
-        let Some(k) = known.get_mut(&ino) else {
+        let mut t = self.known.lock();
+        let seen = t.bpf.get(&ino).map_or(0, |b| b.bpf_seen);
+        let Some(k) = t.known.get_mut(&ino) else {
             if total > 0 {
                 tracing::warn!(
                     ino,
@@ -393,10 +433,10 @@ impl InodeTable {
             }
             return 0;
         };
-        let delta = total.saturating_sub(k.bpf.as_ref().map_or(0, |b| b.bpf_seen));
+        let delta = total.saturating_sub(seen);
         if delta > 0 {
-            k.bpf().bpf_seen = total;
             k.nlookup += delta;
+            t.bpf.entry(ino).or_default().bpf_seen = total;
             pin(delta);
         }
         delta
@@ -404,16 +444,14 @@ impl InodeTable {
 
     /// Forget every BPF lookup count seen (the counts were reset).
     pub fn reset_bpf_seen(&self) {
-        for k in self.known.lock().values_mut() {
-            if let Some(b) = &mut k.bpf {
-                b.bpf_seen = 0;
-            }
+        for b in self.known.lock().bpf.values_mut() {
+            b.bpf_seen = 0;
         }
     }
 
     /// Inodes named by BPF map entries, and how many entries name them.
     pub fn mapped(&self) -> u64 {
-        self.known.lock().values().map(|k| k.maprefs()).sum()
+        self.known.lock().bpf.values().map(|b| b.maprefs).sum()
     }
 
     /// Every inode the kernel holds with the names it was given under.
@@ -459,10 +497,10 @@ impl InodeTable {
             n
         };
         k.nlookup -= taken;
-        let removed = k.unused();
+        let g = k.generation;
+        let removed = known.unused(ino);
         if removed {
-            let g = k.generation;
-            known.remove(&ino);
+            known.remove_inode(ino);
             let mut graves = self.graves.lock();
             if graves.by_ino.insert(ino, (g, None)).is_none() {
                 graves.order.push_back(ino);
@@ -571,7 +609,7 @@ mod tests {
         }
         assert_eq!(n.iter().count(), MAX_NAMES);
         assert!(
-            std::mem::size_of::<Known>() <= 40,
+            std::mem::size_of::<Known>() <= 32,
             "{}",
             std::mem::size_of::<Known>()
         );
