@@ -224,7 +224,7 @@ pub(crate) fn serve(
     let kind = backend.kind();
     // Tracing starts before the mount so that FUSE_INIT is counted.
     let slow_ns = cfg.trace_slow_us * 1000;
-    let (tracer, trace_off_reason) = if cfg.trace {
+    let (mut tracer, trace_off_reason) = if cfg.trace {
         match crate::trace::Tracer::start(slow_ns, fuse.trace_system()) {
             Ok(t) => (Some(t), None),
             Err(e) => {
@@ -291,6 +291,9 @@ pub(crate) fn serve(
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
     let (spec, others) = fuse_config(cfg);
+    if let Some(t) = tracer.as_mut() {
+        t.mark();
+    }
     let fd = crate::mount::mount_fuse(mp, &spec, fuse)
         .with_context(|| format!("cannot mount on {}", mp.display()))?;
     // The module's control filesystem is nobody else's to mount.

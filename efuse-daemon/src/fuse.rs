@@ -17,10 +17,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::backend::{Attr, Caller, FileKind, SetAttr, SetTime};
-use crate::fs::{DirPlusReplier, DirReplier, Entry, FsError, FsResult, Opened, SharedFs, XattrReply};
+use crate::fs::{
+    DirPlusReplier, DirReplier, Entry, FsError, FsResult, Opened, SharedFs, XattrReply, fopen_flags,
+};
 use crate::metrics::{Metrics, op};
 use crate::passthrough::Passthrough;
-use crate::transport::abi::{self, fopen, init as initf};
+use crate::transport::abi::{self, init as initf};
 use crate::transport::wire::{self, InHeader, InitIn, Out, Req};
 
 /// What INIT negotiated.
@@ -345,7 +347,10 @@ impl Dispatcher {
                 newname,
             } => self.fs.rename(ino, name, newdir, newname, flags),
             Req::Link { oldnodeid, name } => self.fs.link(oldnodeid, ino, name).map(|e| entry_out(out, &e)),
-            Req::Open { flags } => self.open(h, flags, out),
+            Req::Open { flags } => self
+                .fs
+                .open_for_kernel(ino, flags as i32, caller(h, 0))
+                .map(|k| open_out(out, k.fh, k.flags, k.backing_id)),
             Req::Read { fh, offset, size } => {
                 // Straight into the reply buffer: no copy, no allocation.
                 let buf = out.spare(size as usize);
@@ -374,7 +379,7 @@ impl Dispatcher {
             }),
             Req::Release { fh } => {
                 if fh != 0 {
-                    self.released(fh);
+                    self.fs.released_by_kernel(fh);
                     self.fs.release(fh);
                 }
                 Ok(())
@@ -521,105 +526,6 @@ impl Dispatcher {
             }
         }
     }
-
-    fn open(&self, h: &InHeader, flags: u32, out: &mut Out) -> FsResult<()> {
-        let ino = h.nodeid;
-        if self.zero_open() {
-            // ENOSYS makes the kernel stop sending OPEN (and RELEASE) for
-            // files on this connection: opens cost no message at all.
-            return Err(FsError::Errno(libc::ENOSYS));
-        }
-        let who = caller(h, 0);
-        let mut o = self.fs.open(ino, flags as i32)?;
-        // Writes to a file whose S_ISGID this caller's first write must
-        // clear go through the daemon, which clears it (passthrough writes
-        // would keep it).
-        let at_risk = o.writable && self.fs.sgid_at_risk(ino, who).is_some();
-        if at_risk {
-            o.flags.passthrough = false;
-        }
-        self.reply_open(ino, o, out, at_risk.then_some(who))
-    }
-
-    /// Reply to an open: passthrough when wanted, granted and consistent
-    /// with the inode's other opens; else a cached open. `sgid_writer`: a
-    /// writer whose writes must clear the file's S_ISGID (see
-    /// `EfuseFs::drop_sgid`); should the inode have to stay in passthrough
-    /// (other opens use it), the bit is cleared now, since no write of this
-    /// open will reach the daemon.
-    fn reply_open(&self, ino: u64, o: Opened, out: &mut Out, sgid_writer: Option<Caller>) -> FsResult<()> {
-        let sgid_now = self.reply_open_locked(ino, o, out)?;
-        // Outside the passthrough lock: this takes the mirror's (the bpf
-        // tier takes that one first, then this).
-        if sgid_now && let Some(who) = sgid_writer {
-            let _ = self.fs.drop_sgid(ino, who);
-        }
-        Ok(())
-    }
-
-    /// [`Self::reply_open`] under the passthrough lock; true if the open
-    /// got a live backing id (so a writer's S_ISGID must be cleared now).
-    fn reply_open_locked(&self, ino: u64, o: Opened, out: &mut Out) -> FsResult<bool> {
-        let mut b = self.pt.state();
-        let live_staged = b
-            .by_ino
-            .get(&ino)
-            .is_some_and(|(w, staged)| *staged && w.strong_count() > 0);
-        if live_staged && o.writable {
-            // Readers are served from a read-only local copy; the kernel
-            // cannot mix their passthrough with a writer's open.
-            drop(b);
-            self.fs.release(o.fh);
-            return Err(FsError::Errno(libc::ETXTBSY));
-        }
-        let live = b.live(ino);
-        let has_cached = b.has_cached(ino);
-        let want = live.is_some()
-            || (o.flags.passthrough
-                && !has_cached
-                && self.negotiated.passthrough.load(Ordering::Relaxed)
-                && !self.negotiated.passthrough_refused.load(Ordering::Relaxed));
-        let sgid_now = live.is_some();
-        // An inode with a live passthrough open must get passthrough for
-        // every open (the kernel fails a cached open of it with EIO), also
-        // for an open that asked for none (the off tier, after a switch):
-        // the live backing id serves it; a backing file is needed only to
-        // register a new one.
-        let id = match (want, live, o.backing.as_ref()) {
-            (true, Some(id), _) => Some(Ok(id)),
-            (true, None, Some(file)) => Some(self.pt.register(file)),
-            _ => None,
-        };
-        match id {
-            Some(Ok(id)) => {
-                let staged = o.staged || live_staged;
-                b.by_ino.insert(ino, (Arc::downgrade(&id), staged));
-                b.by_fh.insert(o.fh, (ino, id.clone()));
-                let flags = (fopen_flags(&o) & !fopen::KEEP_CACHE) | fopen::PASSTHROUGH;
-                open_out(out, o.fh, flags, id.id);
-                return Ok(sgid_now);
-            }
-            Some(Err(e)) if !self.negotiated.passthrough_refused.swap(true, Ordering::Relaxed) => {
-                self.pt.set_granted(false);
-                tracing::warn!(
-                    "FUSE passthrough refused by the kernel ({e}); reads use the page cache \
-                     (FOPEN_KEEP_CACHE) from now on"
-                );
-            }
-            _ => {}
-        }
-        b.add_cached(o.fh, ino);
-        open_out(out, o.fh, fopen_flags(&o), 0);
-        Ok(sgid_now)
-    }
-
-    fn released(&self, fh: u64) {
-        self.pt.released(fh);
-    }
-
-    fn zero_open(&self) -> bool {
-        self.fs.kernel_cfg().zero_open && self.fs.tier() != crate::config::Offload::Off
-    }
 }
 
 fn log_error(opcode: u32, e: &FsError) {
@@ -632,20 +538,10 @@ fn log_error(opcode: u32, e: &FsError) {
 
 impl Dispatcher {
     /// The reply to CREATE or TMPFILE: the entry and the open.
-    fn created(&self, out: &mut Out, e: &crate::fs::Entry, mut o: crate::fs::Opened) {
-        if self.zero_open() {
-            // Zero-message opens: once OPEN got ENOSYS the kernel sends no
-            // RELEASE for any file of the connection, created ones
-            // included, so a handle given here would never be closed (one
-            // descriptor leaked per create). The file's I/O uses the
-            // inode's shared handle, as every other open's does.
-            self.fs.release(o.fh);
-            o.fh = 0;
-        } else {
-            self.pt.state().add_cached(o.fh, e.attr.ino);
-        }
+    fn created(&self, out: &mut Out, e: &crate::fs::Entry, o: Opened) {
+        let k = self.fs.created_for_kernel(e.attr.ino, o);
         entry_out(out, e);
-        open_out(out, o.fh, fopen_flags(&o), 0);
+        open_out(out, k.fh, k.flags, k.backing_id);
     }
 }
 
@@ -739,20 +635,6 @@ fn xattr_out(out: &mut Out, x: XattrReply) {
         }
         XattrReply::Data(v) => out.put(&v),
     }
-}
-
-fn fopen_flags(o: &Opened) -> u32 {
-    let mut f = 0;
-    if o.flags.keep_cache {
-        f |= fopen::KEEP_CACHE;
-    }
-    if o.flags.cache_dir {
-        f |= fopen::CACHE_DIR;
-    }
-    if o.flags.noflush {
-        f |= fopen::NOFLUSH;
-    }
-    f
 }
 
 /// Directory entries (`fuse_dirent`, or `fuse_direntplus` with an entry

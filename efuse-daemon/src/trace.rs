@@ -86,6 +86,9 @@ pub struct Tracer {
     dev: u32,
     slow_ns: u64,
     events_seen: u64,
+    /// Every connection's counts just before the mount (see
+    /// [`Tracer::mark`]), subtracted from our connection's.
+    baseline: BTreeMap<(u32, u32), KernelOpStats>,
     _logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
@@ -204,6 +207,7 @@ impl Tracer {
             dev: 0,
             slow_ns,
             events_seen: 0,
+            baseline: BTreeMap::new(),
             _logger: logger,
         };
         tracer.write_config()?;
@@ -225,6 +229,18 @@ impl Tracer {
         Ok(())
     }
 
+    /// Call just before the mount is made. Until the daemon knows its
+    /// connection, every connection is counted, and connection numbers are
+    /// reused: what a previous mount with our number did before now is not
+    /// ours (its last request precedes our mount, which can only take the
+    /// number once that mount is gone), and is subtracted.
+    pub fn mark(&mut self) {
+        self.baseline = self
+            .summed()
+            .map(|v| v.into_iter().map(|(k, s)| ((k.dev, k.opcode), s)).collect())
+            .unwrap_or_default();
+    }
+
     /// Count only connection `dev` from now on.
     pub fn set_connection(&mut self, dev: u32) -> anyhow::Result<()> {
         self.dev = dev;
@@ -233,14 +249,36 @@ impl Tracer {
 
     /// Per-opcode statistics of our connection, summed over CPUs.
     pub fn op_stats(&self) -> anyhow::Result<Vec<KernelOpStats>> {
+        let mut out = Vec::new();
+        for (key, mut s) in self.summed()? {
+            if key.dev != self.dev {
+                continue;
+            }
+            if let Some(b) = self.baseline.get(&(key.dev, key.opcode)) {
+                s.sent = s.sent.saturating_sub(b.sent);
+                s.done = s.done.saturating_sub(b.done);
+                s.errors = s.errors.saturating_sub(b.errors);
+                s.total_ns = s.total_ns.saturating_sub(b.total_ns);
+                for (a, b) in s.hist.iter_mut().zip(b.hist.iter()) {
+                    *a = a.saturating_sub(*b);
+                }
+                if s.sent == 0 && s.done == 0 {
+                    continue;
+                }
+            }
+            out.push(s);
+        }
+        out.sort_by_key(|s| s.opcode);
+        Ok(out)
+    }
+
+    /// Every (connection, opcode)'s statistics, summed over CPUs.
+    fn summed(&self) -> anyhow::Result<Vec<(OpKey, KernelOpStats)>> {
         let map: PerCpuHashMap<&MapData, OpKey, OpStats> =
             PerCpuHashMap::try_from(self.ebpf.map(t::MAP_OPSTATS).context("stats map missing")?)?;
         let mut out = Vec::new();
         for item in map.iter() {
             let (key, values) = item?;
-            if key.dev != self.dev {
-                continue;
-            }
             let mut s = KernelOpStats {
                 opcode: key.opcode,
                 name: opcode_name(key.opcode),
@@ -257,9 +295,8 @@ impl Tracer {
                     *a += b;
                 }
             }
-            out.push(s);
+            out.push((key, s));
         }
-        out.sort_by_key(|s| s.opcode);
         Ok(out)
     }
 

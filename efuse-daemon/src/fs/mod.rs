@@ -10,6 +10,10 @@
 //! `off` every TTL is zero and no open keeps the page cache, so every
 //! operation reaches the daemon.
 
+mod open;
+
+pub use open::{KernelOpen, fopen_flags};
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -265,6 +269,9 @@ pub struct EfuseFs {
     meta: Option<crate::cache::MetaCache>,
     /// Local copies for passthrough on remote backends.
     staging: Option<crate::staging::Staging>,
+    /// The connection's passthrough backing ids (handed over with the
+    /// session, before its first request).
+    passthrough: std::sync::OnceLock<Arc<crate::passthrough::Passthrough>>,
 }
 
 /// Everything a filesystem is built from, in one pass ([`EfuseFs::build`]);
@@ -380,6 +387,7 @@ impl EfuseFs {
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
             notifier: std::sync::OnceLock::new(),
+            passthrough: std::sync::OnceLock::new(),
         }
     }
 
@@ -671,6 +679,7 @@ impl EfuseFs {
     /// The connection's passthrough backing ids (once the session exists).
     pub fn set_passthrough(&self, pt: Arc<crate::passthrough::Passthrough>) {
         pt.set_max_held(u64::from(self.bpf_cfg.backing_max));
+        let _ = self.passthrough.set(pt.clone());
         self.mirror.set_passthrough(pt);
     }
 
