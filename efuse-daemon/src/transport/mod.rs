@@ -17,6 +17,7 @@
 
 pub mod abi;
 pub mod classic;
+pub mod reply;
 pub mod uring;
 pub mod wire;
 
