@@ -283,17 +283,21 @@ pub(crate) fn cargo() -> Command {
     c
 }
 
+/// Build the programs the tests, the bench and the demo run: `efuse` and
+/// `efuse-bench` (which `efuse bench` runs from beside it).
+fn build_programs(release: bool) -> anyhow::Result<()> {
+    let mut c = cargo();
+    c.arg("build");
+    if release {
+        c.arg("--release");
+    }
+    run(c.args(["--package", "efuse-daemon", "--package", "efuse-bench", "--bins"]))
+}
+
 fn test(args: &[String]) -> anyhow::Result<()> {
     setup()?;
     // The real-mount tests run the efuse binary: build it first.
-    run(cargo().args([
-        "build",
-        "--package",
-        "efuse-daemon",
-        "--package",
-        "efuse-bench",
-        "--bins",
-    ]))?;
+    build_programs(false)?;
     if args.is_empty() {
         // The standards every change is held to.
         run(cargo().args(["fmt", "--all", "--check"]))?;
@@ -424,14 +428,7 @@ fn failure_output(output: &str, test: &str) -> Option<String> {
 
 fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
     setup()?;
-    run(cargo().args([
-        "build",
-        "--package",
-        "efuse-daemon",
-        "--package",
-        "efuse-bench",
-        "--bins",
-    ]))?;
+    build_programs(false)?;
     run(cargo().args(["test", "--package", "efuse-tests", "--no-run"]))?;
     let _load = load.then(Load::start);
     let mut failures: std::collections::BTreeMap<String, Vec<u32>> = Default::default();
@@ -531,15 +528,7 @@ fn soak(repeat: u32, load: bool, long: bool) -> anyhow::Result<()> {
 
 fn demo() -> anyhow::Result<()> {
     setup()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "efuse-daemon",
-        "--package",
-        "efuse-bench",
-        "--bins",
-    ]))?;
+    build_programs(true)?;
     let efuse = root().join("target/release/efuse");
     let base = std::env::temp_dir().join("efuse-demo");
     let (src, mnt) = (base.join("data"), base.join("mnt"));
@@ -580,15 +569,7 @@ fn demo() -> anyhow::Result<()> {
 
 fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
     setup()?;
-    run(cargo().args([
-        "build",
-        "--release",
-        "--package",
-        "efuse-daemon",
-        "--package",
-        "efuse-bench",
-        "--bins",
-    ]))?;
+    build_programs(true)?;
     let mut cmd = Command::new(root().join("target/release/efuse"));
     cmd.arg("bench").arg("--out").arg(out);
     if quick {
@@ -600,15 +581,7 @@ fn bench(quick: bool, out: &Path) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Setup => setup(),
-        Cmd::Build => run(cargo().args([
-            "build",
-            "--release",
-            "--package",
-            "efuse-daemon",
-            "--package",
-            "efuse-bench",
-            "--bins",
-        ])),
+        Cmd::Build => build_programs(true),
         Cmd::Test { args } => test(&args),
         Cmd::Demo => demo(),
         Cmd::Soak { repeat, load, long } => soak(repeat, load, long),
@@ -619,28 +592,14 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::Kmod => {
-            run(cargo().args([
-                "build",
-                "--package",
-                "efuse-daemon",
-                "--package",
-                "efuse-bench",
-                "--bins",
-            ]))?;
+            build_programs(false)?;
             let g = stock_guest()?;
             println!("{}", g.module.unwrap_or_default().display());
             Ok(())
         }
         Cmd::Vm { add, patched, cmd } => {
             setup()?;
-            run(cargo().args([
-                "build",
-                "--package",
-                "efuse-daemon",
-                "--package",
-                "efuse-bench",
-                "--bins",
-            ]))?;
+            build_programs(false)?;
             let guest = if patched {
                 efuse_tests::vm::Guest {
                     kernel: vm::patched_kernel()?,

@@ -223,14 +223,7 @@ pub fn module(k: &StockKernel) -> anyhow::Result<PathBuf> {
     let started = std::time::Instant::now();
     let efuse = root().join("target/debug/efuse");
     if !efuse.exists() {
-        run(crate::cargo().args([
-            "build",
-            "--package",
-            "efuse-daemon",
-            "--package",
-            "efuse-bench",
-            "--bins",
-        ]))?;
+        crate::build_programs(false)?;
     }
     run(Command::new(&efuse)
         .args(["kmod", "install", "--no-load", "--kernel", &k.release])
