@@ -143,6 +143,24 @@ impl Handle {
     }
 }
 
+/// A descriptor `open_by_handle_at` accepts for the mount of `root` (an
+/// `O_PATH` descriptor of the backing root): it takes no `O_PATH` one.
+fn mount_fd(root: RawFd) -> std::io::Result<OwnedFd> {
+    // SAFETY: a valid dirfd and C string; the fd is owned below.
+    let m = unsafe {
+        libc::openat(
+            root,
+            c".".as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
+    if m < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: freshly opened, owned from here.
+    Ok(unsafe { OwnedFd::from_raw_fd(m) })
+}
+
 /// One pinned inode (32 bytes: a million-file tree holds a million).
 struct Node {
     /// Handle mode: the node itself.
@@ -240,23 +258,8 @@ impl Nodes {
         let h = Handle::of_fd(root.as_raw_fd()).map_err(|e| {
             anyhow::anyhow!("the backing filesystem does not export file handles (name_to_handle_at: {e})")
         })?;
-        // open_by_handle_at takes no O_PATH descriptor for the mount.
-        // SAFETY: a valid dirfd and C string; the fd is owned below.
-        let m = unsafe {
-            libc::openat(
-                root.as_raw_fd(),
-                c".".as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if m < 0 {
-            anyhow::bail!(
-                "cannot open the backing root ({})",
-                std::io::Error::last_os_error()
-            );
-        }
-        // SAFETY: freshly opened, owned from here.
-        let m = unsafe { OwnedFd::from_raw_fd(m) };
+        let m =
+            mount_fd(root.as_raw_fd()).map_err(|e| anyhow::anyhow!("cannot open the backing root ({e})"))?;
         h.open(m.as_raw_fd()).map_err(|e| {
             anyhow::anyhow!(
                 "cannot open by file handle (open_by_handle_at: {e}; it needs CAP_DAC_READ_SEARCH)"
@@ -501,19 +504,7 @@ impl Nodes {
     /// descriptor opened from `root` (an `O_PATH` descriptor of the root)
     /// for this one call.
     pub(super) fn open_handle_once(&self, root: RawFd, bytes: &[u8]) -> Result<OwnedFd> {
-        // SAFETY: a valid dirfd and C string; the fd is owned below.
-        let m = unsafe {
-            libc::openat(
-                root,
-                c".".as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
-            )
-        };
-        if m < 0 {
-            return Err(BackendError::last_os("open(root)"));
-        }
-        // SAFETY: freshly opened, owned from here.
-        let m = unsafe { OwnedFd::from_raw_fd(m) };
+        let m = mount_fd(root).map_err(|e| BackendError::io("open(root)", e))?;
         Self::open_bytes(m.as_raw_fd(), bytes)
     }
 
