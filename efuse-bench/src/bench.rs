@@ -328,21 +328,6 @@ struct Pass {
     usage: Option<(u64, u64)>,
 }
 
-/// Resident memory (KiB) and open descriptors of process `pid`.
-fn usage_of(pid: u32) -> Option<(u64, u64)> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
-    Some((rss, fds))
-}
-
 struct Bench {
     scale: Scale,
     data: PathBuf,
@@ -743,7 +728,8 @@ impl Bench {
             calls,
             cpu,
             usage: if w.once() {
-                t.daemon.and_then(usage_of)
+                t.daemon
+                    .and_then(|pid| efuse::control::process_usage(&format!("/proc/{pid}")))
             } else {
                 None
             },

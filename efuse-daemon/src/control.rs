@@ -91,18 +91,20 @@ pub struct MountStats {
     pub daemon_fds: u64,
 }
 
-/// This process's resident set (KiB) and open descriptors.
-fn own_usage() -> (u64, u64) {
-    let rss = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
-    (rss, fds)
+/// Resident set (KiB) and open descriptors of the process whose /proc
+/// directory is `proc_dir` (`/proc/self`, `/proc/<pid>`).
+pub fn process_usage(proc_dir: &str) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("{proc_dir}/status")).ok()?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    let fds = std::fs::read_dir(format!("{proc_dir}/fd")).ok()?.count() as u64;
+    Some((rss, fds))
 }
 
 /// What the control server needs from the daemon.
@@ -149,7 +151,7 @@ impl ControlState {
             trace.dropped = t.dropped().unwrap_or(0);
             trace.events = t.events_seen();
         }
-        let usage = own_usage();
+        let usage = process_usage("/proc/self").unwrap_or_default();
         MountStats {
             mountpoint: self.mountpoint.clone(),
             backend: self.backend.clone(),
