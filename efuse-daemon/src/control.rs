@@ -71,7 +71,7 @@ pub struct MountStats {
     pub excess_forgets: u64,
     /// The bpf tier.
     #[serde(default)]
-    pub bpf: crate::offload::BpfStats,
+    pub bpf: crate::bpf::BpfStats,
     /// Daemon-side metadata cache (remote backends).
     pub cache: Option<crate::cache::CacheStats>,
     /// Most backend calls in flight at once (backends that count them).

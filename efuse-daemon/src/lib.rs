@@ -28,7 +28,6 @@ pub mod kmod;
 pub mod logging;
 pub mod metrics;
 pub mod mount;
-pub mod offload;
 pub mod passthrough;
 pub mod staging;
 pub mod state;

@@ -10,6 +10,7 @@
 //! `off` every TTL is zero and no open keeps the page cache, so every
 //! operation reaches the daemon.
 
+mod bpf;
 mod open;
 
 pub use open::{KernelOpen, fopen_flags};
@@ -239,21 +240,22 @@ pub struct EfuseFs {
     /// `-o xattr` resolved to none: xattr requests are answered ENOSYS.
     no_xattrs: bool,
     /// Writable handles and their inodes: while an inode has one, the bpf
-    /// tier answers nothing about it (see `BpfMirror::writer_opened`).
+    /// tier answers nothing about it ([`crate::bpf::Writers`]).
     writer_fhs: parking_lot::Mutex<HashMap<Fh, u64>>,
+    /// Writable opens per inode, for the bpf tier (kept on every tier).
+    writers: Arc<crate::bpf::Writers>,
     /// Why this mount may not use the bpf tier, if it may not.
     bpf_refusal: Option<&'static str>,
     inodes: Arc<InodeTable>,
     kernel_cfg: KernelTierConfig,
-    /// What the bpf tier's maps hold (inactive unless attached).
-    mirror: crate::offload::BpfMirror,
-    /// The attached programs of the bpf tier.
-    bpf: parking_lot::Mutex<Option<crate::bpf::Attachment>>,
+    /// The bpf tier, while attached (see [`crate::bpf`]).
+    bpf: crate::bpf::Slot,
     bpf_cfg: crate::config::BpfConfig,
+    /// Most entries the bpf tier's maps may name at once (each pins a
+    /// backend inode: a descriptor where the backend holds one per inode).
+    bpf_max_entries: usize,
     /// FUSE connection number and the FUSE it belongs to, once mounted.
     connection: std::sync::OnceLock<(u32, crate::kfuse::Fuse)>,
-    /// Where the attached bpf tier's hook is (for status).
-    bpf_hook: parking_lot::Mutex<Option<crate::kfuse::Hook>>,
     tier: parking_lot::RwLock<(Offload, CachePolicy)>,
     /// Zero-message opens: one backend handle per inode, opened on first
     /// use and closed when the kernel forgets the inode.
@@ -360,20 +362,13 @@ impl EfuseFs {
         } else {
             limit_budget
         };
-        let mirror = crate::offload::BpfMirror::new(
-            inodes.clone(),
-            backend.clone(),
-            if per_inode_fd { fd_budget / 2 } else { usize::MAX },
-        );
-        mirror.set_xattrs(xattrs);
         Self {
             meta,
             staging,
-            mirror,
-            bpf: parking_lot::Mutex::new(None),
+            bpf: crate::bpf::Slot::default(),
             bpf_cfg,
+            bpf_max_entries: if per_inode_fd { fd_budget / 2 } else { usize::MAX },
             connection: std::sync::OnceLock::new(),
-            bpf_hook: parking_lot::Mutex::new(None),
             backend,
             inodes,
             kernel_cfg,
@@ -383,6 +378,7 @@ impl EfuseFs {
             posix_acl,
             no_xattrs: !xattrs,
             writer_fhs: parking_lot::Mutex::new(HashMap::new()),
+            writers: Arc::default(),
             bpf_refusal,
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
@@ -399,169 +395,6 @@ impl EfuseFs {
     /// The FUSE this mount goes through (the kernel's until mounted).
     pub fn kfuse(&self) -> crate::kfuse::Fuse {
         self.connection.get().map(|c| c.1).unwrap_or_default()
-    }
-
-    /// The hook the bpf tier was last attached through.
-    pub fn bpf_hook(&self) -> Option<crate::kfuse::Hook> {
-        self.bpf_hook.lock().clone()
-    }
-
-    /// Load the bpf tier's programs and attach them to this mount's
-    /// connection; on failure nothing is attached and the error says why.
-    pub fn attach_bpf(self: &Arc<Self>) -> anyhow::Result<()> {
-        if let Some(why) = self.bpf_refusal {
-            anyhow::bail!("{why}");
-        }
-        let mut slot = self.bpf.lock();
-        if slot.is_some() {
-            return Ok(());
-        }
-        let (dev, fuse) = *self
-            .connection
-            .get()
-            .ok_or_else(|| anyhow::anyhow!("the mount has no FUSE connection yet"))?;
-        let hook = crate::kfuse::hook_for(fuse).map_err(|e| anyhow::anyhow!(e))?;
-        let weak = Arc::downgrade(self);
-        let res = crate::bpf::attach(&hook, dev, &self.bpf_cfg, move |ev| {
-            if let Some(fs) = weak.upgrade() {
-                fs.miss(ev);
-            }
-        });
-        match res {
-            Ok((maps, attachment)) => {
-                *self.bpf_hook.lock() = Some(hook);
-                self.mirror.attach(maps);
-                *slot = Some(attachment);
-                Ok(())
-            }
-            Err(e) => {
-                self.mirror.set_reason(Some(format!("{e:#}")));
-                Err(e)
-            }
-        }
-    }
-
-    /// Detach the bpf tier's programs: once the kernel no longer runs them,
-    /// their lookup counts are taken over and the maps freed.
-    pub fn detach_bpf(&self) {
-        let mut slot = self.bpf.lock();
-        if let Some(mut a) = slot.take() {
-            a.unlink();
-            drop(self.mirror.detach());
-            tracing::info!("bpf tier: programs detached");
-        }
-    }
-
-    /// Counters of the bpf tier.
-    pub fn bpf_stats(&self) -> crate::offload::BpfStats {
-        self.mirror.stats()
-    }
-
-    /// A lookup miss of the programs: load the name's whole directory, so
-    /// its siblings are answered in the kernel (the missed LOOKUP itself
-    /// reaches the daemon and fills its own entry).
-    fn miss(&self, ev: efuse_common::ops::MissEvent) {
-        self.mirror.event();
-        match ev.opcode {
-            efuse_common::ops::OP_LOOKUP => {
-                // A directory listing larger than a quarter of the entry
-                // map would evict the hot set it is meant to add to.
-                let max = self.bpf_cfg.prefetch_max.min(self.bpf_cfg.entries as usize / 4);
-                let every = Duration::from_millis(self.bpf_cfg.prefetch_every_ms);
-                if max > 0 && self.mirror.should_prefetch(ev.key.parent, every) {
-                    self.prefetch_dir(ev.key.parent, max);
-                }
-            }
-            op => tracing::debug!(op, "unknown miss event"),
-        }
-    }
-
-    /// Put the entries of directory `dir` (a FUSE inode the kernel holds)
-    /// into the bpf tier's maps, in one backend listing. Returns how many
-    /// were offered and the subdirectories seen.
-    pub fn prefetch_dir(&self, dir: u64, max: usize) -> (usize, Vec<(u64, std::ffi::OsString)>) {
-        if !self.mirror.active() || (dir != crate::inode::FUSE_ROOT && self.inodes.generation(dir).is_none())
-        {
-            return (0, Vec::new());
-        }
-        let epoch = self.mirror.epoch();
-        let p = self.policy();
-        let (list, _complete) = match self.backend.list_plus(self.b(dir), max) {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::debug!(dir, "prefetch: {e}");
-                return (0, Vec::new());
-            }
-        };
-        let mut n = 0;
-        let mut subdirs = Vec::new();
-        for (e, a) in list {
-            if e.name == "." || e.name == ".." {
-                continue;
-            }
-            let a = self.fuse_attr(a);
-            if a.kind == FileKind::Dir {
-                subdirs.push((dir, e.name.clone()));
-            }
-            // list_plus pinned the inode: the map entry takes the pin over.
-            self.mirror
-                .put_entry(epoch, dir, &e.name, &a, p.entry_ttl, p.attr_ttl, true);
-            n += 1;
-        }
-        (n, subdirs)
-    }
-
-    /// Prefetch the tree under `dir` breadth-first, at most `max` entries.
-    pub fn prefetch_tree(&self, dir: u64, max: usize) -> usize {
-        let (n, subdirs) = self.prefetch_dir(dir, self.bpf_cfg.prefetch_max);
-        let mut total = n;
-        let mut queue = std::collections::VecDeque::from(subdirs);
-        while let Some((parent, name)) = queue.pop_front() {
-            if total >= max {
-                break;
-            }
-            // By name again: in a tree larger than the maps the entry of a
-            // directory offered earlier may have been evicted (and its
-            // inode let go) by the time its turn comes.
-            let epoch = self.mirror.epoch();
-            let Ok(a) = self.backend.lookup(self.b(parent), &name) else {
-                continue;
-            };
-            let a = self.fuse_attr(a);
-            let p = self.policy();
-            self.mirror
-                .put_entry(epoch, parent, &name, &a, p.entry_ttl, p.attr_ttl, true);
-            let (n, subdirs) = self.prefetch_dir(a.ino, self.bpf_cfg.prefetch_max);
-            total += n;
-            queue.extend(subdirs);
-        }
-        total
-    }
-
-    /// Resolve a path below the root to its FUSE inode, for prefetch. Each
-    /// directory passed on the way is offered to the maps, which gives the
-    /// kernel's later lookups of it an answer in the map.
-    pub fn resolve(&self, rel: &std::path::Path) -> FsResult<u64> {
-        let mut ino = crate::inode::FUSE_ROOT;
-        for c in rel.components() {
-            match c {
-                std::path::Component::Normal(name) => {
-                    let epoch = self.mirror.epoch();
-                    let a = self.backend.lookup(self.b(ino), name)?;
-                    let a = self.fuse_attr(a);
-                    let p = self.policy();
-                    self.mirror
-                        .put_entry(epoch, ino, name, &a, p.entry_ttl, p.attr_ttl, true);
-                    if self.inodes.generation(a.ino).is_none() {
-                        return Err(BackendError::errno("prefetch", libc::ENOSPC).into());
-                    }
-                    ino = a.ino;
-                }
-                std::path::Component::CurDir | std::path::Component::RootDir => {}
-                _ => return Err(BackendError::errno("prefetch", libc::EINVAL).into()),
-            }
-        }
-        Ok(ino)
     }
 
     /// A staged local copy of `ino` (`a`) open as `fh`, if staging applies.
@@ -600,16 +433,14 @@ impl EfuseFs {
             self.dir_changed(self.b(*d));
         }
         // The directories' attributes (mtime, nlink) changed.
-        self.mirror.changed(&[], dirs);
+        self.bpf_changed(&[], dirs);
         r
     }
 
     /// The FUSE inode `name` in `parent` names now, if the bpf tier is
     /// active (to drop its attributes from the maps after a change).
     fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
-        if !self.mirror.active() {
-            return None;
-        }
+        self.bpf.current()?;
         let a = self.backend.lookup(self.b(parent), name).ok()?;
         self.backend.forget(a.ino, 1);
         Some(self.inodes.to_fuse(a.ino))
@@ -636,7 +467,7 @@ impl EfuseFs {
         let names: Vec<(u64, &OsStr)> = name.map(|n| (parent, n)).into_iter().collect();
         let mut inos = vec![parent];
         inos.extend(child_b.map(|c| self.inodes.to_fuse(c)));
-        self.mirror.changed(&names, &inos);
+        self.bpf_changed(&names, &inos);
         if let Some(name) = name {
             n.inval_entry(parent, name);
         }
@@ -653,7 +484,9 @@ impl EfuseFs {
     /// Drop everything the kernel caches from us: every name handed out and
     /// every inode's attributes and data.
     pub fn invalidate_all(&self) -> usize {
-        self.mirror.clear();
+        if let Some(t) = self.bpf.current() {
+            t.clear();
+        }
         let Some(n) = self.notifier.get() else { return 0 };
         // Name by name, with expiry only. FUSE_NOTIFY_INC_EPOCH (6.16)
         // would do it in one message, but a dentry of an older epoch is
@@ -679,13 +512,13 @@ impl EfuseFs {
     /// The connection's passthrough backing ids (once the session exists).
     pub fn set_passthrough(&self, pt: Arc<crate::passthrough::Passthrough>) {
         pt.set_max_held(u64::from(self.bpf_cfg.backing_max));
-        let _ = self.passthrough.set(pt.clone());
-        self.mirror.set_passthrough(pt);
+        let _ = self.passthrough.set(pt);
     }
 
     fn writer_opened(&self, fh: Fh, ino: u64) {
         self.writer_fhs.lock().insert(fh, ino);
-        self.mirror.writer_opened(ino);
+        self.writers.opened(ino);
+        self.bpf_changed(&[], &[ino]);
     }
 
     /// Whether extended attributes are served.
@@ -777,13 +610,6 @@ impl EfuseFs {
         }
     }
 
-    /// Offer an entry the kernel is given to the bpf tier's maps; `epoch`
-    /// was read before the backend call that produced it.
-    fn offer(&self, epoch: u64, parent: u64, name: &OsStr, e: &Entry) {
-        self.mirror
-            .put_entry(epoch, parent, name, &e.attr, e.entry_ttl, e.attr_ttl, false);
-    }
-
     /// `lookup(2)` of `name` in `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
         // Export handles (FUSE_EXPORT_SUPPORT): the kernel asks for "." of a
@@ -812,10 +638,10 @@ impl EfuseFs {
                 crate::cache::Cached::Unknown => {}
             }
         }
-        let epoch = self.mirror.epoch();
+        let offer = self.offer();
         let a = self.pinning(|| self.backend.lookup(self.b(parent), name))?;
         let e = self.entry(parent, name, a);
-        self.offer(epoch, parent, name, &e);
+        self.offer_entry(offer.as_ref(), parent, name, &e);
         Ok(e)
     }
 
@@ -856,12 +682,25 @@ impl EfuseFs {
         if let Some(m) = &self.meta {
             m.invalidate_holding(self.b(ino));
         }
-        self.mirror.changed(&[], &[ino]);
+        self.bpf_changed(&[], &[ino]);
     }
 
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
-        let f = self.mirror.forget(ino, n);
+        // Lookup counts live in the inode table; an attached bpf tier first
+        // adds the lookups its programs answered.
+        let f = match self.bpf.current() {
+            Some(t) => t.forget(ino, n),
+            None => {
+                let f = self.inodes.forget(ino, n);
+                if f.removed
+                    && let Some(pt) = self.passthrough.get()
+                {
+                    pt.forgotten(ino);
+                }
+                f
+            }
+        };
         if f.removed {
             // What identifies the object, while the backend still holds it:
             // an export handle given out for it keeps working.
@@ -904,10 +743,12 @@ impl EfuseFs {
 
     /// Attributes and their TTL.
     pub fn getattr(&self, ino: u64) -> FsResult<(Attr, Duration)> {
-        let epoch = self.mirror.epoch();
+        let offer = self.offer();
         let a = self.fuse_attr(self.backend.getattr(self.b(ino))?);
         let ttl = self.policy().attr_ttl;
-        self.mirror.put_attr(epoch, &a, ttl);
+        if let Some(o) = &offer {
+            self.offer_extras(o, o.tier.put_attr(o.epoch, &a, ttl));
+        }
         Ok((a, ttl))
     }
 
@@ -1050,7 +891,7 @@ impl EfuseFs {
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let child = self.child(parent, name);
         let r = self.after(&[parent], self.backend.unlink(self.b(parent), name));
-        self.mirror.changed(&[(parent, name)], child.as_slice());
+        self.bpf_changed(&[(parent, name)], child.as_slice());
         Ok(r?)
     }
 
@@ -1058,7 +899,7 @@ impl EfuseFs {
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let child = self.child(parent, name);
         let r = self.after(&[parent], self.backend.rmdir(self.b(parent), name));
-        self.mirror.changed(&[(parent, name)], child.as_slice());
+        self.bpf_changed(&[(parent, name)], child.as_slice());
         Ok(r?)
     }
 
@@ -1079,8 +920,7 @@ impl EfuseFs {
             .backend
             .rename(self.b(parent), name, self.b(newparent), newname, flags);
         let r = self.after(&[parent, newparent], r);
-        self.mirror
-            .changed(&[(parent, name), (newparent, newname)], &children);
+        self.bpf_changed(&[(parent, name), (newparent, newname)], &children);
         Ok(r?)
     }
 
@@ -1114,7 +954,7 @@ impl EfuseFs {
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
         // Passthrough reads change the atime without the daemon: the bpf
         // tier's attributes keep the old one up to their TTL (SEMANTICS.md).
-        let epoch = self.mirror.epoch();
+        let offer = self.offer();
         let p = self.policy();
         let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
 
@@ -1131,11 +971,11 @@ impl EfuseFs {
         if !read_only {
             self.writer_opened(fh, ino);
         } else if flags & libc::O_TRUNC != 0 {
-            self.mirror.changed(&[], &[ino]);
-        } else {
+            self.bpf_changed(&[], &[ino]);
+        } else if let Some(o) = &offer {
             // An open that could have been answered in the kernel: its
             // answer had expired (or was never made); offer it again.
-            self.mirror.renew_open(epoch, ino, p.attr_ttl);
+            self.offer_extras(o, o.tier.renew(ino, p.attr_ttl, true));
         }
         let mut staged = false;
         let backing = match (p.passthrough, self.backend.backing_file(fh), attr) {
@@ -1343,7 +1183,7 @@ impl EfuseFs {
     /// Last close of a handle.
     pub fn release(&self, fh: Fh) {
         if let Some(ino) = self.writer_fhs.lock().remove(&fh) {
-            self.mirror.writer_closed(ino);
+            self.writers.closed(ino);
         }
         self.backend.release(fh)
     }
@@ -1401,7 +1241,7 @@ impl EfuseFs {
             if self.inodes.len() > self.fd_budget {
                 self.relieve_fd_pressure(false);
             }
-            let epoch = self.mirror.epoch();
+            let offer = self.offer();
             let batch = self.backend.readdir_plus(dh, offset, READDIR_BATCH)?;
             if batch.is_empty() {
                 return Ok(());
@@ -1424,7 +1264,7 @@ impl EfuseFs {
                     if full {
                         self.forget(entry.attr.ino, 1);
                     } else {
-                        self.offer(epoch, dir, &e.name, &entry);
+                        self.offer_entry(offer.as_ref(), dir, &e.name, &entry);
                     }
                     full
                 };
@@ -1453,10 +1293,12 @@ impl EfuseFs {
 
     /// Get an xattr: its size if `size` is 0, else its value (ERANGE if it does not fit).
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> FsResult<XattrReply> {
-        let epoch = self.mirror.epoch();
+        let offer = self.offer();
         let v = self.backend.getxattr(self.b(ino), name).inspect_err(|e| {
-            if matches!(e.to_errno(), libc::ENODATA | libc::EOPNOTSUPP) {
-                self.mirror.renew_noxattr(epoch, ino, self.policy().attr_ttl);
+            if matches!(e.to_errno(), libc::ENODATA | libc::EOPNOTSUPP)
+                && let Some(o) = &offer
+            {
+                self.offer_extras(o, o.tier.renew(ino, self.policy().attr_ttl, false));
             }
         })?;
         sized(v, size)
@@ -1539,7 +1381,7 @@ mod tests {
 
     /// A `bpf`-tier filesystem over an in-memory tree with a model of the
     /// kernel maps attached.
-    fn bpf_fs(capacity: usize) -> (EfuseFs, Arc<crate::offload::ModelMaps>) {
+    fn bpf_fs(capacity: usize) -> (EfuseFs, Arc<crate::bpf::ModelMaps>) {
         let fs = EfuseFs::build(
             Arc::new(MemBackend::new()),
             FsConfig {
@@ -1547,16 +1389,16 @@ mod tests {
                 ..FsConfig::tier(Offload::Bpf, KernelTierConfig::default())
             },
         );
-        let maps = Arc::new(crate::offload::ModelMaps {
+        let maps = Arc::new(crate::bpf::ModelMaps {
             capacity,
-            answers: crate::offload::Answers {
+            answers: crate::bpf::Answers {
                 open: true,
                 ioctl: true,
                 getxattr: true,
             },
             ..Default::default()
         });
-        fs.mirror.attach(maps.clone());
+        fs.attach_model(maps.clone());
         (fs, maps)
     }
 
@@ -1657,11 +1499,11 @@ mod tests {
             "entry with stale attributes left in the map"
         );
         // A lookup whose backend call started before a change is not offered.
-        let epoch = fs.mirror.epoch();
+        let o = fs.offer().expect("attached");
         let a = fs.fuse_attr(fs.backend.getattr(fs.b(ino)).unwrap());
         fs.modified(ino);
-        fs.mirror.put_entry(
-            epoch,
+        let x = o.tier.put_entry(
+            o.epoch,
             1,
             OsStr::new("f"),
             &a,
@@ -1670,6 +1512,7 @@ mod tests {
             false,
         );
         assert!(maps.entries.lock().is_empty(), "raced insert accepted");
+        assert!(!x.any(), "extras asked for a raced insert");
         fs.forget(ino, 1);
     }
 
@@ -1699,7 +1542,7 @@ mod tests {
         }
         // Detaching takes over the BPF lookup and releases every map
         // reference: the kernel still holds f19 once.
-        drop(fs.mirror.detach());
+        fs.detach_bpf();
         assert_eq!(fs.inodes().nlookup(inos[19]), 1);
         fs.forget(inos[19], 1);
         assert_eq!(fs.inodes().len(), 0);
