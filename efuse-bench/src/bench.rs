@@ -282,7 +282,7 @@ impl Drop for Target {
             }
             // Whatever happened above (no efuse binary to run, a peer's
             // mount): abort and detach what is still mounted here.
-            if let Some(m) = efuse::state::mountinfo()
+            if let Some(m) = efuse::server::state::mountinfo()
                 .unwrap_or_default()
                 .into_iter()
                 .rev()
@@ -307,7 +307,7 @@ fn drop_caches() {
 fn wait_mounted(p: &Path, secs: u64) -> bool {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while Instant::now() < deadline {
-        if efuse::state::connection_of(p).is_some() && fs::read_dir(p).is_ok() {
+        if efuse::server::state::connection_of(p).is_some() && fs::read_dir(p).is_ok() {
             return true;
         }
         std::thread::sleep(Duration::from_millis(20));
@@ -413,7 +413,7 @@ impl Bench {
         if !out.status.success() {
             bail!("{}", String::from_utf8_lossy(&out.stderr).trim());
         }
-        let daemon = efuse::state::read_record(&mnt).map(|r| r.pid);
+        let daemon = efuse::server::state::read_record(&mnt).map(|r| r.pid);
         Ok(Target {
             name: name.into(),
             backend,
@@ -779,7 +779,7 @@ fn on_signal_unmount(work: &Path) -> anyhow::Result<()> {
             let _sweep = MOUNTING.lock();
             eprintln!("efuse bench: {sig}: unmounting its targets");
             let mnt = work.join("mnt");
-            for m in efuse::state::mountinfo().unwrap_or_default() {
+            for m in efuse::server::state::mountinfo().unwrap_or_default() {
                 if m.mountpoint.starts_with(&mnt) {
                     m.abort();
                     let _ = nix::mount::umount2(&m.mountpoint, nix::mount::MntFlags::MNT_DETACH);
@@ -905,12 +905,12 @@ fn run_bench(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("efuse bench mounts filesystems and must run as root");
     }
     let started = Instant::now();
-    let out = efuse::state::absolute(&args.out)?;
+    let out = efuse::server::state::absolute(&args.out)?;
     fs::create_dir_all(out.join("logs"))?;
     // Everything the bench creates and deletes lives in a directory of its
     // own, never in the user's --work-dir itself.
     let work = match &args.work_dir {
-        Some(w) => efuse::state::absolute(w)?,
+        Some(w) => efuse::server::state::absolute(w)?,
         None => std::env::temp_dir(),
     }
     .join("efuse-bench");
@@ -1090,7 +1090,7 @@ fn ratio(x: Option<f64>) -> String {
 }
 
 fn markdown(r: &Report) -> String {
-    use efuse::stats::fmt_ns;
+    use efuse::cmd::stats::fmt_ns;
     let mut s = String::new();
     let _ = writeln!(
         s,

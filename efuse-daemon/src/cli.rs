@@ -280,7 +280,7 @@ impl MountArgs {
         if cfg.backend != BackendKind::Mem
             && let Some(src) = &cfg.source
         {
-            cfg.source = Some(crate::state::absolute(src)?);
+            cfg.source = Some(crate::server::state::absolute(src)?);
         }
         cfg.validate()?;
         Ok(cfg)

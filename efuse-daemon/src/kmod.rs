@@ -515,7 +515,7 @@ pub fn status() -> anyhow::Result<()> {
     match module_loaded_version() {
         Some(v) => {
             let refcnt = std::fs::read_to_string(format!("/sys/module/{MODULE}/refcnt")).unwrap_or_default();
-            let mounts = crate::state::mountinfo()
+            let mounts = crate::server::state::mountinfo()
                 .unwrap_or_default()
                 .iter()
                 .filter(|m| m.efuse() == Some(crate::kfuse::Fuse::Module))
@@ -552,7 +552,7 @@ pub fn remove() -> anyhow::Result<()> {
         bail!("efuse kmod remove unloads a kernel module: run it as root (sudo)");
     }
     if module_loaded_version().is_some() {
-        let mounts: Vec<String> = crate::state::mountinfo()?
+        let mounts: Vec<String> = crate::server::state::mountinfo()?
             .iter()
             .filter(|m| m.efuse() == Some(crate::kfuse::Fuse::Module))
             .map(|m| m.mountpoint.display().to_string())

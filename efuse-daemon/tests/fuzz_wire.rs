@@ -17,8 +17,8 @@ use std::sync::Arc;
 
 use efuse::backend::mem::MemBackend;
 use efuse::config::{KernelTierConfig, Offload};
+use efuse::dispatch::{Dispatcher, Done};
 use efuse::fs::EfuseFs;
-use efuse::fuse::{Dispatcher, Done};
 use efuse::metrics::Metrics;
 use efuse::transport::abi::{IN_HEADER_LEN, opcode as op};
 use efuse::transport::wire::{self, InHeader, Out};

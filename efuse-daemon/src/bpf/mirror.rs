@@ -55,8 +55,8 @@ use parking_lot::Mutex;
 use super::BpfStats;
 use super::maps::{KernelMaps, MapError};
 use crate::backend::{Attr, FileKind};
-use crate::inode::{FUSE_ROOT, InodeTable};
-use crate::passthrough::Passthrough;
+use crate::fs::inode::{FUSE_ROOT, InodeTable};
+use crate::fs::passthrough::Passthrough;
 use crate::transport::wire::fuse_attr;
 
 /// How the mirror holds the inodes its map entries name: one pin each
@@ -659,7 +659,7 @@ impl BpfMirror {
     /// The kernel dropped `n` references to `ino`: add the lookups BPF
     /// answered, then take `n` off. Returns how many to forward to the
     /// backend and whether the inode left the table.
-    pub fn forget(&self, ino: u64, n: u64) -> crate::inode::Forgotten {
+    pub fn forget(&self, ino: u64, n: u64) -> crate::fs::inode::Forgotten {
         let mut m = self.inner.lock();
         let maps = m.maps.clone();
         if let Some(maps) = &maps {
@@ -884,15 +884,15 @@ mod tests {
         assert!(!x.any());
         assert!(r.maps.entries.lock().is_empty() && r.maps.attrs.lock().is_empty());
         r.writers.closed(5);
-        r.lookup("f", 5);
+        let _ = r.lookup("f", 5);
         assert!(r.maps.attrs.lock().contains_key(&5));
     }
 
     #[test]
     fn detach_takes_over_the_counts_and_ignores_later_offers() {
         let r = rig(0);
-        r.lookup("f", 5);
-        r.lookup("g", 6);
+        let _ = r.lookup("f", 5);
+        let _ = r.lookup("g", 6);
         r.maps.bpf_lookup(1, "f");
         r.maps.bpf_lookup(1, "f");
         let st = r.mirror.detach();
@@ -912,7 +912,7 @@ mod tests {
     fn evictions_of_a_full_map_are_released() {
         let r = rig(8);
         for i in 0..40 {
-            r.lookup(&format!("f{i:02}"), 100 + i);
+            let _ = r.lookup(&format!("f{i:02}"), 100 + i);
         }
         let st = r.mirror.stats();
         assert!(st.entries <= 9, "{st:?}");

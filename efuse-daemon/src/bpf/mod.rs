@@ -15,7 +15,7 @@
 //! The filesystem (`crate::fs`) tells an attached [`Tier`] about entries,
 //! attributes and changes; the tier never calls the backend, and the
 //! filesystem's inode table alone counts lookups (the tier adds the
-//! lookups its programs answered to it, [`crate::inode`]). The tier exists
+//! lookups its programs answered to it, [`crate::fs::inode`]). The tier exists
 //! only while the programs are attached: on any other tier, and once
 //! detached, there is none ([`Slot`] is empty), so no request pays for it.
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::{EfuseFs, Entry, FsResult};
 use crate::backend::{Attr, BackendError, FileKind, SharedBackend};
 use crate::bpf::{Extras, Tier};
-use crate::inode::{FUSE_ROOT, InodeTable};
+use crate::fs::inode::{FUSE_ROOT, InodeTable};
 
 /// The attached tier and its epoch, taken before a backend call whose
 /// result is offered to it: a change in between (which moves the epoch)

@@ -11,7 +11,12 @@
 //! operation reaches the daemon.
 
 mod bpf;
+pub mod cache;
+pub mod creds;
+pub mod inode;
 mod open;
+pub mod passthrough;
+pub mod staging;
 
 pub use open::{KernelOpen, fopen_flags};
 
@@ -22,7 +27,7 @@ use std::time::Duration;
 
 use crate::backend::{Attr, BackendError, Caller, DirEntry, Fh, FileKind, SetAttr, SharedBackend, StatFs};
 use crate::config::{KernelTierConfig, Offload};
-use crate::inode::InodeTable;
+use crate::fs::inode::InodeTable;
 
 /// Errors of filesystem calls; carries the errno the kernel gets.
 #[derive(Debug, thiserror::Error)]
@@ -268,12 +273,12 @@ pub struct EfuseFs {
     /// descriptor limit: the dir backend holds one each).
     fd_budget: usize,
     /// Metadata cache with batched prefetch (remote backends only).
-    meta: Option<crate::cache::MetaCache>,
+    meta: Option<crate::fs::cache::MetaCache>,
     /// Local copies for passthrough on remote backends.
-    staging: Option<crate::staging::Staging>,
+    staging: Option<crate::fs::staging::Staging>,
     /// The connection's passthrough backing ids (handed over with the
     /// session, before its first request).
-    passthrough: std::sync::OnceLock<Arc<crate::passthrough::Passthrough>>,
+    passthrough: std::sync::OnceLock<Arc<crate::fs::passthrough::Passthrough>>,
 }
 
 /// Everything a filesystem is built from, in one pass ([`EfuseFs::build`]);
@@ -294,7 +299,7 @@ pub struct FsConfig {
     /// Why the mount may never use the bpf tier, if it may not.
     pub bpf_refusal: Option<&'static str>,
     /// Local copies for passthrough (remote backends).
-    pub staging: Option<crate::staging::Staging>,
+    pub staging: Option<crate::fs::staging::Staging>,
 }
 
 impl FsConfig {
@@ -339,7 +344,7 @@ impl EfuseFs {
         let root = backend.root();
         let policy = CachePolicy::for_tier(tier, &kernel_cfg);
         let meta = (backend.is_remote() && kernel_cfg.prefetch_max > 0).then(|| {
-            crate::cache::MetaCache::new(
+            crate::fs::cache::MetaCache::new(
                 backend.clone(),
                 Duration::from_millis(kernel_cfg.prefetch_ttl_ms),
                 kernel_cfg.prefetch_max,
@@ -413,7 +418,7 @@ impl EfuseFs {
     }
 
     /// Counters of the metadata cache, when there is one.
-    pub fn cache_stats(&self) -> Option<crate::cache::CacheStats> {
+    pub fn cache_stats(&self) -> Option<crate::fs::cache::CacheStats> {
         self.meta.as_ref().map(|m| m.stats())
     }
 
@@ -500,7 +505,7 @@ impl EfuseFs {
             }
             n.inval_inode(ino);
         }
-        n.inval_inode(crate::inode::FUSE_ROOT);
+        n.inval_inode(crate::fs::inode::FUSE_ROOT);
         count
     }
 
@@ -510,7 +515,7 @@ impl EfuseFs {
     }
 
     /// The connection's passthrough backing ids (once the session exists).
-    pub fn set_passthrough(&self, pt: Arc<crate::passthrough::Passthrough>) {
+    pub fn set_passthrough(&self, pt: Arc<crate::fs::passthrough::Passthrough>) {
         pt.set_max_held(u64::from(self.bpf_cfg.backing_max));
         let _ = self.passthrough.set(pt);
     }
@@ -626,7 +631,7 @@ impl EfuseFs {
             && self.tier() != Offload::Off
         {
             match m.lookup(self.b(parent), name) {
-                crate::cache::Cached::Found(a, age) => {
+                crate::fs::cache::Cached::Found(a, age) => {
                     let mut e = self.entry(parent, name, a);
                     // Never trust cached data longer than its TTL from when
                     // it was fetched.
@@ -634,8 +639,8 @@ impl EfuseFs {
                     e.attr_ttl = e.attr_ttl.saturating_sub(age);
                     return Ok(e);
                 }
-                crate::cache::Cached::Missing => return Err(BackendError::NotFound.into()),
-                crate::cache::Cached::Unknown => {}
+                crate::fs::cache::Cached::Missing => return Err(BackendError::NotFound.into()),
+                crate::fs::cache::Cached::Unknown => {}
             }
         }
         let offer = self.offer();
@@ -718,15 +723,13 @@ impl EfuseFs {
     }
 
     /// What a later daemon needs to keep the export handles given out by
-    /// this one valid ([`crate::export_table`]): every inode known or
-    /// buried with its generation and backend identity. `None` where the
-    /// backend has no identities (nothing could be found again).
-    pub fn export_handles(&self) -> Option<(Vec<u8>, Vec<crate::export_table::Entry>)> {
+    /// this one valid (the server keeps it, `crate::server::export_table`):
+    /// up to `max` inodes known or buried, each with its generation and
+    /// backend identity. `None` where the backend has no identities
+    /// (nothing could be found again).
+    pub fn export_handles(&self, max: usize) -> Option<(Vec<u8>, Vec<inode::Exported>)> {
         let root = self.backend.identity(self.backend.root())?;
-        let entries = self.inodes.export(
-            |ino| self.backend.identity(self.b(ino)),
-            crate::export_table::MAX_ENTRIES,
-        );
+        let entries = self.inodes.export(|ino| self.backend.identity(self.b(ino)), max);
         Some((root, entries))
     }
 
@@ -737,7 +740,7 @@ impl EfuseFs {
 
     /// Take in an earlier daemon's [`Self::export_handles`]; call before
     /// serving.
-    pub fn import_handles(&self, entries: Vec<crate::export_table::Entry>) -> usize {
+    pub fn import_handles(&self, entries: Vec<inode::Exported>) -> usize {
         self.inodes.import(entries)
     }
 
@@ -802,7 +805,7 @@ impl EfuseFs {
             return;
         };
         if a.perm & libc::S_ISGID as u16 == 0
-            || crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID)
+            || crate::fs::creds::in_group_or_capable(who, a.gid, crate::fs::creds::CAP_FSETID)
         {
             return;
         }
@@ -820,7 +823,7 @@ impl EfuseFs {
         if a.kind != FileKind::File || a.perm & sgid == 0 || a.perm & libc::S_IXGRP as u16 != 0 {
             return None;
         }
-        (!crate::creds::in_group_or_capable(who, a.gid, crate::creds::CAP_FSETID)).then_some(a.perm)
+        (!crate::fs::creds::in_group_or_capable(who, a.gid, crate::fs::creds::CAP_FSETID)).then_some(a.perm)
     }
 
     /// access(2): check `mask` (R_OK/W_OK/X_OK bits) for a caller against

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use super::abi::{OUT_HEADER_LEN, REQUEST_BUF_LEN};
 use super::wire::{self, Out};
-use crate::fuse::{Dispatcher, Done};
+use crate::dispatch::{Dispatcher, Done};
 
 /// Reply buffer: the out-header and the largest body (a READ of max_write).
 pub const REPLY_BUF_LEN: usize = OUT_HEADER_LEN + super::abi::MAX_WRITE as usize;

@@ -13,7 +13,7 @@
 //! before any worker starts). With io_uring the classic reader keeps
 //! running for what the kernel still sends there (FORGET, INTERRUPT, and
 //! requests before every queue has registered); notifications are written
-//! to /dev/fuse by [`crate::fuse::Notify`].
+//! to /dev/fuse by [`crate::dispatch::Notify`].
 
 pub mod abi;
 pub mod classic;
@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 use anyhow::{Context, bail};
 
 use crate::config::Transport;
-use crate::fuse::{Dispatcher, Done};
+use crate::dispatch::{Dispatcher, Done};
 
 /// Decode and serve one request whatever the transport. A panic anywhere
 /// under it (decoder, dispatcher, filesystem, backend) answers the request

@@ -1,7 +1,7 @@
 //! Reply encoders: the kernel's reply structures (`fuse_entry_out`,
 //! `fuse_attr_out`, `fuse_open_out`, directory entries) written into a
 //! request's [`Out`] buffer, and the notifications the daemon sends
-//! unasked ([`Notify`]). The dispatcher (`crate::fuse`) decides what to
+//! unasked ([`Notify`]). The dispatcher (`crate::dispatch`) decides what to
 //! answer; this writes it the way the ABI says.
 
 use std::ffi::OsStr;

@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 
 use super::abi::{self, MAX_WRITE, OUT_HEADER_LEN, uring as u};
 use super::wire::{self, Out};
-use crate::fuse::{Dispatcher, Done};
+use crate::dispatch::{Dispatcher, Done};
 
 /// Entries per queue with a local backend (requests are served inline,
 /// so more only lets the kernel hand over several at once).

@@ -1,9 +1,13 @@
 //! The daemon: preflight checks, the backend, the mount and its serving
 //! loop (transport, control socket, bpf tier, inotify), until unmount.
 //!
-//! `efuse mount` (see [`crate::commands`]) runs [`serve`] in a
+//! `efuse mount` (see [`crate::cmd`]) runs [`serve`] in a
 //! foreground process of its own; that process writes `ready` on the
 //! pipe it was given once the kernel has answered FUSE_INIT.
+
+pub mod control;
+pub mod export_table;
+pub mod state;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -21,7 +25,7 @@ use crate::config::{BackendKind, MountConfig, Offload};
 use crate::fs::EfuseFs;
 use crate::metrics::Metrics;
 
-use crate::state::*;
+use crate::server::state::*;
 
 /// Checks before mounting, each failing with what to do about it.
 pub(crate) fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
@@ -243,7 +247,7 @@ pub(crate) fn serve(
             .staging_dir
             .clone()
             .unwrap_or_else(|| Path::new("/var/cache/efuse").join(mount_id(mp)));
-        match crate::staging::Staging::open(&dir, k.staging_max_mib << 20, k.staging_max_file_mib << 20) {
+        match crate::fs::staging::Staging::open(&dir, k.staging_max_mib << 20, k.staging_max_file_mib << 20) {
             Ok(s) => {
                 tracing::info!(dir = %dir.display(), "staging remote files locally for passthrough");
                 staging = Some(s);
@@ -282,7 +286,8 @@ pub(crate) fn serve(
         .flatten()
         .zip(fs.root_identity());
     if let Some((src, root)) = &handle_table {
-        let entries = crate::export_table::take(Path::new(crate::export_table::DIR), src, root);
+        let entries =
+            crate::server::export_table::take(Path::new(crate::server::export_table::DIR), src, root);
         if !entries.is_empty() {
             let n = fs.import_handles(entries);
             tracing::info!(n, "export handles of the previous daemon taken over");
@@ -307,8 +312,8 @@ pub(crate) fn serve(
     let session = crate::transport::Session::start(
         fd,
         |dev| {
-            f2.set_notifier(Arc::new(crate::fuse::Notify::new(dev.clone())));
-            let d = crate::fuse::Dispatcher::new(f2, m2, dev);
+            f2.set_notifier(Arc::new(crate::dispatch::Notify::new(dev.clone())));
+            let d = crate::dispatch::Dispatcher::new(f2, m2, dev);
             // SAFETY: geteuid cannot fail.
             let me = unsafe { libc::geteuid() };
             if others && !allow_root {
@@ -406,7 +411,7 @@ pub(crate) fn serve(
     if let Err(e) = write_record(&record) {
         tracing::warn!("cannot write mount record: {e:#}");
     }
-    let control = Arc::new(crate::control::ControlState {
+    let control = Arc::new(control::ControlState {
         fs: fs.clone(),
         metrics: metrics.clone(),
         trace_off_reason: if tracer.is_none() {
@@ -422,7 +427,7 @@ pub(crate) fn serve(
         started,
         transport: transport.to_string(),
     });
-    let socket = crate::control::serve(control).context("control socket")?;
+    let socket = control::serve(control).context("control socket")?;
     let mp_sig = mp.to_owned();
     std::thread::Builder::new()
         .name("efuse-signals".into())
@@ -452,8 +457,13 @@ pub(crate) fn serve(
     // Take over the programs' lookup counts before the numbers are final.
     fs.detach_bpf();
     if let Some((src, _)) = &handle_table
-        && let Some((root, entries)) = fs.export_handles()
-        && let Err(e) = crate::export_table::save(Path::new(crate::export_table::DIR), src, &root, &entries)
+        && let Some((root, entries)) = fs.export_handles(export_table::MAX_ENTRIES)
+        && let Err(e) = crate::server::export_table::save(
+            Path::new(crate::server::export_table::DIR),
+            src,
+            &root,
+            &entries,
+        )
     {
         tracing::warn!("export handles will not survive this daemon: {e:#}");
     }

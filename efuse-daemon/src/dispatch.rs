@@ -14,9 +14,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::backend::{Caller, SetAttr, SetTime};
+use crate::fs::passthrough::Passthrough;
 use crate::fs::{FsError, FsResult, Opened, SharedFs, fopen_flags};
 use crate::metrics::{Metrics, op};
-use crate::passthrough::Passthrough;
 use crate::transport::abi::{self, init as initf};
 pub use crate::transport::reply::Notify;
 use crate::transport::reply::{Dirents, attr_out, entry_out, negative_entry, open_out, xattr_out};

@@ -175,6 +175,10 @@ impl Known {
     }
 }
 
+/// An inode as a later daemon finds it again: FUSE number, generation,
+/// backend identity ([`InodeTable::export`]).
+pub type Exported = (u64, u64, Vec<u8>);
+
 /// What a [`InodeTable::forget`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Forgotten {
@@ -287,7 +291,7 @@ impl InodeTable {
     /// generation, identity), for [`Self::import`] by a later daemon;
     /// `identity(ino)` gives the backend identity of an inode still known
     /// (FUSE number). Buried ones most recent first, at most `max` in all.
-    pub fn export(&self, identity: impl Fn(u64) -> Option<Vec<u8>>, max: usize) -> Vec<(u64, u64, Vec<u8>)> {
+    pub fn export(&self, identity: impl Fn(u64) -> Option<Vec<u8>>, max: usize) -> Vec<Exported> {
         let known: Vec<(u64, u64)> = self
             .known
             .lock()
@@ -319,7 +323,7 @@ impl InodeTable {
     /// buried with its generation and identity, so that an export handle
     /// given out then finds the same object again (or ESTALE). Call before
     /// serving.
-    pub fn import(&self, entries: impl IntoIterator<Item = (u64, u64, Vec<u8>)>) -> usize {
+    pub fn import(&self, entries: impl IntoIterator<Item = Exported>) -> usize {
         let mut g = self.graves.lock();
         let mut n = 0;
         let mut max_gen = 0;

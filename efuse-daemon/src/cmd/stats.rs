@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::cli::StatsArgs;
 use crate::control::{MountStats, query_stats};
-use crate::state::absolute;
+use crate::server::state::absolute;
 use crate::trace::KernelOpStats;
 
 /// Format nanoseconds with a unit.

@@ -9,6 +9,8 @@
 //! after `ready`, so scripts can use the mount as soon as the command returns.
 //! `status` joins the mount records with `/proc/self/mountinfo`.
 
+pub mod stats;
+
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -25,8 +27,8 @@ use serde::Serialize;
 use crate::cli::{MountArgs, StatusArgs, UmountArgs};
 use crate::config::MountConfig;
 
-use crate::daemon::{preflight, serve};
-use crate::state::*;
+use crate::server::state::*;
+use crate::server::{preflight, serve};
 
 /// `mount -o remount,...` (mount(8) runs the helper with it): change the
 /// flags the kernel can change on a live FUSE mount (ro/rw, nosuid, nodev,

@@ -31,7 +31,7 @@ const MAGIC: &[u8; 8] = b"EFUSEHT1";
 pub const MAX_ENTRIES: usize = 1 << 20;
 
 /// One entry: FUSE inode, generation, backend identity.
-pub type Entry = (u64, u64, Vec<u8>);
+pub use crate::fs::inode::Exported as Entry;
 
 /// 64-bit FNV-1a: stable across builds (unlike std's hasher).
 fn fnv(bytes: &[u8]) -> u64 {
