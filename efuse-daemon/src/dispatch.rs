@@ -304,18 +304,9 @@ impl Dispatcher {
                     atime: s.atime().map(set_time),
                     mtime: s.mtime().map(set_time),
                 };
-                let mut res = self.fs.setattr(ino, s.fh(), &set);
-                if res.is_ok()
-                    && who.uid != 0
-                    && (set.size.is_some() || set.uid.is_some() || set.gid.is_some())
-                    && set.mode.is_none()
-                {
-                    // The reply carries the mode without S_ISGID, when cleared.
-                    if let Some(a) = self.fs.drop_sgid(ino, who) {
-                        res = Ok(a);
-                    }
-                }
-                res.map(|(a, ttl)| attr_out(out, &a, ttl))
+                self.fs
+                    .setattr_by(ino, s.fh(), &set, who)
+                    .map(|(a, ttl)| attr_out(out, &a, ttl))
             }
             Req::Readlink => self.fs.readlink(ino).map(|v| out.put(&v)),
             Req::Mknod {
@@ -355,12 +346,7 @@ impl Dispatcher {
                 res.map(|n| out.advance(n))
             }
             Req::Write { fh, offset, data } => {
-                let res = self.fs.with_io(ino, fh, |f| self.fs.write(f, offset, data));
-                self.fs.modified(ino);
-                if res.is_ok() {
-                    let _ = self.fs.drop_sgid(ino, caller(h, 0));
-                }
-                res.map(|n| {
+                self.fs.write_by(ino, fh, offset, data, caller(h, 0)).map(|n| {
                     out.u32(n);
                     out.u32(0);
                 })
@@ -375,23 +361,13 @@ impl Dispatcher {
                 out.zeros(4 + 24);
             }),
             Req::Release { fh } => {
-                if fh != 0 {
-                    self.fs.released_by_kernel(fh);
-                    self.fs.release(fh);
-                }
+                self.fs.released_by_kernel(fh);
                 Ok(())
             }
             Req::Fsync { fh, datasync } => self.fs.with_io(ino, fh, |f| self.fs.fsync(f, datasync)),
-            Req::Setxattr { flags, name, value } => self.fs.setxattr(ino, name, value, flags).map(|()| {
-                // Setting an access ACL clears S_ISGID unless the caller is
-                // in the file's group or has CAP_FSETID, as the kernel's
-                // posix_acl_update_mode does on a local filesystem. The
-                // backend applied it as the daemon (root); apply the rule
-                // for the caller.
-                if name == "system.posix_acl_access" {
-                    self.fs.acl_kill_sgid(ino, caller(h, 0));
-                }
-            }),
+            Req::Setxattr { flags, name, value } => {
+                self.fs.setxattr_by(ino, name, value, flags, caller(h, 0))
+            }
             Req::Getxattr { size, name } => self.fs.getxattr(ino, name, size).map(|x| xattr_out(out, x)),
             Req::Listxattr { size } => self.fs.listxattr(ino, size).map(|x| xattr_out(out, x)),
             Req::Removexattr { name } => self.fs.removexattr(ino, name),
@@ -468,16 +444,9 @@ impl Dispatcher {
                 offset,
                 length,
                 mode,
-            } => {
-                let res = self
-                    .fs
-                    .with_io(ino, fh, |f| self.fs.fallocate(f, offset, length, mode as i32));
-                self.fs.modified(ino);
-                if res.is_ok() {
-                    let _ = self.fs.drop_sgid(ino, caller(h, 0));
-                }
-                res
-            }
+            } => self
+                .fs
+                .fallocate_by(ino, fh, offset, length, mode as i32, caller(h, 0)),
             Req::Lseek { fh, offset, whence } => self
                 .fs
                 .with_io(ino, fh, |f| self.fs.lseek(f, offset, whence as i32))
@@ -556,5 +525,128 @@ fn set_time(t: Option<std::time::SystemTime>) -> SetTime {
     match t {
         None => SetTime::Now,
         Some(t) => SetTime::At(t),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The dispatcher over a filesystem in memory: decoded requests in,
+    //! encoded replies out, no /dev/fuse and no mount.
+    use std::ffi::OsStr;
+
+    use super::*;
+    use crate::backend::mem::MemBackend;
+    use crate::config::{KernelTierConfig, Offload, Xattr};
+    use crate::fs::{EfuseFs, FsConfig};
+
+    fn dispatcher(tier: Offload, xattr: Xattr) -> Dispatcher {
+        let fs = Arc::new(EfuseFs::build(
+            Arc::new(MemBackend::new()),
+            FsConfig {
+                xattr,
+                ..FsConfig::tier(tier, KernelTierConfig::default())
+            },
+        ));
+        let e = fs.mkdir(Caller::default(), 1, OsStr::new("d"), 0o755).unwrap();
+        fs.forget(e.attr.ino, 1);
+        // Backing ids are registered on this descriptor: no INIT granted
+        // passthrough here, so none is.
+        let dev = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
+        Dispatcher::new(fs, Arc::new(Metrics::default()), dev)
+    }
+
+    fn header(opcode: u32, nodeid: u64, uid: u32) -> InHeader {
+        InHeader {
+            opcode,
+            unique: 9,
+            nodeid,
+            uid,
+            ..Default::default()
+        }
+    }
+
+    /// Serve `req`; the outcome and the reply's bytes.
+    fn serve(d: &Dispatcher, h: InHeader, req: Req<'_>) -> (Done, Vec<u8>) {
+        let mut buf = vec![0u8; 4096];
+        let mut out = Out::new(&mut buf);
+        let done = d.handle(&h, req, &mut out);
+        let bytes = out.bytes().to_vec();
+        (done, bytes)
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_ne_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn lookup_replies_an_entry_and_counts_it_once() {
+        let d = dispatcher(Offload::Kernel, Xattr::Auto);
+        let (done, b) = serve(
+            &d,
+            header(op::LOOKUP, 1, 0),
+            Req::Lookup {
+                name: OsStr::new("d"),
+            },
+        );
+        assert_eq!(done, Done::Reply);
+        assert_eq!(b.len(), 128, "fuse_entry_out");
+        let ino = u64_at(&b, 0);
+        assert_ne!(ino, 0);
+        assert_eq!(d.fs().inodes().nlookup(ino), 1, "the kernel got one reference");
+        assert_eq!(d.metrics.count(op::LOOKUP), 1);
+        // FORGET has no reply and gives the reference back.
+        let (done, b) = serve(&d, header(op::FORGET, ino, 0), Req::Forget { nlookup: 1 });
+        assert_eq!((done, b.len()), (Done::NoReply, 0));
+        assert_eq!(d.fs().inodes().nlookup(ino), 0);
+    }
+
+    #[test]
+    fn a_missing_name_is_a_negative_entry_where_the_kernel_caches() {
+        let name = OsStr::new("nope");
+        // Kernel tier: an entry with node id 0 and the negative TTL.
+        let d = dispatcher(Offload::Kernel, Xattr::Auto);
+        let (done, b) = serve(&d, header(op::LOOKUP, 1, 0), Req::Lookup { name });
+        assert_eq!(done, Done::Reply);
+        assert_eq!(u64_at(&b, 0), 0, "node id 0: a negative entry");
+        assert_eq!(
+            u64_at(&b, 16),
+            KernelTierConfig::default().negative_ttl_ms / 1000,
+            "entry_valid"
+        );
+        // Off: nothing is cached, so ENOENT.
+        let d = dispatcher(Offload::Off, Xattr::Auto);
+        let (done, _) = serve(&d, header(op::LOOKUP, 1, 0), Req::Lookup { name });
+        assert_eq!(done, Done::Error(libc::ENOENT));
+    }
+
+    #[test]
+    fn other_users_are_refused_but_the_kernels_own_requests_pass() {
+        let d = dispatcher(Offload::Kernel, Xattr::Auto).restrict(1000, false);
+        let name = OsStr::new("d");
+        let (done, _) = serve(&d, header(op::LOOKUP, 1, 2000), Req::Lookup { name });
+        assert_eq!(done, Done::Error(libc::EACCES));
+        let (done, _) = serve(&d, header(op::LOOKUP, 1, 0), Req::Lookup { name });
+        assert_eq!(done, Done::Error(libc::EACCES), "root without allow_root");
+        let (done, b) = serve(&d, header(op::LOOKUP, 1, 1000), Req::Lookup { name });
+        assert_eq!(done, Done::Reply);
+        // A FORGET carries no user's authority: it always passes.
+        let ino = u64_at(&b, 0);
+        let (done, _) = serve(&d, header(op::FORGET, ino, 2000), Req::Forget { nlookup: 1 });
+        assert_eq!(done, Done::NoReply);
+        assert_eq!(d.fs().inodes().nlookup(ino), 0);
+        let root = dispatcher(Offload::Kernel, Xattr::Auto).restrict(1000, true);
+        let (done, _) = serve(&root, header(op::LOOKUP, 1, 0), Req::Lookup { name });
+        assert_eq!(done, Done::Reply, "root with allow_root");
+    }
+
+    #[test]
+    fn xattr_requests_without_xattrs_are_enosys_so_the_kernel_stops_asking() {
+        let d = dispatcher(Offload::Kernel, Xattr::Off);
+        let name = OsStr::new("user.k");
+        let (done, _) = serve(&d, header(op::GETXATTR, 1, 0), Req::Getxattr { size: 0, name });
+        assert_eq!(done, Done::Error(libc::ENOSYS));
+        let d = dispatcher(Offload::Kernel, Xattr::On);
+        let (done, _) = serve(&d, header(op::GETXATTR, 1, 0), Req::Getxattr { size: 0, name });
+        assert_eq!(done, Done::Error(libc::ENODATA));
     }
 }

@@ -755,6 +755,28 @@ impl EfuseFs {
         Ok((a, ttl))
     }
 
+    /// SETATTR from the kernel on behalf of `who`: [`Self::setattr`], and
+    /// a truncation or owner change by anyone but root clears S_ISGID where
+    /// the kernel leaves that to the server ([`Self::drop_sgid`]); the
+    /// attributes returned are those after both.
+    pub fn setattr_by(
+        &self,
+        ino: u64,
+        fh: Option<Fh>,
+        set: &SetAttr,
+        who: Caller,
+    ) -> FsResult<(Attr, Duration)> {
+        let a = self.setattr(ino, fh, set)?;
+        if who.uid != 0
+            && (set.size.is_some() || set.uid.is_some() || set.gid.is_some())
+            && set.mode.is_none()
+            && let Some(after) = self.drop_sgid(ino, who)
+        {
+            return Ok(after);
+        }
+        Ok(a)
+    }
+
     /// Change attributes.
     pub fn setattr(&self, ino: u64, fh: Option<Fh>, set: &SetAttr) -> FsResult<(Attr, Duration)> {
         let a = self.backend.setattr(self.b(ino), fh, set);
@@ -810,6 +832,49 @@ impl EfuseFs {
             return;
         }
         self.clear_sgid(ino, a.perm);
+    }
+
+    /// WRITE from the kernel on behalf of `who` through handle `fh` of
+    /// `ino` ([`Self::with_io`]): the cached attributes are dropped, and a
+    /// write that happened clears S_ISGID as [`Self::drop_sgid`] says.
+    pub fn write_by(&self, ino: u64, fh: Fh, offset: u64, data: &[u8], who: Caller) -> FsResult<u32> {
+        let res = self.with_io(ino, fh, |f| self.write(f, offset, data));
+        self.modified(ino);
+        if res.is_ok() {
+            let _ = self.drop_sgid(ino, who);
+        }
+        res
+    }
+
+    /// FALLOCATE from the kernel on behalf of `who`, as [`Self::write_by`].
+    pub fn fallocate_by(
+        &self,
+        ino: u64,
+        fh: Fh,
+        offset: u64,
+        len: u64,
+        mode: i32,
+        who: Caller,
+    ) -> FsResult<()> {
+        let res = self.with_io(ino, fh, |f| self.fallocate(f, offset, len, mode));
+        self.modified(ino);
+        if res.is_ok() {
+            let _ = self.drop_sgid(ino, who);
+        }
+        res
+    }
+
+    /// SETXATTR from the kernel on behalf of `who`. Setting an access ACL
+    /// clears S_ISGID unless the caller is in the file's group or has
+    /// CAP_FSETID, as the kernel's posix_acl_update_mode does on a local
+    /// filesystem: the backend applied it as the daemon (root), so the rule
+    /// is applied for the caller here.
+    pub fn setxattr_by(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32, who: Caller) -> FsResult<()> {
+        self.setxattr(ino, name, value, flags)?;
+        if name == "system.posix_acl_access" {
+            self.acl_kill_sgid(ino, who);
+        }
+        Ok(())
     }
 
     /// The permission bits of `ino` if a write by `who` must clear its

@@ -89,11 +89,17 @@ impl EfuseFs {
         }
     }
 
-    /// RELEASE of a file handle the kernel had (before the backend's).
+    /// RELEASE of a file handle the kernel had: its backing id (if any)
+    /// first, then the backend's handle. Handle 0 is a zero-message open's
+    /// (the inode's shared handle, closed with the inode).
     pub fn released_by_kernel(&self, fh: u64) {
+        if fh == 0 {
+            return;
+        }
         if let Some(pt) = self.passthrough.get() {
             pt.released(fh);
         }
+        self.release(fh);
     }
 
     /// The open `o` of `ino` as the kernel is to see it, under the
