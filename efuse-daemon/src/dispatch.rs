@@ -1,4 +1,4 @@
-//! The request dispatcher: a decoded FUSE request to one [`EfuseFs`] call
+//! The request dispatcher: a decoded FUSE request to one [`EfuseFs`](crate::fs::EfuseFs) call
 //! and its encoded reply.
 //!
 //! Both transports (`transport::classic` over /dev/fuse reads and writes,

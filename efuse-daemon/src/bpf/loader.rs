@@ -3,7 +3,7 @@
 //! into the kernel or in efuse.ko (`crate::kfuse`).
 //!
 //! aya 0.14 cannot load struct_ops (aya issue 220), so this does it with
-//! raw bpf(2) calls ([`super::sys`]): aya creates the maps and aya-obj
+//! raw bpf(2) calls (`sys`): aya creates the maps and aya-obj
 //! relocates the programs' map references; then each program is loaded as
 //! BPF_PROG_TYPE_STRUCT_OPS against the hook's BTF (vmlinux's or the
 //! module's), a struct_ops map is filled with the program descriptors and

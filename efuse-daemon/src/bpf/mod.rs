@@ -5,7 +5,7 @@
 //! What this subsystem owns, and nothing else does:
 //! - [`loader`]: loading the programs and attaching them through the
 //!   `efuse_bpf_ops` struct_ops hook (built in, or efuse.ko's), with
-//!   [`btf`] to find the hook's types and [`sys`] for the raw bpf(2) calls
+//!   [`btf`] to find the hook's types and `sys` for the raw bpf(2) calls
 //!   aya cannot make;
 //! - [`maps`]: the kernel maps as the daemon writes them;
 //! - [`mirror`]: what is in the maps, kept a subset of what the daemon

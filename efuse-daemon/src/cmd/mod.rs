@@ -1,6 +1,8 @@
-//! The commands that drive mounts from outside: `mount` (preflight, then
-//! the daemon in the foreground or daemonized), `umount`, `status`,
-//! `offload`, `prefetch`.
+//! The client commands, which drive mounts from outside: `mount`
+//! (preflight, then the daemon in the foreground or daemonized), `umount`,
+//! `status`, `offload`, `prefetch`, and [`stats`]. They talk to a daemon
+//! only over the control protocol ([`crate::control`]) and read its
+//! record ([`crate::server::state`]); nothing here runs inside a daemon.
 //!
 //! `efuse mount` without `--foreground` re-executes itself in the
 //! foreground in a new session, with its output going to a log file, and

@@ -1,14 +1,22 @@
 //! Filesystem logic between the FUSE dispatcher and the backend.
 //!
 //! `EfuseFs` speaks in FUSE inode numbers and plain structs ([`Entry`],
-//! [`Opened`]); it never touches the wire format, so tests can drive it
-//! without a mount. It owns the lookup counts ([`InodeTable`]): every method
-//! that returns an [`Entry`] has counted it once, and callers must hand it
-//! to the kernel (or call [`EfuseFs::forget`] themselves).
-//!
-//! The offload tier decides the cache policy the kernel is told: with
-//! `off` every TTL is zero and no open keeps the page cache, so every
-//! operation reaches the daemon.
+//! [`Opened`], [`KernelOpen`]); it never touches the wire format, so tests
+//! drive it without a mount. Owns:
+//! - the operations, and the rules a local filesystem applies that the
+//!   backend cannot (set-group-ID clearing, [`creds`]);
+//! - the open policy (`open.rs`: passthrough, cached and zero-message
+//!   opens, [`passthrough`] backing ids);
+//! - the lookup counts ([`inode`]): every method that returns an [`Entry`]
+//!   has counted it once, and callers must hand it to the kernel (or call
+//!   [`EfuseFs::forget`] themselves);
+//! - what the kernel caches: the tier's cache policy (with `off` every TTL
+//!   is zero and no open keeps the page cache, so every operation reaches
+//!   the daemon), invalidations, descriptor pressure, the metadata cache
+//!   of remote backends ([`cache`]) and their local copies ([`staging`]);
+//! - the bpf tier's side that reads the backend (`bpf.rs`): the tier is
+//!   told about entries, attributes and changes, before the reply or
+//!   notification that makes them visible.
 
 mod bpf;
 pub mod cache;

@@ -1,7 +1,16 @@
-//! The daemon: preflight checks, the backend, the mount and its serving
-//! loop (transport, control socket, bpf tier, inotify), until unmount.
+//! The daemon of one mount: preflight checks, the backend, the tier it
+//! starts in, mount(2), and its serving loop (transport, control socket,
+//! bpf tier, inotify), until unmount; with [`state`] (its record under
+//! /run/efuse and the mount table), [`export_table`] (export handles kept
+//! across a restart) and [`control`] (the control socket server).
 //!
-//! `efuse mount` (see [`crate::cmd`]) runs [`serve`] in a
+//! Invariants: the filesystem is built in one pass and gets what needs
+//! the session (notifier, connection, backing ids) before the first
+//! request is read; the record, socket and state files are root-only; a
+//! clean exit writes the export table, a killed daemon leaves the mount
+//! answering ENOTCONN.
+//!
+//! `efuse mount` (see [`crate::cmd`]) runs `serve` in a
 //! foreground process of its own; that process writes `ready` on the
 //! pipe it was given once the kernel has answered FUSE_INIT.
 

@@ -5,7 +5,7 @@
 //!   classic::worker × N threads        uring::queue × CPUs, pinned
 //!     read(2) -> wire::split             CQE -> header/op_in/payload
 //!              \                        /
-//!               wire::decode  ->  fuse::Dispatcher::handle  ->  EfuseFs
+//!               wire::decode  ->  dispatch::Dispatcher::handle  ->  EfuseFs
 //!               wire::Out (reply encoded into the transport's buffer)
 //! ```
 //!
@@ -13,7 +13,15 @@
 //! before any worker starts). With io_uring the classic reader keeps
 //! running for what the kernel still sends there (FORGET, INTERRUPT, and
 //! requests before every queue has registered); notifications are written
-//! to /dev/fuse by [`crate::dispatch::Notify`].
+//! to /dev/fuse by [`reply::Notify`].
+//!
+//! Owns: the wire format ([`abi`] constants, [`wire`] length-checked
+//! decoding and the reply buffer, [`reply`] encoders of the filesystem's
+//! results), the session (INIT before any worker) and both transports.
+//! Invariants: every request gets exactly one reply or none (FORGET,
+//! BATCH_FORGET, INTERRUPT); a request that cannot be decoded, or whose
+//! handling panics, is answered with an errno and the worker keeps
+//! serving; a reply that does not fit its buffer is EIO, never truncated.
 
 pub mod abi;
 pub mod classic;

@@ -4,7 +4,7 @@
 //! The kernel queues a request on the queue of the CPU its caller runs on
 //! (`qid = task_cpu`), so the thread that serves it is on the same CPU: no
 //! cross-CPU wake-up, which on an idle-halting vCPU costs tens of µs. Each
-//! queue registers [`DEPTH`] entries (`FUSE_IO_URING_CMD_REGISTER`: a
+//! queue registers `DEPTH` entries (`FUSE_IO_URING_CMD_REGISTER`: a
 //! header buffer and a payload buffer per entry); a request arrives as the
 //! completion of an entry's command, and `COMMIT_AND_FETCH` posts the
 //! reply and re-arms the entry in one submission. Through Linux 6.18 the
