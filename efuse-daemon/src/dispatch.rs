@@ -8,7 +8,6 @@
 //! time it took, in [`Metrics`]; errors are logged (quietly for expected
 //! errnos) and become the reply's errno. No filesystem logic lives here.
 
-use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
@@ -18,7 +17,6 @@ use crate::fs::passthrough::Passthrough;
 use crate::fs::{FsError, FsResult, Opened, SharedFs, fopen_flags};
 use crate::metrics::{Metrics, op};
 use crate::transport::abi::{self, init as initf};
-pub use crate::transport::reply::Notify;
 use crate::transport::reply::{Dirents, attr_out, entry_out, negative_entry, open_out, xattr_out};
 use crate::transport::wire::{InHeader, InitIn, Out, Req};
 
@@ -58,10 +56,9 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher counting into `metrics`, registering backing files on `dev`.
-    pub fn new(fs: SharedFs, metrics: Arc<Metrics>, dev: Arc<OwnedFd>) -> Self {
-        let pt = Arc::new(Passthrough::new(dev));
-        fs.set_passthrough(pt.clone());
+    /// A dispatcher over `fs` counting into `metrics`; `pt` are the
+    /// connection's backing ids (the ones `fs` was connected with).
+    pub fn new(fs: SharedFs, metrics: Arc<Metrics>, pt: Arc<Passthrough>) -> Self {
         Self {
             fs,
             metrics,
@@ -534,6 +531,8 @@ mod tests {
     //! encoded replies out, no /dev/fuse and no mount.
     use std::ffi::OsStr;
 
+    use std::os::fd::OwnedFd;
+
     use super::*;
     use crate::backend::mem::MemBackend;
     use crate::config::{KernelTierConfig, Offload, Xattr};
@@ -552,7 +551,7 @@ mod tests {
         // Backing ids are registered on this descriptor: no INIT granted
         // passthrough here, so none is.
         let dev = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        Dispatcher::new(fs, Arc::new(Metrics::default()), dev)
+        Dispatcher::new(fs, Arc::new(Metrics::default()), Arc::new(Passthrough::new(dev)))
     }
 
     fn header(opcode: u32, nodeid: u64, uid: u32) -> InHeader {

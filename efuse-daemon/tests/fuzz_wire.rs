@@ -182,10 +182,12 @@ fn step() -> impl Strategy<Value = Step> {
         })
 }
 
-fn dev_null() -> Arc<OwnedFd> {
-    Arc::new(OwnedFd::from(
+/// Backing ids on /dev/null: no INIT here grants passthrough, so none is
+/// ever registered.
+fn dev_null() -> Arc<efuse::fs::passthrough::Passthrough> {
+    Arc::new(efuse::fs::passthrough::Passthrough::new(Arc::new(OwnedFd::from(
         std::fs::File::open("/dev/null").expect("/dev/null"),
-    ))
+    ))))
 }
 
 fn run_sequence(steps: &[Step], tier: Offload) {

@@ -50,9 +50,10 @@ impl EfuseFs {
             anyhow::bail!("{why}");
         }
         self.bpf.attach(|| {
-            let (dev, fuse) = *self
-                .connection
+            let (dev, fuse) = self
+                .session
                 .get()
+                .map(|l| (l.connection, l.fuse))
                 .ok_or_else(|| anyhow::anyhow!("the mount has no FUSE connection yet"))?;
             let hook = crate::kfuse::hook_for(fuse).map_err(|e| anyhow::anyhow!(e))?;
             let (tier, misses) = Tier::attach(hook, dev, &self.bpf_cfg, self.bpf_host())?;
@@ -81,7 +82,7 @@ impl EfuseFs {
                 inodes: self.inodes.clone(),
             }),
             writers: self.writers.clone(),
-            passthrough: self.passthrough.get().cloned(),
+            passthrough: self.passthrough().cloned(),
             max_entries: self.bpf_max_entries,
             opens: !self.backend.is_remote(),
             xattrs: !self.no_xattrs,
@@ -108,7 +109,7 @@ impl EfuseFs {
     /// Counters of the bpf tier.
     pub fn bpf_stats(&self) -> crate::bpf::BpfStats {
         let mut s = self.bpf.stats();
-        if let Some(pt) = self.passthrough.get() {
+        if let Some(pt) = self.passthrough() {
             (s.backing_ids, s.backing_held, s.backing_full) = pt.counts();
         }
         s
@@ -157,7 +158,7 @@ impl EfuseFs {
         let acl = list.split(|c| *c == 0).any(|n| n == b"system.posix_acl_access");
         if x.open
             && !acl
-            && let Some(pt) = self.passthrough.get()
+            && let Some(pt) = self.passthrough()
         {
             let backend = &self.backend;
             let held = pt.hold(x.ino, || {

@@ -267,8 +267,10 @@ pub struct EfuseFs {
     /// Most entries the bpf tier's maps may name at once (each pins a
     /// backend inode: a descriptor where the backend holds one per inode).
     bpf_max_entries: usize,
-    /// FUSE connection number and the FUSE it belongs to, once mounted.
-    connection: std::sync::OnceLock<(u32, crate::kfuse::Fuse)>,
+    /// What needs the FUSE session, handed over once before its first
+    /// request is read ([`EfuseFs::connect`]); unset in tests of the
+    /// filesystem alone.
+    session: std::sync::OnceLock<SessionLink>,
     tier: parking_lot::RwLock<(Offload, CachePolicy)>,
     /// Zero-message opens: one backend handle per inode, opened on first
     /// use and closed when the kernel forgets the inode.
@@ -276,7 +278,6 @@ pub struct EfuseFs {
     handle_clock: std::sync::atomic::AtomicU64,
     /// Last time the kernel was asked to drop entries for lack of descriptors.
     pressure: parking_lot::Mutex<Option<std::time::Instant>>,
-    notifier: std::sync::OnceLock<Arc<dyn KernelNotifier>>,
     /// Inodes the kernel may hold before we ask it to drop some (7/8 of the
     /// descriptor limit: the dir backend holds one each).
     fd_budget: usize,
@@ -284,14 +285,11 @@ pub struct EfuseFs {
     meta: Option<crate::fs::cache::MetaCache>,
     /// Local copies for passthrough on remote backends.
     staging: Option<crate::fs::staging::Staging>,
-    /// The connection's passthrough backing ids (handed over with the
-    /// session, before its first request).
-    passthrough: std::sync::OnceLock<Arc<crate::fs::passthrough::Passthrough>>,
 }
 
 /// Everything a filesystem is built from, in one pass ([`EfuseFs::build`]);
-/// only what needs the FUSE session (the notifier, the connection, its
-/// backing ids) is handed over later, before the first request is read.
+/// only what needs the FUSE session ([`SessionLink`]) is handed over later,
+/// in one call, before the first request is read.
 pub struct FsConfig {
     /// The tier to start in.
     pub tier: Offload,
@@ -323,6 +321,20 @@ impl FsConfig {
             staging: None,
         }
     }
+}
+
+/// What a filesystem needs of its FUSE session, handed over in one
+/// [`EfuseFs::connect`] before the session's first request is read, so no
+/// request is ever served without its kernel invalidations.
+pub struct SessionLink {
+    /// The connection number (under /sys/fs/fuse/connections, or efuse.ko's).
+    pub connection: u32,
+    /// The FUSE it belongs to.
+    pub fuse: crate::kfuse::Fuse,
+    /// Kernel notifications (invalidations) on the session's device.
+    pub notifier: Arc<dyn KernelNotifier>,
+    /// The connection's passthrough backing ids.
+    pub passthrough: Arc<crate::fs::passthrough::Passthrough>,
 }
 
 impl EfuseFs {
@@ -381,7 +393,7 @@ impl EfuseFs {
             bpf: crate::bpf::Slot::default(),
             bpf_cfg,
             bpf_max_entries: if per_inode_fd { fd_budget / 2 } else { usize::MAX },
-            connection: std::sync::OnceLock::new(),
+            session: std::sync::OnceLock::new(),
             backend,
             inodes,
             kernel_cfg,
@@ -395,19 +407,27 @@ impl EfuseFs {
             bpf_refusal,
             pressure: parking_lot::Mutex::new(None),
             fd_budget,
-            notifier: std::sync::OnceLock::new(),
-            passthrough: std::sync::OnceLock::new(),
         }
     }
 
-    /// The mount is up on connection `dev` of `fuse`.
-    pub fn set_connection(&self, dev: u32, fuse: crate::kfuse::Fuse) {
-        let _ = self.connection.set((dev, fuse));
+    /// Hand over what needs the session; call once, before the first
+    /// request is read (a second call is ignored).
+    pub fn connect(&self, link: SessionLink) {
+        link.passthrough.set_max_held(u64::from(self.bpf_cfg.backing_max));
+        let _ = self.session.set(link);
     }
 
     /// The FUSE this mount goes through (the kernel's until mounted).
     pub fn kfuse(&self) -> crate::kfuse::Fuse {
-        self.connection.get().map(|c| c.1).unwrap_or_default()
+        self.session.get().map(|l| l.fuse).unwrap_or_default()
+    }
+
+    fn notifier(&self) -> Option<&dyn KernelNotifier> {
+        self.session.get().map(|l| &*l.notifier)
+    }
+
+    fn passthrough(&self) -> Option<&Arc<crate::fs::passthrough::Passthrough>> {
+        self.session.get().map(|l| &l.passthrough)
     }
 
     /// A staged local copy of `ino` (`a`) open as `fh`, if staging applies.
@@ -459,15 +479,10 @@ impl EfuseFs {
         Some(self.inodes.to_fuse(a.ino))
     }
 
-    /// Install the kernel notifier (once the session exists).
-    pub fn set_notifier(&self, n: Arc<dyn KernelNotifier>) {
-        let _ = self.notifier.set(n);
-    }
-
     /// The backend changed `name` in backend directory `parent_b` (and the
     /// object now or formerly under it, if known): drop what the kernel caches.
     pub fn backend_changed(&self, parent_b: u64, name: Option<&OsStr>, child_b: Option<u64>) {
-        let Some(n) = self.notifier.get() else { return };
+        let Some(n) = self.notifier() else { return };
         if self.policy().entry_ttl.is_zero() && !self.policy().keep_cache {
             // Nothing is cached under the off tier.
             return;
@@ -500,7 +515,7 @@ impl EfuseFs {
         if let Some(t) = self.bpf.current() {
             t.clear();
         }
-        let Some(n) = self.notifier.get() else { return 0 };
+        let Some(n) = self.notifier() else { return 0 };
         // Name by name, with expiry only. FUSE_NOTIFY_INC_EPOCH (6.16)
         // would do it in one message, but a dentry of an older epoch is
         // dropped without a lookup (unhashed), which breaks getcwd() of
@@ -520,12 +535,6 @@ impl EfuseFs {
     /// Is the bpf tier refused on this mount?
     pub fn bpf_refused(&self) -> bool {
         self.bpf_refusal.is_some()
-    }
-
-    /// The connection's passthrough backing ids (once the session exists).
-    pub fn set_passthrough(&self, pt: Arc<crate::fs::passthrough::Passthrough>) {
-        pt.set_max_held(u64::from(self.bpf_cfg.backing_max));
-        let _ = self.passthrough.set(pt);
     }
 
     fn writer_opened(&self, fh: Fh, ino: u64) {
@@ -707,7 +716,7 @@ impl EfuseFs {
             None => {
                 let f = self.inodes.forget(ino, n);
                 if f.removed
-                    && let Some(pt) = self.passthrough.get()
+                    && let Some(pt) = self.passthrough()
                 {
                     pt.forgotten(ino);
                 }
@@ -818,7 +827,7 @@ impl EfuseFs {
             ..Default::default()
         };
         let a = self.setattr(ino, None, &set).ok()?;
-        if let Some(n) = self.notifier.get() {
+        if let Some(n) = self.notifier() {
             n.inval_inode(ino);
         }
         Some(a)
@@ -1018,7 +1027,7 @@ impl EfuseFs {
             // The ctime moved: cached attributes are stale, the kernel's
             // and the maps'.
             self.modified(ino);
-            if let Some(n) = self.notifier.get() {
+            if let Some(n) = self.notifier() {
                 n.inval_inode(ino);
             }
         }
@@ -1145,7 +1154,7 @@ impl EfuseFs {
             }
             *last = Some(std::time::Instant::now());
         }
-        let Some(n) = self.notifier.get().cloned() else {
+        let Some(n) = self.session.get().map(|l| l.notifier.clone()) else {
             return;
         };
         let known = self.inodes.snapshot();

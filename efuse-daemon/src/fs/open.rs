@@ -79,7 +79,7 @@ impl EfuseFs {
             // inode's shared handle, as every other open's does.
             self.release(o.fh);
             o.fh = 0;
-        } else if let Some(pt) = self.passthrough.get() {
+        } else if let Some(pt) = self.passthrough() {
             pt.state().add_cached(o.fh, ino);
         }
         KernelOpen {
@@ -96,7 +96,7 @@ impl EfuseFs {
         if fh == 0 {
             return;
         }
-        if let Some(pt) = self.passthrough.get() {
+        if let Some(pt) = self.passthrough() {
             pt.released(fh);
         }
         self.release(fh);
@@ -106,7 +106,7 @@ impl EfuseFs {
     /// passthrough lock; also true if it got a live backing id (so a
     /// writer's S_ISGID must be cleared now).
     fn kernel_open_locked(&self, ino: u64, o: Opened) -> FsResult<(KernelOpen, bool)> {
-        let Some(pt) = self.passthrough.get() else {
+        let Some(pt) = self.passthrough() else {
             // No session (tests of the filesystem alone): a cached open.
             return Ok((
                 KernelOpen {

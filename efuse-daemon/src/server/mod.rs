@@ -315,14 +315,20 @@ pub(crate) fn serve(
     let dev = connection_of(mp).unwrap_or(0);
     let allow_root = cfg.options.iter().any(|o| o == "allow_root");
     let (f2, m2) = (fs.clone(), metrics.clone());
-    // What needs the session is handed over before its first request is
-    // read: no request is served without its kernel invalidations.
-    fs.set_connection(dev, fuse);
     let session = crate::transport::Session::start(
         fd,
-        |dev| {
-            f2.set_notifier(Arc::new(crate::dispatch::Notify::new(dev.clone())));
-            let d = crate::dispatch::Dispatcher::new(f2, m2, dev);
+        |devfd| {
+            // What needs the session is handed over before its first
+            // request is read: no request is served without its kernel
+            // invalidations.
+            let pt = Arc::new(crate::fs::passthrough::Passthrough::new(devfd.clone()));
+            f2.connect(crate::fs::SessionLink {
+                connection: dev,
+                fuse,
+                notifier: Arc::new(crate::transport::reply::Notify::new(devfd)),
+                passthrough: pt.clone(),
+            });
+            let d = crate::dispatch::Dispatcher::new(f2, m2, pt);
             // SAFETY: geteuid cannot fail.
             let me = unsafe { libc::geteuid() };
             if others && !allow_root {

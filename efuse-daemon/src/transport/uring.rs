@@ -641,7 +641,11 @@ mod tests {
         ));
         fs.mkdir(Caller::default(), 1, OsStr::new("a"), 0o755).unwrap();
         let dev = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        Dispatcher::new(fs, Arc::new(crate::metrics::Metrics::default()), dev)
+        Dispatcher::new(
+            fs,
+            Arc::new(crate::metrics::Metrics::default()),
+            Arc::new(crate::fs::passthrough::Passthrough::new(dev)),
+        )
     }
 
     /// An entry holding LOOKUP "a" of the root, with a payload buffer of
