@@ -58,7 +58,9 @@ pub struct DirBackend {
     dirs: RwLock<HashMap<Fh, Arc<Mutex<DirHandle>>>>,
     next_fh: AtomicU64,
     /// Lock order: taken after `nodes` is released, never inside it.
-    watcher: Mutex<Option<watch::Watcher>>,
+    /// The inotify watcher: read on every lookup (is the parent
+    /// watched?), written when a watch is added or removed.
+    watcher: RwLock<Option<watch::Watcher>>,
     self_weak: Mutex<Option<std::sync::Weak<DirBackend>>>,
 }
 
@@ -302,7 +304,7 @@ impl DirBackend {
             files: RwLock::new(HashMap::new()),
             dirs: RwLock::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
-            watcher: Mutex::new(None),
+            watcher: RwLock::new(None),
             self_weak: Mutex::new(None),
         })
     }

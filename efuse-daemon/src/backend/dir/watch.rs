@@ -47,13 +47,13 @@ impl DirBackend {
     /// Is directory `dir` watched (its changes behind the mount reported)?
     pub(super) fn watching(&self, dir: Ino) -> bool {
         self.watcher
-            .lock()
+            .read()
             .as_ref()
             .is_some_and(|w| w.by_ino.contains_key(&dir))
     }
 
     pub(super) fn add_watch(&self, ino: Ino, fd: &OwnedFd) {
-        let mut w = self.watcher.lock();
+        let mut w = self.watcher.write();
         let Some(w) = w.as_mut() else { return };
         if w.by_ino.contains_key(&ino) {
             return;
@@ -78,7 +78,7 @@ impl DirBackend {
     }
 
     pub(super) fn remove_watch(&self, ino: Ino) {
-        let mut w = self.watcher.lock();
+        let mut w = self.watcher.write();
         if let Some(w) = w.as_mut()
             && let Some(wd) = w.by_ino.remove(&ino)
         {
@@ -88,7 +88,7 @@ impl DirBackend {
     }
 
     pub(super) fn watch_pending(&self) -> bool {
-        let w = self.watcher.lock();
+        let w = self.watcher.read();
         let Some(w) = w.as_ref() else { return false };
         if w.busy.load(std::sync::atomic::Ordering::SeqCst) {
             return true;
@@ -104,7 +104,7 @@ impl DirBackend {
         use nix::sys::inotify::{InitFlags, Inotify};
         let inotify = Arc::new(Inotify::init(InitFlags::IN_CLOEXEC)?);
         let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        *self.watcher.lock() = Some(Watcher {
+        *self.watcher.write() = Some(Watcher {
             inotify: inotify.clone(),
             busy: busy.clone(),
             by_wd: HashMap::new(),
@@ -159,7 +159,7 @@ impl DirBackend {
                         }
                         let dir = me
                             .watcher
-                            .lock()
+                            .read()
                             .as_ref()
                             .and_then(|w| w.by_wd.get(&ev.wd).copied());
                         let Some(dir) = dir else { continue };
