@@ -249,3 +249,70 @@ impl Passthrough {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The bookkeeping alone: /dev/null stands in for the connection, so
+    //! registering a backing file fails as it does on a kernel that
+    //! refuses it (ENOTTY here).
+    use super::*;
+
+    fn pt() -> Passthrough {
+        Passthrough::new(Arc::new(OwnedFd::from(File::open("/dev/null").unwrap())))
+    }
+
+    fn some_file() -> Option<Arc<File>> {
+        Some(Arc::new(File::open("/dev/null").unwrap()))
+    }
+
+    #[test]
+    fn nothing_is_held_unless_passthrough_was_granted() {
+        let p = pt();
+        let mut asked = false;
+        assert_eq!(
+            p.hold(7, || {
+                asked = true;
+                some_file()
+            }),
+            None
+        );
+        assert!(!asked, "no backing file opened for nothing");
+    }
+
+    #[test]
+    fn cached_opens_keep_an_inode_out_of_passthrough_until_released() {
+        let p = pt();
+        p.set_granted(true);
+        p.state().add_cached(1, 7);
+        p.state().add_cached(2, 7);
+        assert!(p.state().has_cached(7));
+        let mut asked = false;
+        assert_eq!(
+            p.hold(7, || {
+                asked = true;
+                some_file()
+            }),
+            None
+        );
+        assert!(!asked);
+        p.released(1);
+        assert!(p.state().has_cached(7), "one cached open is left");
+        p.released(2);
+        assert!(!p.state().has_cached(7));
+    }
+
+    #[test]
+    fn a_refused_registration_holds_nothing_and_the_bound_counts_refusals() {
+        let p = pt();
+        p.set_granted(true);
+        assert_eq!(p.hold(7, some_file), None, "the kernel refused the backing file");
+        assert_eq!(p.counts(), (0, 0, 0));
+        assert!(p.state().live(7).is_none());
+        p.set_max_held(0);
+        assert_eq!(p.hold(8, some_file), None);
+        assert_eq!(p.counts(), (0, 0, 1), "turned away by backing_max");
+        // Forgetting an inode nothing was held for changes nothing.
+        p.forgotten(7);
+        assert_eq!(p.counts(), (0, 0, 1));
+    }
+}
