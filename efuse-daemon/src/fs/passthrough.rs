@@ -265,18 +265,24 @@ mod tests {
         Some(Arc::new(File::open("/dev/null").unwrap()))
     }
 
+    /// `hold(ino)`, and whether it asked for the backing file.
+    fn hold_asking(p: &Passthrough, ino: u64) -> (Option<u32>, bool) {
+        let mut asked = false;
+        let id = p.hold(ino, || {
+            asked = true;
+            some_file()
+        });
+        (id, asked)
+    }
+
     #[test]
     fn nothing_is_held_unless_passthrough_was_granted() {
         let p = pt();
-        let mut asked = false;
         assert_eq!(
-            p.hold(7, || {
-                asked = true;
-                some_file()
-            }),
-            None
+            hold_asking(&p, 7),
+            (None, false),
+            "no backing file opened for nothing"
         );
-        assert!(!asked, "no backing file opened for nothing");
     }
 
     #[test]
@@ -286,15 +292,7 @@ mod tests {
         p.state().add_cached(1, 7);
         p.state().add_cached(2, 7);
         assert!(p.state().has_cached(7));
-        let mut asked = false;
-        assert_eq!(
-            p.hold(7, || {
-                asked = true;
-                some_file()
-            }),
-            None
-        );
-        assert!(!asked);
+        assert_eq!(hold_asking(&p, 7), (None, false));
         p.released(1);
         assert!(p.state().has_cached(7), "one cached open is left");
         p.released(2);
