@@ -3,17 +3,20 @@
 //! `EfuseFs` speaks in FUSE inode numbers and plain structs ([`Entry`],
 //! [`Opened`], [`KernelOpen`]); it never touches the wire format, so tests
 //! drive it without a mount. Owns:
-//! - the operations, and the rules a local filesystem applies that the
-//!   backend cannot (set-group-ID clearing, [`creds`]);
+//! - the operations (here), and the rules a local filesystem applies that
+//!   the backend cannot (`setid.rs`: set-group-ID clearing, with
+//!   [`creds`]);
 //! - the open policy (`open.rs`: passthrough, cached and zero-message
-//!   opens, [`passthrough`] backing ids);
+//!   opens and their shared handles, staged copies, [`passthrough`]
+//!   backing ids);
 //! - the lookup counts ([`inode`]): every method that returns an [`Entry`]
 //!   has counted it once, and callers must hand it to the kernel (or call
 //!   [`EfuseFs::forget`] themselves);
 //! - what the kernel caches: the tier's cache policy (with `off` every TTL
 //!   is zero and no open keeps the page cache, so every operation reaches
-//!   the daemon), invalidations, descriptor pressure, the metadata cache
-//!   of remote backends ([`cache`]) and their local copies ([`staging`]);
+//!   the daemon), invalidations (`invalidate.rs`), descriptor pressure
+//!   (`pressure.rs`), the metadata cache of remote backends ([`cache`])
+//!   and their local copies ([`staging`]);
 //! - the bpf tier's side that reads the backend (`bpf.rs`): the tier is
 //!   told about entries, attributes and changes, before the reply or
 //!   notification that makes them visible.
@@ -22,8 +25,11 @@ mod bpf;
 pub mod cache;
 pub mod creds;
 pub mod inode;
+mod invalidate;
 mod open;
 pub mod passthrough;
+mod pressure;
+mod setid;
 pub mod staging;
 
 pub use open::{KernelOpen, fopen_flags};
@@ -214,31 +220,6 @@ impl CachePolicy {
     }
 }
 
-/// Seven eighths of the descriptor limit, read once at start: the rest is
-/// for handles, the control socket and lookups that arrive while the kernel
-/// is still dropping entries.
-fn fd_budget() -> usize {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: valid out pointer.
-    let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        lim.rlim_cur
-    } else {
-        1024
-    };
-    // Room for the daemon's own descriptors besides one per inode: BPF
-    // maps and programs, the control socket and its connections, inotify,
-    // /dev/fuse and its notify duplicate, logs, the pool's transient opens.
-    // Under a small limit 1/8 is not enough of it.
-    const RESERVE: usize = 64;
-    let cur = cur as usize;
-    (cur.saturating_mul(7) / 8)
-        .min(cur.saturating_sub(RESERVE))
-        .max(cur / 2)
-}
-
 /// Shared backend handles kept for zero-message opens, at most.
 const MAX_INODE_HANDLES: usize = 1024;
 
@@ -374,7 +355,7 @@ impl EfuseFs {
         // Zero-message opens keep up to MAX_INODE_HANDLES shared backend
         // handles open besides the pins: leave room for them (a full-size
         // `efuse bench` under a 20,000 descriptor limit ran out on them).
-        let limit_budget = fd_budget();
+        let limit_budget = pressure::fd_budget();
         // Only a backend that holds a descriptor per inode limits how many
         // the kernel may keep; by handle (or in memory) that is memory.
         let per_inode_fd = backend.inode_mode() == Some(crate::backend::dir::nodes::InodeMode::Descriptors);
@@ -430,106 +411,9 @@ impl EfuseFs {
         self.session.get().map(|l| &l.passthrough)
     }
 
-    /// A staged local copy of `ino` (`a`) open as `fh`, if staging applies.
-    fn staged_copy(&self, fh: Fh, a: &Attr) -> Option<Arc<std::fs::File>> {
-        let s = self.staging.as_ref()?;
-        if a.kind != FileKind::File {
-            return None;
-        }
-        match s.stage(&self.backend, a.ino, fh, a.mtime, a.size) {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::warn!(ino = a.ino, "staging failed, reading through the daemon: {e:#}");
-                None
-            }
-        }
-    }
-
     /// Counters of the metadata cache, when there is one.
     pub fn cache_stats(&self) -> Option<crate::fs::cache::CacheStats> {
         self.meta.as_ref().map(|m| m.stats())
-    }
-
-    /// Something in backend directory `dir_b` changed: its prefetched
-    /// listing, if any, no longer holds.
-    fn dir_changed(&self, dir_b: u64) {
-        if let Some(m) = &self.meta {
-            m.invalidate(dir_b);
-        }
-    }
-
-    /// Drop the listings of `dirs` (FUSE inodes) once a change in them has
-    /// happened (after, so no listing fetched meanwhile survives), and pass
-    /// the result on.
-    fn after<T>(&self, dirs: &[u64], r: crate::backend::Result<T>) -> crate::backend::Result<T> {
-        for d in dirs {
-            self.dir_changed(self.b(*d));
-        }
-        // The directories' attributes (mtime, nlink) changed.
-        self.bpf_changed(&[], dirs);
-        r
-    }
-
-    /// The FUSE inode `name` in `parent` names now, if the bpf tier is
-    /// active (to drop its attributes from the maps after a change).
-    fn child(&self, parent: u64, name: &OsStr) -> Option<u64> {
-        self.bpf.current()?;
-        let a = self.backend.lookup(self.b(parent), name).ok()?;
-        self.backend.forget(a.ino, 1);
-        Some(self.inodes.to_fuse(a.ino))
-    }
-
-    /// The backend changed `name` in backend directory `parent_b` (and the
-    /// object now or formerly under it, if known): drop what the kernel caches.
-    pub fn backend_changed(&self, parent_b: u64, name: Option<&OsStr>, child_b: Option<u64>) {
-        let Some(n) = self.notifier() else { return };
-        if self.policy().entry_ttl.is_zero() && !self.policy().keep_cache {
-            // Nothing is cached under the off tier.
-            return;
-        }
-        self.dir_changed(parent_b);
-        let parent = self.inodes.to_fuse(parent_b);
-        tracing::debug!(parent, ?name, ?child_b, "backend changed");
-        // Out of the BPF maps first, so the programs cannot answer with
-        // what the invalidation below drops.
-        let names: Vec<(u64, &OsStr)> = name.map(|n| (parent, n)).into_iter().collect();
-        let mut inos = vec![parent];
-        inos.extend(child_b.map(|c| self.inodes.to_fuse(c)));
-        self.bpf_changed(&names, &inos);
-        if let Some(name) = name {
-            n.inval_entry(parent, name);
-        }
-        if let Some(c) = child_b {
-            let c = self.inodes.to_fuse(c);
-            if self.inodes.nlookup(c) > 0 {
-                n.inval_inode(c);
-            }
-        } else if name.is_none() {
-            n.inval_inode(parent);
-        }
-    }
-
-    /// Drop everything the kernel caches from us: every name handed out and
-    /// every inode's attributes and data.
-    pub fn invalidate_all(&self) -> usize {
-        if let Some(t) = self.bpf.current() {
-            t.clear();
-        }
-        let Some(n) = self.notifier() else { return 0 };
-        // Name by name, with expiry only. FUSE_NOTIFY_INC_EPOCH (6.16)
-        // would do it in one message, but a dentry of an older epoch is
-        // dropped without a lookup (unhashed), which breaks getcwd() of
-        // every process working in a directory of the mount.
-        let mut count = 0;
-        for (ino, names) in self.inodes.snapshot() {
-            for (parent, name) in names {
-                n.inval_entry(parent, &name);
-                count += 1;
-            }
-            n.inval_inode(ino);
-        }
-        n.inval_inode(crate::fs::inode::FUSE_ROOT);
-        count
     }
 
     /// Is the bpf tier refused on this mount?
@@ -698,15 +582,6 @@ impl EfuseFs {
         Ok(self.entry(ino, OsStr::new("."), a))
     }
 
-    /// The file `ino` was modified through the mount: drop the listings
-    /// that may hold its old attributes.
-    pub fn modified(&self, ino: u64) {
-        if let Some(m) = &self.meta {
-            m.invalidate_holding(self.b(ino));
-        }
-        self.bpf_changed(&[], &[ino]);
-    }
-
     /// The kernel dropped `n` references to `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
         // Lookup counts live in the inode table; an attached bpf tier first
@@ -772,140 +647,12 @@ impl EfuseFs {
         Ok((a, ttl))
     }
 
-    /// SETATTR from the kernel on behalf of `who`: [`Self::setattr`], and
-    /// a truncation or owner change by anyone but root clears S_ISGID where
-    /// the kernel leaves that to the server ([`Self::drop_sgid`]); the
-    /// attributes returned are those after both.
-    pub fn setattr_by(
-        &self,
-        ino: u64,
-        fh: Option<Fh>,
-        set: &SetAttr,
-        who: Caller,
-    ) -> FsResult<(Attr, Duration)> {
-        let a = self.setattr(ino, fh, set)?;
-        if who.uid != 0
-            && (set.size.is_some() || set.uid.is_some() || set.gid.is_some())
-            && set.mode.is_none()
-            && let Some(after) = self.drop_sgid(ino, who)
-        {
-            return Ok(after);
-        }
-        Ok(a)
-    }
-
     /// Change attributes.
     pub fn setattr(&self, ino: u64, fh: Option<Fh>, set: &SetAttr) -> FsResult<(Attr, Duration)> {
         let a = self.backend.setattr(self.b(ino), fh, set);
         self.modified(ino);
         let a = a?;
         Ok((self.fuse_attr(a), self.policy().attr_ttl))
-    }
-
-    /// After a write, truncate, fallocate or chown by `who`: clear the
-    /// set-group-ID bit where Linux would and FUSE does not.
-    ///
-    /// The kernel kills S_ISUID, and S_ISGID of a group-executable file,
-    /// itself (a SETATTR of the mode) when the caller lacks CAP_FSETID. Its
-    /// FUSE emulation of that rule predates the VFS's current one, which
-    /// also clears S_ISGID of a file that is not group-executable when the
-    /// caller is not in the file's group (setattr_should_drop_sgid): that
-    /// case is left to the server. Only callers other than root can hit it,
-    /// so root's requests cost nothing here.
-    /// Returns the attributes after the change, if it made one.
-    pub fn drop_sgid(&self, ino: u64, who: Caller) -> Option<(Attr, Duration)> {
-        let perm = self.sgid_at_risk(ino, who)?;
-        self.clear_sgid(ino, perm)
-    }
-
-    /// Set `ino`'s permission bits to `perm` without S_ISGID, and drop the
-    /// mode the kernel caches (a write or an ACL change invalidates only
-    /// what it knows it changed).
-    fn clear_sgid(&self, ino: u64, perm: u16) -> Option<(Attr, Duration)> {
-        let set = SetAttr {
-            mode: Some((perm & !(libc::S_ISGID as u16)) as u32),
-            ..Default::default()
-        };
-        let a = self.setattr(ino, None, &set).ok()?;
-        if let Some(n) = self.notifier() {
-            n.inval_inode(ino);
-        }
-        Some(a)
-    }
-
-    /// After `who` set the access ACL of `ino`: clear S_ISGID unless `who`
-    /// is in the inode's group or has CAP_FSETID (any file type), as
-    /// posix_acl_update_mode() does for a local filesystem.
-    pub fn acl_kill_sgid(&self, ino: u64, who: Caller) {
-        if who.uid == 0 {
-            return;
-        }
-        let Ok(a) = self.backend.getattr(self.b(ino)) else {
-            return;
-        };
-        if a.perm & libc::S_ISGID as u16 == 0
-            || crate::fs::creds::in_group_or_capable(who, a.gid, crate::fs::creds::CAP_FSETID)
-        {
-            return;
-        }
-        self.clear_sgid(ino, a.perm);
-    }
-
-    /// WRITE from the kernel on behalf of `who` through handle `fh` of
-    /// `ino` ([`Self::with_io`]): the cached attributes are dropped, and a
-    /// write that happened clears S_ISGID as [`Self::drop_sgid`] says.
-    pub fn write_by(&self, ino: u64, fh: Fh, offset: u64, data: &[u8], who: Caller) -> FsResult<u32> {
-        let res = self.with_io(ino, fh, |f| self.write(f, offset, data));
-        self.modified(ino);
-        if res.is_ok() {
-            let _ = self.drop_sgid(ino, who);
-        }
-        res
-    }
-
-    /// FALLOCATE from the kernel on behalf of `who`, as [`Self::write_by`].
-    pub fn fallocate_by(
-        &self,
-        ino: u64,
-        fh: Fh,
-        offset: u64,
-        len: u64,
-        mode: i32,
-        who: Caller,
-    ) -> FsResult<()> {
-        let res = self.with_io(ino, fh, |f| self.fallocate(f, offset, len, mode));
-        self.modified(ino);
-        if res.is_ok() {
-            let _ = self.drop_sgid(ino, who);
-        }
-        res
-    }
-
-    /// SETXATTR from the kernel on behalf of `who`. Setting an access ACL
-    /// clears S_ISGID unless the caller is in the file's group or has
-    /// CAP_FSETID, as the kernel's posix_acl_update_mode does on a local
-    /// filesystem: the backend applied it as the daemon (root), so the rule
-    /// is applied for the caller here.
-    pub fn setxattr_by(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32, who: Caller) -> FsResult<()> {
-        self.setxattr(ino, name, value, flags)?;
-        if name == "system.posix_acl_access" {
-            self.acl_kill_sgid(ino, who);
-        }
-        Ok(())
-    }
-
-    /// The permission bits of `ino` if a write by `who` must clear its
-    /// S_ISGID (see [`Self::drop_sgid`]); `None` otherwise.
-    pub fn sgid_at_risk(&self, ino: u64, who: Caller) -> Option<u16> {
-        if who.uid == 0 {
-            return None;
-        }
-        let a = self.backend.getattr(self.b(ino)).ok()?;
-        let sgid = libc::S_ISGID as u16;
-        if a.kind != FileKind::File || a.perm & sgid == 0 || a.perm & libc::S_IXGRP as u16 != 0 {
-            return None;
-        }
-        (!crate::fs::creds::in_group_or_capable(who, a.gid, crate::fs::creds::CAP_FSETID)).then_some(a.perm)
     }
 
     /// access(2): check `mask` (R_OK/W_OK/X_OK bits) for a caller against
@@ -1033,168 +780,6 @@ impl EfuseFs {
         }
         r?;
         Ok(arg)
-    }
-
-    /// Open a file.
-    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
-        // Passthrough reads change the atime without the daemon: the bpf
-        // tier's attributes keep the old one up to their TTL (SEMANTICS.md).
-        let offer = self.offer();
-        let p = self.policy();
-        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
-
-        let stage = p.passthrough && read_only && self.staging.is_some();
-        // Staging keys copies by the attributes at open: get them with the open.
-        let (fh, attr) = if stage {
-            let (fh, a) = self.backend.open_attr(self.b(ino), flags)?;
-            (fh, Some(a))
-        } else {
-            (self.backend.open(self.b(ino), flags)?, None)
-        };
-        // Before the reply: nothing stale is answered once the open (and
-        // its truncation) returns.
-        if !read_only {
-            self.writer_opened(fh, ino);
-        } else if flags & libc::O_TRUNC != 0 {
-            self.bpf_changed(&[], &[ino]);
-        } else if let Some(o) = &offer {
-            // An open that could have been answered in the kernel: its
-            // answer had expired (or was never made); offer it again.
-            self.offer_extras(o, o.tier.renew(ino, p.attr_ttl, true));
-        }
-        let mut staged = false;
-        let backing = match (p.passthrough, self.backend.backing_file(fh), attr) {
-            (false, _, _) => None,
-            (true, Some(f), _) => Some(f),
-            (true, None, Some(a)) => {
-                let f = self.staged_copy(fh, &a);
-                staged = f.is_some();
-                f
-            }
-            (true, None, None) => None,
-        };
-        Ok(Opened {
-            fh,
-            flags: OpenFlags {
-                keep_cache: p.keep_cache,
-                cache_dir: false,
-                // Nothing to flush from a read-only open in the kernel tier.
-                noflush: p.keep_cache && read_only,
-                passthrough: p.passthrough,
-            },
-            backing,
-            staged,
-            writable: !read_only,
-        })
-    }
-
-    /// Run `f` with the handle for I/O: the open's own, or with
-    /// zero-message opens (`fh == 0`) the inode's shared handle, opened on
-    /// first use. Shared handles are bounded (least recently used closed);
-    /// one closed under a concurrent call is reopened and the call retried.
-    pub fn with_io<T>(&self, ino: u64, fh: Fh, mut f: impl FnMut(Fh) -> FsResult<T>) -> FsResult<T> {
-        if fh != 0 {
-            return f(fh);
-        }
-        let h = self.inode_handle(ino)?;
-        match f(h) {
-            Err(FsError::Backend(BackendError::Stale(_))) => {
-                let mut handles = self.inode_handles.lock();
-                if handles.get(&ino).is_some_and(|(x, _)| *x == h) {
-                    handles.remove(&ino);
-                }
-                drop(handles);
-                f(self.inode_handle(ino)?)
-            }
-            r => r,
-        }
-    }
-
-    fn inode_handle(&self, ino: u64) -> FsResult<Fh> {
-        use std::sync::atomic::Ordering;
-        let now = self.handle_clock.fetch_add(1, Ordering::Relaxed);
-        let mut handles = self.inode_handles.lock();
-        if let Some((h, used)) = handles.get_mut(&ino) {
-            *used = now;
-            return Ok(*h);
-        }
-        let b = self.b(ino);
-        let h = match self.backend.open(b, libc::O_RDWR) {
-            Ok(h) => h,
-            // Read-only file or backend: reads still work.
-            Err(_) => self.backend.open(b, libc::O_RDONLY)?,
-        };
-        handles.insert(ino, (h, now));
-        if handles.len() > MAX_INODE_HANDLES
-            && let Some((&old, &(oh, _))) = handles.iter().min_by_key(|(_, (_, used))| *used)
-        {
-            handles.remove(&old);
-            self.backend.release(oh);
-        }
-        Ok(h)
-    }
-
-    /// Descriptors are short: ask the kernel, from a thread of its own, to
-    /// drop entries it caches from us down to 3/4 of the budget, so that their
-    /// FORGETs free descriptors (at most every 20 ms). Never from the
-    /// request's thread: the kernel may hold the directory lock the
-    /// invalidation needs until this request is answered.
-    fn relieve_fd_pressure(&self, force: bool) {
-        {
-            let mut last = self.pressure.lock();
-            if !force && last.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
-                return;
-            }
-            if last.is_none() {
-                tracing::warn!(
-                    budget = self.fd_budget,
-                    "running short of file descriptors (one per inode the kernel holds); asking the \
-                     kernel to drop unused cached entries. Raise LimitNOFILE / ulimit -n for large trees"
-                );
-            }
-            *last = Some(std::time::Instant::now());
-        }
-        let Some(n) = self.session.get().map(|l| l.notifier.clone()) else {
-            return;
-        };
-        let known = self.inodes.snapshot();
-        // Down to three quarters of the budget, so that lookups have room
-        // until the FORGETs come back.
-        let take = known.len().saturating_sub(self.fd_budget / 4 * 3).max(1);
-        let _ = std::thread::Builder::new()
-            .name("efuse-relief".into())
-            .spawn(move || {
-                // One message per batch of inodes where the kernel can
-                // (6.18+): it drops only dentries nobody uses, so a
-                // process's working directory stays. Else one full
-                // invalidation per name.
-                let inos: Vec<u64> = known.iter().take(take).map(|(ino, _)| *ino).collect();
-                if n.prune(&inos) {
-                    return;
-                }
-                for (_, names) in known.into_iter().take(take) {
-                    for (parent, name) in names {
-                        n.drop_entry(parent, &name);
-                    }
-                }
-            });
-    }
-
-    /// A backend call that pins a new inode; retried once after relieving
-    /// descriptor pressure.
-    fn pinning<T>(&self, f: impl Fn() -> crate::backend::Result<T>) -> crate::backend::Result<T> {
-        if self.inodes.len() > self.fd_budget {
-            self.relieve_fd_pressure(false);
-        }
-        // No waiting here on failure: the kernel holds this directory's
-        // lock until we answer, and the relief needs it.
-        let r = f();
-        if let Err(e) = &r
-            && matches!(e.to_errno(), libc::EMFILE | libc::ENFILE)
-        {
-            self.relieve_fd_pressure(true);
-        }
-        r
     }
 
     /// Create and open a file.

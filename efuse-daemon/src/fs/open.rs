@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
-use super::{EfuseFs, FsError, FsResult, Opened};
-use crate::backend::Caller;
+use super::{EfuseFs, FsError, FsResult, MAX_INODE_HANDLES, OpenFlags, Opened};
+use crate::backend::{Attr, BackendError, Caller, Fh, FileKind};
 use crate::transport::abi::fopen;
 
 /// An open as the kernel is to see it: the fields of `fuse_open_out`.
@@ -176,6 +176,122 @@ impl EfuseFs {
             },
             sgid_now,
         ))
+    }
+}
+
+impl EfuseFs {
+    /// Open a file.
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<Opened> {
+        // Passthrough reads change the atime without the daemon: the bpf
+        // tier's attributes keep the old one up to their TTL (SEMANTICS.md).
+        let offer = self.offer();
+        let p = self.policy();
+        let read_only = flags & libc::O_ACCMODE == libc::O_RDONLY;
+
+        let stage = p.passthrough && read_only && self.staging.is_some();
+        // Staging keys copies by the attributes at open: get them with the open.
+        let (fh, attr) = if stage {
+            let (fh, a) = self.backend.open_attr(self.b(ino), flags)?;
+            (fh, Some(a))
+        } else {
+            (self.backend.open(self.b(ino), flags)?, None)
+        };
+        // Before the reply: nothing stale is answered once the open (and
+        // its truncation) returns.
+        if !read_only {
+            self.writer_opened(fh, ino);
+        } else if flags & libc::O_TRUNC != 0 {
+            self.bpf_changed(&[], &[ino]);
+        } else if let Some(o) = &offer {
+            // An open that could have been answered in the kernel: its
+            // answer had expired (or was never made); offer it again.
+            self.offer_extras(o, o.tier.renew(ino, p.attr_ttl, true));
+        }
+        let mut staged = false;
+        let backing = match (p.passthrough, self.backend.backing_file(fh), attr) {
+            (false, _, _) => None,
+            (true, Some(f), _) => Some(f),
+            (true, None, Some(a)) => {
+                let f = self.staged_copy(fh, &a);
+                staged = f.is_some();
+                f
+            }
+            (true, None, None) => None,
+        };
+        Ok(Opened {
+            fh,
+            flags: OpenFlags {
+                keep_cache: p.keep_cache,
+                cache_dir: false,
+                // Nothing to flush from a read-only open in the kernel tier.
+                noflush: p.keep_cache && read_only,
+                passthrough: p.passthrough,
+            },
+            backing,
+            staged,
+            writable: !read_only,
+        })
+    }
+
+    /// Run `f` with the handle for I/O: the open's own, or with
+    /// zero-message opens (`fh == 0`) the inode's shared handle, opened on
+    /// first use. Shared handles are bounded (least recently used closed);
+    /// one closed under a concurrent call is reopened and the call retried.
+    pub fn with_io<T>(&self, ino: u64, fh: Fh, mut f: impl FnMut(Fh) -> FsResult<T>) -> FsResult<T> {
+        if fh != 0 {
+            return f(fh);
+        }
+        let h = self.inode_handle(ino)?;
+        match f(h) {
+            Err(FsError::Backend(BackendError::Stale(_))) => {
+                let mut handles = self.inode_handles.lock();
+                if handles.get(&ino).is_some_and(|(x, _)| *x == h) {
+                    handles.remove(&ino);
+                }
+                drop(handles);
+                f(self.inode_handle(ino)?)
+            }
+            r => r,
+        }
+    }
+
+    fn inode_handle(&self, ino: u64) -> FsResult<Fh> {
+        use std::sync::atomic::Ordering;
+        let now = self.handle_clock.fetch_add(1, Ordering::Relaxed);
+        let mut handles = self.inode_handles.lock();
+        if let Some((h, used)) = handles.get_mut(&ino) {
+            *used = now;
+            return Ok(*h);
+        }
+        let b = self.b(ino);
+        let h = match self.backend.open(b, libc::O_RDWR) {
+            Ok(h) => h,
+            // Read-only file or backend: reads still work.
+            Err(_) => self.backend.open(b, libc::O_RDONLY)?,
+        };
+        handles.insert(ino, (h, now));
+        if handles.len() > MAX_INODE_HANDLES
+            && let Some((&old, &(oh, _))) = handles.iter().min_by_key(|(_, (_, used))| *used)
+        {
+            handles.remove(&old);
+            self.backend.release(oh);
+        }
+        Ok(h)
+    }
+
+    /// A staged local copy of `ino` (`a`) open as `fh`, if staging applies.
+    fn staged_copy(&self, fh: Fh, a: &Attr) -> Option<Arc<std::fs::File>> {
+        let s = self.staging.as_ref()?;
+        if a.kind != FileKind::File {
+            return None;
+        }
+        match s.stage(&self.backend, a.ino, fh, a.mtime, a.size) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(ino = a.ino, "staging failed, reading through the daemon: {e:#}");
+                None
+            }
+        }
     }
 }
 
