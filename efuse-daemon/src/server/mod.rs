@@ -17,6 +17,7 @@
 pub mod control;
 pub mod export_table;
 pub mod state;
+pub mod tier;
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -57,8 +58,8 @@ pub(crate) fn preflight(cfg: &MountConfig, mp: &Path) -> anyhow::Result<()> {
             ),
         }
     }
-    if cfg.offload == Offload::Bpf && allow_root(cfg) {
-        bail!("{ALLOW_ROOT_NO_BPF}");
+    if cfg.offload == Offload::Bpf && tier::allow_root(cfg) {
+        bail!("{}", tier::ALLOW_ROOT_NO_BPF);
     }
     if let Some(m) = mounted_at(mp)? {
         let dead = m.efuse().is_some() && connection_dead(mp);
@@ -116,19 +117,6 @@ pub(crate) fn detach_own(mp: &Path, dev: u32) {
 pub(crate) fn lazy_unmount(mp: &Path) -> anyhow::Result<()> {
     nix::mount::umount2(mp, nix::mount::MntFlags::MNT_DETACH)
         .with_context(|| format!("cannot detach {}", mp.display()))
-}
-
-/// Why `allow_root` mounts do not get the bpf tier: its programs answer
-/// any process the kernel lets in, and with allow_root the kernel lets in
-/// every user (allow_other), leaving the daemon to refuse all but the owner
-/// and root; answers given in the kernel would skip that.
-pub const ALLOW_ROOT_NO_BPF: &str = "-o allow_root mounts use the kernel tier: the bpf tier answers every \
-     user the kernel admits (allow_root admits all and leaves refusing them to the daemon); use \
-     allow_other, or no option, for the bpf tier";
-
-/// Does the mount use `allow_root`?
-pub fn allow_root(cfg: &MountConfig) -> bool {
-    cfg.options.iter().any(|o| o == "allow_root")
 }
 
 /// Build the backend a config asks for.
@@ -212,27 +200,8 @@ pub(crate) fn serve(
     fixed_mmap_threshold();
 
     let mut cfg = cfg.clone();
-    // Where the bpf tier's hook is, looked up once (it reads the kernel's
-    // BTF): it decides `auto` and the FUSE a bpf mount goes through.
-    let hook = matches!(cfg.offload, Offload::Auto | Offload::Bpf).then(crate::kfuse::hook);
-    if cfg.offload == Offload::Auto {
-        cfg.offload = match &hook {
-            Some(Ok(_)) => Offload::Bpf,
-            _ => Offload::Kernel,
-        };
-        if cfg.offload == Offload::Bpf && allow_root(&cfg) {
-            tracing::info!("{ALLOW_ROOT_NO_BPF}");
-            cfg.offload = Offload::Kernel;
-        }
-        tracing::info!(tier = %cfg.offload, "offload auto: picked the best tier this kernel has");
-    }
+    let fuse = tier::choose(&mut cfg)?;
     let cfg = &cfg;
-    // The bpf tier goes through whichever FUSE has the hook (checked by
-    // preflight); every other tier through the kernel's own.
-    let fuse = match (cfg.offload, hook) {
-        (Offload::Bpf, Some(h)) => h.map_err(|e| anyhow::anyhow!(e))?.fuse(),
-        _ => crate::kfuse::Fuse::Kernel,
-    };
     let backend = build_backend(cfg)?;
     let kind = backend.kind();
     // Tracing starts before the mount so that FUSE_INIT is counted.
@@ -278,7 +247,7 @@ pub(crate) fn serve(
                 .options
                 .iter()
                 .any(|o| o == "allow_other" || o == "allow_root"),
-            bpf_refusal: allow_root(cfg).then_some(ALLOW_ROOT_NO_BPF),
+            bpf_refusal: tier::allow_root(cfg).then_some(tier::ALLOW_ROOT_NO_BPF),
             staging,
         },
     ));
