@@ -84,15 +84,9 @@ impl EfuseFs {
     }
 
     /// WRITE from the kernel on behalf of `who` through handle `fh` of
-    /// `ino` ([`Self::with_io`]): the cached attributes are dropped, and a
-    /// write that happened clears S_ISGID as [`Self::drop_sgid`] says.
+    /// `ino` ([`Self::with_io`]), as [`Self::data_changed_by`] says.
     pub fn write_by(&self, ino: u64, fh: Fh, offset: u64, data: &[u8], who: Caller) -> FsResult<u32> {
-        let res = self.with_io(ino, fh, |f| self.write(f, offset, data));
-        self.modified(ino);
-        if res.is_ok() {
-            let _ = self.drop_sgid(ino, who);
-        }
-        res
+        self.data_changed_by(ino, fh, who, |f| self.write(f, offset, data))
     }
 
     /// FALLOCATE from the kernel on behalf of `who`, as [`Self::write_by`].
@@ -105,7 +99,21 @@ impl EfuseFs {
         mode: i32,
         who: Caller,
     ) -> FsResult<()> {
-        let res = self.with_io(ino, fh, |f| self.fallocate(f, offset, len, mode));
+        self.data_changed_by(ino, fh, who, |f| self.fallocate(f, offset, len, mode))
+    }
+
+    /// Run `change` on the handle for I/O of `ino` (`fh`, or the inode's
+    /// shared handle with zero-message opens): the cached attributes
+    /// are dropped, and a change that happened clears S_ISGID as
+    /// [`Self::drop_sgid`] says.
+    fn data_changed_by<T>(
+        &self,
+        ino: u64,
+        fh: Fh,
+        who: Caller,
+        change: impl FnMut(Fh) -> FsResult<T>,
+    ) -> FsResult<T> {
+        let res = self.with_io(ino, fh, change);
         self.modified(ino);
         if res.is_ok() {
             let _ = self.drop_sgid(ino, who);

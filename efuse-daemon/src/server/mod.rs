@@ -160,8 +160,7 @@ pub(crate) fn fuse_config(cfg: &MountConfig) -> (crate::mount::MountSpec, bool) 
             .map(|s| s.display().to_string())
             .unwrap_or_else(|| "efuse".into()),
     };
-    let allow_root = cfg.options.iter().any(|o| o == "allow_root");
-    let others = allow_root || cfg.options.iter().any(|o| o == "allow_other");
+    let others = tier::allow_root(cfg) || cfg.options.iter().any(|o| o == "allow_other");
     // The daemon runs as root. When other users may use the mount, the
     // kernel checks modes itself (default_permissions). When only the
     // mounting user can (the default), the kernel's check would add a
@@ -236,6 +235,7 @@ pub(crate) fn serve(
             }
         }
     }
+    let (spec, others) = fuse_config(cfg);
     let fs = Arc::new(EfuseFs::build(
         backend,
         crate::fs::FsConfig {
@@ -243,10 +243,7 @@ pub(crate) fn serve(
             kernel: cfg.kernel.clone(),
             bpf: cfg.bpf.clone(),
             xattr: cfg.xattr,
-            others_may_use: cfg
-                .options
-                .iter()
-                .any(|o| o == "allow_other" || o == "allow_root"),
+            others_may_use: others,
             bpf_refusal: tier::allow_root(cfg).then_some(tier::ALLOW_ROOT_NO_BPF),
             staging,
         },
@@ -273,7 +270,6 @@ pub(crate) fn serve(
     }
     let metrics = Arc::new(Metrics::default());
     let started = Instant::now();
-    let (spec, others) = fuse_config(cfg);
     if let Some(t) = tracer.as_mut() {
         t.mark();
     }
@@ -282,7 +278,7 @@ pub(crate) fn serve(
     // The module's control filesystem is nobody else's to mount.
     fuse.mount_control();
     let dev = connection_of(mp).unwrap_or(0);
-    let allow_root = cfg.options.iter().any(|o| o == "allow_root");
+    let allow_root = tier::allow_root(cfg);
     let (f2, m2) = (fs.clone(), metrics.clone());
     let session = crate::transport::Session::start(
         fd,
