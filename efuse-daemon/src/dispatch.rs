@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::backend::{Caller, SetAttr, SetTime};
-use crate::fs::passthrough::Passthrough;
 use crate::fs::{FsError, FsResult, Opened, SharedFs, fopen_flags};
 use crate::metrics::{Metrics, op};
 use crate::transport::abi::{self, init as initf};
@@ -48,7 +47,6 @@ pub enum Done {
 pub struct Dispatcher {
     fs: SharedFs,
     metrics: Arc<Metrics>,
-    pt: Arc<Passthrough>,
     negotiated: Negotiated,
     /// Without allow_other, the only uids served (the daemon's own, and
     /// with allow_root also root); see [`Dispatcher::restrict`].
@@ -56,13 +54,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
-    /// A dispatcher over `fs` counting into `metrics`; `pt` are the
-    /// connection's backing ids (the ones `fs` was connected with).
-    pub fn new(fs: SharedFs, metrics: Arc<Metrics>, pt: Arc<Passthrough>) -> Self {
+    /// A dispatcher over `fs` counting into `metrics`.
+    pub fn new(fs: SharedFs, metrics: Arc<Metrics>) -> Self {
         Self {
             fs,
             metrics,
-            pt,
             negotiated: Negotiated::default(),
             allowed: None,
         }
@@ -197,7 +193,7 @@ impl Dispatcher {
                 // itself sit under overlayfs.
                 stack_depth = 1;
                 self.negotiated.passthrough.store(true, Ordering::Relaxed);
-                self.pt.set_granted(true);
+                self.fs.grant_passthrough();
             } else {
                 tracing::warn!(
                     "FUSE passthrough needs Linux 6.9+ (FUSE_PASSTHROUGH); this kernel does not offer it, \
@@ -531,8 +527,6 @@ mod tests {
     //! encoded replies out, no /dev/fuse and no mount.
     use std::ffi::OsStr;
 
-    use std::os::fd::OwnedFd;
-
     use super::*;
     use crate::backend::mem::MemBackend;
     use crate::config::{KernelTierConfig, Offload, Xattr};
@@ -548,10 +542,7 @@ mod tests {
         ));
         let e = fs.mkdir(Caller::default(), 1, OsStr::new("d"), 0o755).unwrap();
         fs.forget(e.attr.ino, 1);
-        // Backing ids are registered on this descriptor: no INIT granted
-        // passthrough here, so none is.
-        let dev = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        Dispatcher::new(fs, Arc::new(Metrics::default()), Arc::new(Passthrough::new(dev)))
+        Dispatcher::new(fs, Arc::new(Metrics::default()))
     }
 
     fn header(opcode: u32, nodeid: u64, uid: u32) -> InHeader {

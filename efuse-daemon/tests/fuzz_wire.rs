@@ -182,12 +182,21 @@ fn step() -> impl Strategy<Value = Step> {
         })
 }
 
-/// Backing ids on /dev/null: no INIT here grants passthrough, so none is
-/// ever registered.
-fn dev_null() -> Arc<efuse::fs::passthrough::Passthrough> {
-    Arc::new(efuse::fs::passthrough::Passthrough::new(Arc::new(OwnedFd::from(
+/// A dispatcher over `fs`, connected as the daemon connects it, with
+/// /dev/null standing in for the session: no INIT here grants
+/// passthrough, so no backing id is ever registered, and notifications go
+/// nowhere.
+fn dispatcher(fs: &Arc<EfuseFs>) -> Dispatcher {
+    let dev = Arc::new(OwnedFd::from(
         std::fs::File::open("/dev/null").expect("/dev/null"),
-    ))))
+    ));
+    fs.connect(efuse::fs::SessionLink {
+        connection: 0,
+        fuse: efuse::kfuse::Fuse::Kernel,
+        notifier: Arc::new(efuse::transport::reply::Notify::new(dev.clone())),
+        passthrough: Arc::new(efuse::fs::passthrough::Passthrough::new(dev)),
+    });
+    Dispatcher::new(fs.clone(), Arc::new(Metrics::default()))
 }
 
 fn run_sequence(steps: &[Step], tier: Offload) {
@@ -196,7 +205,7 @@ fn run_sequence(steps: &[Step], tier: Offload) {
         tier,
         KernelTierConfig::default(),
     ));
-    let disp = Dispatcher::new(fs.clone(), Arc::new(Metrics::default()), dev_null());
+    let disp = dispatcher(&fs);
     // Node ids the dispatcher handed out (entry replies), and how many
     // lookups of each it reported.
     let mut nodes: Vec<u64> = vec![1];
@@ -362,7 +371,7 @@ fn a_huge_truncate_of_a_mem_file_is_efbig_not_an_abort() {
         Offload::Kernel,
         KernelTierConfig::default(),
     ));
-    let disp = Dispatcher::new(fs, Arc::new(Metrics::default()), dev_null());
+    let disp = dispatcher(&fs);
     let mut reply = vec![0u8; 4096];
     let mut send = |opcode: u32, nodeid: u64, body: &[u8]| {
         let mut req = header(opcode, 1, nodeid, IN_HEADER_LEN + body.len(), 0);

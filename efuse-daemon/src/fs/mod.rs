@@ -411,6 +411,13 @@ impl EfuseFs {
         self.session.get().map(|l| &l.passthrough)
     }
 
+    /// INIT granted FUSE_PASSTHROUGH: backing ids may be registered.
+    pub fn grant_passthrough(&self) {
+        if let Some(pt) = self.passthrough() {
+            pt.set_granted(true);
+        }
+    }
+
     /// Counters of the metadata cache, when there is one.
     pub fn cache_stats(&self) -> Option<crate::fs::cache::CacheStats> {
         self.meta.as_ref().map(|m| m.stats())

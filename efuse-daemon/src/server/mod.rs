@@ -286,14 +286,13 @@ pub(crate) fn serve(
             // What needs the session is handed over before its first
             // request is read: no request is served without its kernel
             // invalidations.
-            let pt = Arc::new(crate::fs::passthrough::Passthrough::new(devfd.clone()));
             f2.connect(crate::fs::SessionLink {
                 connection: dev,
                 fuse,
-                notifier: Arc::new(crate::transport::reply::Notify::new(devfd)),
-                passthrough: pt.clone(),
+                notifier: Arc::new(crate::transport::reply::Notify::new(devfd.clone())),
+                passthrough: Arc::new(crate::fs::passthrough::Passthrough::new(devfd)),
             });
-            let d = crate::dispatch::Dispatcher::new(f2, m2, pt);
+            let d = crate::dispatch::Dispatcher::new(f2, m2);
             // SAFETY: geteuid cannot fail.
             let me = unsafe { libc::geteuid() };
             if others && !allow_root {

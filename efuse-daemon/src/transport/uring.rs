@@ -640,12 +640,7 @@ mod tests {
             KernelTierConfig::default(),
         ));
         fs.mkdir(Caller::default(), 1, OsStr::new("a"), 0o755).unwrap();
-        let dev = Arc::new(OwnedFd::from(std::fs::File::open("/dev/null").unwrap()));
-        Dispatcher::new(
-            fs,
-            Arc::new(crate::metrics::Metrics::default()),
-            Arc::new(crate::fs::passthrough::Passthrough::new(dev)),
-        )
+        Dispatcher::new(fs, Arc::new(crate::metrics::Metrics::default()))
     }
 
     /// An entry holding LOOKUP "a" of the root, with a payload buffer of
