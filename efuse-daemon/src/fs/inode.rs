@@ -68,19 +68,6 @@ struct Table {
     bpf: HashMap<u64, BpfRefs>,
 }
 
-impl std::ops::Deref for Table {
-    type Target = HashMap<u64, Known>;
-    fn deref(&self) -> &Self::Target {
-        &self.known
-    }
-}
-
-impl std::ops::DerefMut for Table {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.known
-    }
-}
-
 impl Table {
     fn maprefs(&self, ino: u64) -> u64 {
         self.bpf.get(&ino).map_or(0, |b| b.maprefs)
@@ -192,7 +179,7 @@ pub struct Forgotten {
 #[derive(Debug)]
 pub struct InodeTable {
     backend_root: Ino,
-    known: Mutex<Table>,
+    table: Mutex<Table>,
     next_generation: AtomicU64,
     /// FORGETs for more than the table counted (or for unknown inodes):
     /// each one is a lookup the daemon missed, i.e. an inode it could have
@@ -230,7 +217,7 @@ impl InodeTable {
             .map_or(1, |d| d.as_micros() as u64);
         Self {
             backend_root,
-            known: Mutex::new(Table::default()),
+            table: Mutex::new(Table::default()),
             next_generation: AtomicU64::new(now_us.max(1)),
             excess_forgets: AtomicU64::new(0),
             graves: Mutex::new(Graves::default()),
@@ -293,8 +280,9 @@ impl InodeTable {
     /// (FUSE number). Buried ones most recent first, at most `max` in all.
     pub fn export(&self, identity: impl Fn(u64) -> Option<Vec<u8>>, max: usize) -> Vec<Exported> {
         let known: Vec<(u64, u64)> = self
-            .known
+            .table
             .lock()
+            .known
             .iter()
             .map(|(i, k)| (*i, k.generation))
             .collect();
@@ -381,7 +369,7 @@ impl InodeTable {
         if ino == FUSE_ROOT {
             return 0;
         }
-        let mut t = self.known.lock();
+        let mut t = self.table.lock();
         let k = t
             .known
             .entry(ino)
@@ -406,7 +394,7 @@ impl InodeTable {
     /// One BPF map entry naming `ino` is gone (call [`Self::reconcile`]
     /// first); true if the inode left the table.
     pub fn map_unref(&self, ino: u64) -> bool {
-        let mut t = self.known.lock();
+        let mut t = self.table.lock();
         if !t.known.contains_key(&ino) {
             debug_assert!(false, "map_unref of unknown inode {ino}");
             return false;
@@ -425,7 +413,7 @@ impl InodeTable {
     /// the table lock, so no concurrent forget can unpin first) to take
     /// their backend pins. Returns how many were added.
     pub fn reconcile(&self, ino: u64, total: u64, pin: impl FnOnce(u64)) -> u64 {
-        let mut t = self.known.lock();
+        let mut t = self.table.lock();
         let seen = t.bpf.get(&ino).map_or(0, |b| b.bpf_seen);
         let Some(k) = t.known.get_mut(&ino) else {
             if total > 0 {
@@ -448,20 +436,21 @@ impl InodeTable {
 
     /// Forget every BPF lookup count seen (the counts were reset).
     pub fn reset_bpf_seen(&self) {
-        for b in self.known.lock().bpf.values_mut() {
+        for b in self.table.lock().bpf.values_mut() {
             b.bpf_seen = 0;
         }
     }
 
     /// Inodes named by BPF map entries, and how many entries name them.
     pub fn mapped(&self) -> u64 {
-        self.known.lock().bpf.values().map(|b| b.maprefs).sum()
+        self.table.lock().bpf.values().map(|b| b.maprefs).sum()
     }
 
     /// Every inode the kernel holds with the names it was given under.
     pub fn snapshot(&self) -> Vec<(u64, Vec<(u64, OsString)>)> {
-        self.known
+        self.table
             .lock()
+            .known
             .iter()
             .filter(|(_, k)| k.nlookup > 0)
             .map(|(i, k)| (*i, k.names.to_vec()))
@@ -470,7 +459,7 @@ impl InodeTable {
 
     /// Every inode in the table (held by the kernel or a map entry).
     pub fn all(&self) -> Vec<u64> {
-        self.known.lock().keys().copied().collect()
+        self.table.lock().known.keys().copied().collect()
     }
 
     /// Drop `n` kernel references (call [`Self::reconcile`] first).
@@ -482,8 +471,8 @@ impl InodeTable {
         if ino == FUSE_ROOT {
             return none;
         }
-        let mut known = self.known.lock();
-        let Some(k) = known.get_mut(&ino) else {
+        let mut t = self.table.lock();
+        let Some(k) = t.known.get_mut(&ino) else {
             tracing::warn!(ino, n, "forget of an inode the kernel was never given");
             self.excess_forgets.fetch_add(n, Ordering::Relaxed);
             return none;
@@ -502,9 +491,9 @@ impl InodeTable {
         };
         k.nlookup -= taken;
         let g = k.generation;
-        let removed = known.unused(ino);
+        let removed = t.unused(ino);
         if removed {
-            known.remove_inode(ino);
+            t.remove_inode(ino);
             let mut graves = self.graves.lock();
             if graves.by_ino.insert(ino, (g, None)).is_none() {
                 graves.order.push_back(ino);
@@ -523,7 +512,7 @@ impl InodeTable {
         if ino == FUSE_ROOT {
             return Some(0);
         }
-        self.known.lock().get(&ino).map(|k| k.generation)
+        self.table.lock().known.get(&ino).map(|k| k.generation)
     }
 
     /// FORGETs beyond what was counted (see the field).
@@ -533,13 +522,13 @@ impl InodeTable {
 
     /// Lookup count of `ino` (0 if unknown).
     pub fn nlookup(&self, ino: u64) -> u64 {
-        self.known.lock().get(&ino).map_or(0, |k| k.nlookup)
+        self.table.lock().known.get(&ino).map_or(0, |k| k.nlookup)
     }
 
     /// Number of inodes in the table (O(1)): held by the kernel or by a
     /// BPF map entry, each with one backend descriptor.
     pub fn len(&self) -> usize {
-        self.known.lock().len()
+        self.table.lock().known.len()
     }
 
     /// True if the kernel holds no inode but the root.
@@ -549,10 +538,10 @@ impl InodeTable {
 
     /// Number of inodes the kernel holds, and the sum of their counts.
     pub fn totals(&self) -> (usize, u64) {
-        let known = self.known.lock();
+        let t = self.table.lock();
         (
-            known.values().filter(|k| k.nlookup > 0).count(),
-            known.values().map(|k| k.nlookup).sum(),
+            t.known.values().filter(|k| k.nlookup > 0).count(),
+            t.known.values().map(|k| k.nlookup).sum(),
         )
     }
 }
