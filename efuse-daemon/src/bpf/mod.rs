@@ -99,8 +99,9 @@ impl Tier {
 #[derive(Default)]
 pub struct Slot {
     tier: RwLock<Option<Arc<Tier>>>,
-    /// Held while attaching or detaching; the reader of the miss events.
-    change: Mutex<Option<JoinHandle<()>>>,
+    /// The thread reading the attached tier's miss events; held while
+    /// attaching or detaching, which it serializes.
+    reader: Mutex<Option<JoinHandle<()>>>,
     /// Statistics of the last attachment, and why the last attach failed.
     last: Mutex<BpfStats>,
     /// The hook the tier was last attached through.
@@ -120,7 +121,7 @@ impl Slot {
         &self,
         make: impl FnOnce() -> anyhow::Result<(Arc<Tier>, Option<JoinHandle<()>>)>,
     ) -> anyhow::Result<()> {
-        let mut reader = self.change.lock();
+        let mut reader = self.reader.lock();
         if self.tier.read().is_some() {
             return Ok(());
         }
@@ -146,7 +147,7 @@ impl Slot {
     /// then takes over the counts it has not read yet). Returns whether one
     /// was attached.
     pub fn detach(&self) -> bool {
-        let mut reader = self.change.lock();
+        let mut reader = self.reader.lock();
         let Some(tier) = self.current() else {
             return false;
         };
