@@ -257,14 +257,11 @@ impl Dispatcher {
             Req::Init(_) => Err(FsError::Errno(libc::EPROTO)),
             Req::Destroy => Ok(()),
             Req::Lookup { name } => match self.fs.lookup(ino, name) {
-                // The kernel caches the absence of the name for `neg`.
-                Err(e) if e.to_errno() == libc::ENOENT => match self.fs.policy().negative_ttl {
-                    neg if neg.is_zero() => Err(e),
-                    neg => {
-                        negative_entry(out, neg);
-                        Ok(())
-                    }
-                },
+                // The kernel caches the absence of the name.
+                Err(FsError::Missing { cache_for }) if !cache_for.is_zero() => {
+                    negative_entry(out, cache_for);
+                    Ok(())
+                }
                 r => r.map(|e| entry_out(out, &e)),
             },
             Req::Forget { nlookup } => {

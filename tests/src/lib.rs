@@ -314,7 +314,7 @@ impl TestMount {
             String::from_utf8_lossy(&out.stderr)
         );
         let mut c = self.child.take().expect("daemon");
-        wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit after umount");
+        wait_timeout(&mut c, Duration::from_secs(60)).expect("daemon did not exit after umount");
         self.start();
     }
 
@@ -344,7 +344,7 @@ impl TestMount {
             String::from_utf8_lossy(&status.stderr)
         );
         let mut c = self.child.take().expect("daemon");
-        wait_timeout(&mut c, Duration::from_secs(10)).expect("daemon did not exit after umount")
+        wait_timeout(&mut c, Duration::from_secs(60)).expect("daemon did not exit after umount")
     }
 }
 

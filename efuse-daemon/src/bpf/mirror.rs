@@ -150,10 +150,10 @@ struct Mirror {
     by_ino: HashMap<u64, Vec<(u64, OsString)>>,
     /// Inodes in the attribute map.
     attrs: HashSet<u64>,
-    /// Inodes in the open map.
-    opens: HashSet<u64>,
-    /// Inodes in the no-xattr map.
-    noxattr: HashSet<u64>,
+    /// Inodes in the open map, with the deadline of their answer.
+    opens: HashMap<u64, u64>,
+    /// Inodes in the no-xattr map, with the deadline of their answer.
+    noxattr: HashMap<u64, u64>,
     epoch: u64,
     /// Last prefetch of each directory, to coalesce miss events.
     prefetched: HashMap<u64, Instant>,
@@ -298,10 +298,10 @@ impl BpfMirror {
         if m.attrs.remove(&ino) {
             maps.del_attr(ino);
         }
-        if m.opens.remove(&ino) {
+        if m.opens.remove(&ino).is_some() {
             maps.del_open(ino);
         }
-        if m.noxattr.remove(&ino) {
+        if m.noxattr.remove(&ino).is_some() {
             maps.del_noxattr(ino);
         }
     }
@@ -343,7 +343,7 @@ impl BpfMirror {
         }
         if over(m.noxattr.len(), acap) {
             let present: HashSet<u64> = maps.noxattr_keys().into_iter().collect();
-            m.noxattr.retain(|i| present.contains(i));
+            m.noxattr.retain(|i, _| present.contains(i));
         }
     }
 
@@ -538,24 +538,33 @@ impl BpfMirror {
         }
     }
 
-    /// Put `v` into a map if nothing changed since `epoch` and `ino` has no
-    /// writer; `put` does the map update, `set` names the mirror's record.
+    /// Put an extra answer for `x.ino` into a map if nothing changed since
+    /// `epoch` and the inode has no writer; `put` does the map update with
+    /// the deadline, `set` names the mirror's record.
+    ///
+    /// A deadline never moves earlier: answers offered by different paths
+    /// race (a LOOKUP reply with the watched TTL, a prefetch or a GETATTR
+    /// with the plain one), and the one landing last must not take back
+    /// what an earlier one promised. Only a change (which deletes the
+    /// record) does.
     fn put_if_current(
         &self,
         epoch: u64,
-        ino: u64,
+        x: Extras,
         what: &str,
-        put: impl FnOnce(&dyn KernelMaps) -> Result<(), MapError>,
-        set: impl FnOnce(&mut Mirror) -> &mut HashSet<u64>,
+        put: impl FnOnce(&dyn KernelMaps, u64) -> Result<(), MapError>,
+        set: impl Fn(&mut Mirror) -> &mut HashMap<u64, u64>,
     ) {
         let mut m = self.inner.lock();
         let Some(maps) = m.maps.clone() else { return };
+        let ino = x.ino;
         if m.epoch != epoch || self.host.writers.any(ino) || self.host.inodes.generation(ino).is_none() {
             return;
         }
-        match put(&*maps) {
+        let until = set(&mut m).get(&ino).map_or(x.until, |d| x.until.max(*d));
+        match put(&*maps, until) {
             Ok(()) => {
-                set(&mut m).insert(ino);
+                set(&mut m).insert(ino, until);
             }
             Err(MapError::Full) => Self::warn_full(&mut m, what),
             Err(MapError::Other(e)) => tracing::warn!("cannot update the BPF {what} map: {e}"),
@@ -564,44 +573,40 @@ impl BpfMirror {
 
     /// Let the programs answer read-only opens of the regular file `x.ino`
     /// with passthrough through `backing_id` (held for the inode), until
-    /// `x.until`; `epoch` was read before the backend calls.
+    /// `x.until` or a later deadline it already has; `epoch` was read
+    /// before the backend calls.
     pub fn put_open(&self, epoch: u64, x: Extras, backing_id: u32) {
-        let value = OpenValue {
-            backing_id,
-            open_flags: FOPEN_PASSTHROUGH | FOPEN_NOFLUSH,
-            deadline_ns: x.until,
+        let put = |maps: &dyn KernelMaps, until| {
+            let value = OpenValue {
+                backing_id,
+                open_flags: FOPEN_PASSTHROUGH | FOPEN_NOFLUSH,
+                deadline_ns: until,
+            };
+            maps.put_open(x.ino, &value)
         };
-        self.put_if_current(
-            epoch,
-            x.ino,
-            "open",
-            |maps| maps.put_open(x.ino, &value),
-            |m| &mut m.opens,
-        );
+        self.put_if_current(epoch, x, "open", put, |m| &mut m.opens);
     }
 
     /// Let the programs answer GETXATTR of `x.ino`, which has no extended
-    /// attributes at all, until `x.until`: with the errno the backend gives
-    /// for a missing `security.*` and `system.posix_acl_*` name (ENODATA,
-    /// or EOPNOTSUPP where the backing filesystem lacks the namespace; 0
-    /// lets the daemon answer that namespace).
+    /// attributes at all, until `x.until` (or a later deadline it already
+    /// has): with the errno the backend gives for a missing `security.*`
+    /// and `system.posix_acl_*` name (ENODATA, or EOPNOTSUPP where the
+    /// backing filesystem lacks the namespace; 0 lets the daemon answer
+    /// that namespace).
     pub fn put_noxattr(&self, epoch: u64, x: Extras, security_errno: u16, acl_errno: u16) {
         if security_errno == 0 && acl_errno == 0 {
             return;
         }
-        let value = NoXattr {
-            deadline_ns: x.until,
-            security_errno,
-            acl_errno,
-            _pad: 0,
+        let put = |maps: &dyn KernelMaps, until| {
+            let value = NoXattr {
+                deadline_ns: until,
+                security_errno,
+                acl_errno,
+                _pad: 0,
+            };
+            maps.put_noxattr(x.ino, &value)
         };
-        self.put_if_current(
-            epoch,
-            x.ino,
-            "no-xattr",
-            |maps| maps.put_noxattr(x.ino, &value),
-            |m| &mut m.noxattr,
-        );
+        self.put_if_current(epoch, x, "no-xattr", put, |m| &mut m.noxattr);
     }
 
     /// Something changed: `names` (parent, name) no longer hold and the
@@ -645,10 +650,10 @@ impl BpfMirror {
         for ino in std::mem::take(&mut m.attrs) {
             maps.del_attr(ino);
         }
-        for ino in std::mem::take(&mut m.opens) {
+        for ino in std::mem::take(&mut m.opens).into_keys() {
             maps.del_open(ino);
         }
-        for ino in std::mem::take(&mut m.noxattr) {
+        for ino in std::mem::take(&mut m.noxattr).into_keys() {
             maps.del_noxattr(ino);
         }
         m.prefetched.clear();
@@ -817,6 +822,7 @@ mod tests {
     }
 
     const TTL: Duration = Duration::from_secs(60);
+    const ENODATA: u16 = libc::ENODATA as u16;
 
     impl Rig {
         /// Offer `name` in the root -> `ino`, as the filesystem does for a
@@ -874,6 +880,35 @@ mod tests {
         assert_eq!(r.pins.of(5), 0);
         let x = r.mirror.put_attr(epoch, &file(5), TTL);
         assert!(!x.any() && r.maps.attrs.lock().is_empty());
+    }
+
+    #[test]
+    fn an_extra_answer_is_never_shortened_but_a_change_drops_it() {
+        let r = rig(0);
+        let long = r.lookup("f", 5);
+        assert!(long.noxattr);
+        let epoch = r.mirror.epoch();
+        r.mirror.put_noxattr(epoch, long, ENODATA, ENODATA);
+        // A second path offers the same answer with a shorter TTL (a
+        // GETATTR after a LOOKUP in a watched directory), and lands last.
+        let short = r.mirror.put_attr(epoch, &file(5), Duration::from_secs(1));
+        assert!(short.until < long.until);
+        r.mirror.put_noxattr(epoch, short, ENODATA, ENODATA);
+        assert_eq!(r.maps.noxattr.lock()[&5].deadline_ns, long.until);
+        // A later deadline is taken.
+        let later = Extras {
+            until: long.until + 1,
+            ..long
+        };
+        r.mirror.put_noxattr(epoch, later, ENODATA, ENODATA);
+        assert_eq!(r.maps.noxattr.lock()[&5].deadline_ns, later.until);
+        // A change deletes the answer; the next offer starts afresh.
+        r.mirror.changed(&[], &[5]);
+        assert!(r.maps.noxattr.lock().is_empty());
+        let epoch = r.mirror.epoch();
+        let x = r.mirror.put_attr(epoch, &file(5), Duration::from_secs(1));
+        r.mirror.put_noxattr(epoch, x, ENODATA, ENODATA);
+        assert_eq!(r.maps.noxattr.lock()[&5].deadline_ns, x.until);
     }
 
     #[test]

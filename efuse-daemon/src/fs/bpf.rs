@@ -135,10 +135,10 @@ impl EfuseFs {
     /// Offer an entry the kernel was not given, whose backend pin the map
     /// reference takes over.
     fn offer_pinned(&self, o: &Offer, parent: u64, name: &OsStr, a: &Attr) {
-        let p = self.policy();
+        let (entry_ttl, attr_ttl) = self.entry_ttls(parent, a);
         let x = o
             .tier
-            .put_entry(o.epoch, parent, name, a, p.entry_ttl, p.attr_ttl, true);
+            .put_entry(o.epoch, parent, name, a, entry_ttl, attr_ttl, true);
         self.offer_extras(o, x);
     }
 

@@ -63,8 +63,8 @@ pub struct MetaCache {
 pub enum Cached {
     /// The entry, pinned once more for the caller, and the age of the data.
     Found(Attr, Duration),
-    /// The complete listing has no such name.
-    Missing,
+    /// The complete listing has no such name; the age of the listing.
+    Missing(Duration),
     /// The cache cannot answer.
     Unknown,
 }
@@ -117,7 +117,7 @@ impl MetaCache {
                 Ok(()) => Cached::Found(*a, l.fetched.elapsed()),
                 Err(_) => Cached::Unknown,
             },
-            None if l.complete => Cached::Missing,
+            None if l.complete => Cached::Missing(l.fetched.elapsed()),
             None => Cached::Unknown,
         })
     }
@@ -137,7 +137,7 @@ impl MetaCache {
             return Cached::Unknown;
         }
         match self.answer(dir, name) {
-            Some(c @ (Cached::Found(..) | Cached::Missing)) => {
+            Some(c @ (Cached::Found(..) | Cached::Missing(_))) => {
                 self.misses.fetch_add(1, Ordering::Relaxed);
                 c
             }
@@ -237,7 +237,7 @@ mod tests {
             panic!()
         };
         assert!(matches!(c.lookup(d, OsStr::new("f2")), Cached::Found(..)));
-        assert!(matches!(c.lookup(d, OsStr::new("nope")), Cached::Missing));
+        assert!(matches!(c.lookup(d, OsStr::new("nope")), Cached::Missing(_)));
         let s = c.stats();
         assert_eq!(
             (s.prefetches, s.prefetched_entries, s.hits, s.misses),
@@ -253,7 +253,7 @@ mod tests {
     fn stale_and_invalidated_listings_are_refetched() {
         let (b, d) = setup(3);
         let c = MetaCache::new(b.clone(), Duration::from_millis(50), 4096);
-        assert!(matches!(c.lookup(d, OsStr::new("new")), Cached::Missing));
+        assert!(matches!(c.lookup(d, OsStr::new("new")), Cached::Missing(_)));
         b.create(Caller::default(), d, OsStr::new("new"), 0o644, 0)
             .unwrap();
         c.invalidate(d);

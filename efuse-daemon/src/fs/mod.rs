@@ -52,6 +52,13 @@ pub enum FsError {
     /// A refusal with a plain errno (no backend call failed).
     #[error("errno {0}")]
     Errno(i32),
+    /// LOOKUP of a name that does not exist (ENOENT), whose absence the
+    /// kernel may cache for `cache_for` (zero: not at all).
+    #[error("no such name")]
+    Missing {
+        /// How long the kernel may keep a negative entry.
+        cache_for: Duration,
+    },
     /// An xattr value or list larger than the caller's buffer.
     #[error("buffer of {size} bytes too small for {needed}")]
     Range {
@@ -68,6 +75,7 @@ impl FsError {
         match self {
             Self::Backend(e) => e.to_errno(),
             Self::Errno(e) => *e,
+            Self::Missing { .. } => libc::ENOENT,
             Self::Range { .. } => libc::ERANGE,
         }
     }
@@ -503,6 +511,19 @@ impl EfuseFs {
         let generation = self
             .inodes
             .remember_again(attr.ino, parent, name, || self.backend.identity(b));
+        let (entry_ttl, attr_ttl) = self.entry_ttls(parent, &attr);
+        Entry {
+            attr,
+            generation,
+            entry_ttl,
+            attr_ttl,
+        }
+    }
+
+    /// The entry and attribute TTLs of `attr` named in `parent`: what a
+    /// LOOKUP reply gives the kernel, and what the bpf tier's answers for
+    /// the same entry hold, by whichever path they are offered.
+    fn entry_ttls(&self, parent: u64, attr: &Attr) -> (Duration, Duration) {
         let p = self.policy();
         let (mut entry_ttl, mut attr_ttl) = (p.entry_ttl, p.attr_ttl);
         // Coherent by invalidation alone: a dataset stays cached from one
@@ -515,12 +536,7 @@ impl EfuseFs {
                 attr_ttl = attr_ttl.max(p.watched_ttl);
             }
         }
-        Entry {
-            attr,
-            generation,
-            entry_ttl,
-            attr_ttl,
-        }
+        (entry_ttl, attr_ttl)
     }
 
     /// `lookup(2)` of `name` in `parent`.
@@ -540,19 +556,39 @@ impl EfuseFs {
         {
             match m.lookup(self.b(parent), name) {
                 crate::fs::cache::Cached::Found(a, age) => {
-                    let mut e = self.entry(parent, name, a);
                     // Never trust cached data longer than its TTL from when
-                    // it was fetched.
-                    e.entry_ttl = e.entry_ttl.saturating_sub(age);
-                    e.attr_ttl = e.attr_ttl.saturating_sub(age);
-                    return Ok(e);
+                    // it was fetched: older than that, the backend answers.
+                    let (entry_ttl, attr_ttl) = self.entry_ttls(parent, &a);
+                    if age < entry_ttl.min(attr_ttl) {
+                        let mut e = self.entry(parent, name, a);
+                        e.entry_ttl = entry_ttl - age;
+                        e.attr_ttl = attr_ttl - age;
+                        return Ok(e);
+                    }
+                    // The pin the listing took for us.
+                    self.backend.forget(a.ino, 1);
                 }
-                crate::fs::cache::Cached::Missing => return Err(BackendError::NotFound.into()),
+                crate::fs::cache::Cached::Missing(age) => {
+                    // Absent from a listing this old: the kernel may cache
+                    // the absence for what is left of the negative TTL;
+                    // past it, the backend answers.
+                    let neg = self.policy().negative_ttl;
+                    if age < neg {
+                        return Err(FsError::Missing { cache_for: neg - age });
+                    }
+                }
                 crate::fs::cache::Cached::Unknown => {}
             }
         }
         let offer = self.offer();
-        let a = self.pinning(|| self.backend.lookup(self.b(parent), name))?;
+        let a = self
+            .pinning(|| self.backend.lookup(self.b(parent), name))
+            .map_err(|e| match e.to_errno() {
+                libc::ENOENT => FsError::Missing {
+                    cache_for: self.policy().negative_ttl,
+                },
+                _ => e.into(),
+            })?;
         let e = self.entry(parent, name, a);
         self.offer_entry(offer.as_ref(), parent, name, &e);
         Ok(e)
