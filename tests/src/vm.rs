@@ -167,7 +167,11 @@ pub fn run(guest: &Guest, files: &[PathBuf], cmd: &str, timeout: Duration) -> st
     let kernel = &guest.kernel;
     let mut child = Command::new("qemu-system-x86_64")
         // TCG: nested KVM is not dependable on CI machines (it hangs here).
-        .args(["-accel", "tcg"])
+        // One host thread for both vCPUs: with multi-threaded TCG (QEMU
+        // 7.2), a vCPU can run a stale translation of kernel text another
+        // vCPU has just patched (static keys, at boot and whenever a
+        // tracepoint is enabled) and die on the int3 of text_poke_bp.
+        .args(["-accel", "tcg,thread=single"])
         .args(["-m", "2048", "-smp", "2", "-nographic", "-no-reboot"])
         .arg("-kernel")
         .arg(kernel)

@@ -27,6 +27,10 @@ const SCENARIOS: &[Scenario] = &[
     ("cold_walk_after_prefetch", cold_walk_after_prefetch),
     ("misses_prefetch_their_directory", misses_prefetch_their_directory),
     ("changes_are_never_served_stale", changes_are_never_served_stale),
+    (
+        "names_in_the_maps_keep_their_directory_watched",
+        names_in_the_maps_keep_their_directory_watched,
+    ),
     ("lookup_counts_balance", lookup_counts_balance),
     ("detach_under_load", detach_under_load),
     ("two_mounts_are_isolated", two_mounts_are_isolated),
@@ -365,6 +369,37 @@ fn misses_prefetch_their_directory() {
         "siblings of a missed name still went to the daemon"
     );
     assert_eq!(bpf(&after, "lookup_hits") - bpf(&before, "lookup_hits"), 49);
+}
+
+fn names_in_the_maps_keep_their_directory_watched() {
+    // The maps name entries of "dir" while the kernel holds nothing of it
+    // and the map's own entry for "dir" goes (its mode changed behind the
+    // mount): "dir" must stay watched, or a removal in it goes unseen and
+    // the maps answer the removed name for the watched TTL (an hour).
+    let m = bpf_mount();
+    m.seed_file("dir/f", b"f");
+    m.seed_file("dir/g", b"g");
+    m.settle();
+    assert_eq!(prefetch(&m.mnt()), 3);
+    assert!(
+        eventually(ASYNC, || {
+            drop_caches();
+            mount_stats(&m.mnt())["inodes"][1] == 0
+        }),
+        "the kernel still holds inodes: {}",
+        mount_stats(&m.mnt())["inodes"]
+    );
+    fs::set_permissions(m.b("dir"), fs::Permissions::from_mode(0o750)).unwrap();
+    m.settle();
+    fs::remove_file(m.b("dir/g")).unwrap();
+    m.settle();
+    assert_eq!(stat_key(&m.m("dir")).unwrap(), stat_key(&m.b("dir")).unwrap());
+    assert_eq!(
+        fs::metadata(m.m("dir/g")).map(|_| ()).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT),
+        "a name removed behind the mount is still answered"
+    );
+    assert_eq!(fs::read(m.m("dir/f")).unwrap(), b"f");
 }
 
 fn changes_are_never_served_stale() {

@@ -277,6 +277,8 @@ impl BpfMirror {
         m.stats.reconciled += self.reconcile(ino, maps.lookups(ino));
         let removed = self.host.inodes.map_unref(ino);
         self.host.pins.unpin(ino, 1);
+        // The directory's pin the key held (see put_entry).
+        self.host.pins.unpin(parent, 1);
         if removed {
             self.gone(m, maps, ino);
         }
@@ -435,6 +437,14 @@ impl BpfMirror {
         if !pin_held && !self.host.pins.pin(ino) {
             return Extras::default();
         }
+        // A key also pins its directory, which keeps the directory watched
+        // (a backend watches the directories it holds): every change in it
+        // reaches the maps for as long as they name its entries, even once
+        // the kernel and the maps hold nothing of the directory itself.
+        if !self.host.pins.pin(parent) {
+            self.host.pins.unpin(ino, 1);
+            return Extras::default();
+        }
         value.out.generation = self.host.inodes.map_ref(ino, parent, name);
         match maps.put_entry(&key, &value) {
             Ok(()) => {
@@ -447,6 +457,7 @@ impl BpfMirror {
                     self.gone(&mut m, &*maps, ino);
                 }
                 self.host.pins.unpin(ino, 1);
+                self.host.pins.unpin(parent, 1);
                 match e {
                     MapError::Full => Self::warn_full(&mut m, "entry"),
                     MapError::Other(e) => tracing::warn!("cannot update the BPF entry map: {e}"),
@@ -842,6 +853,7 @@ mod tests {
         let x = r.lookup("f", 5);
         assert_eq!(r.maps.bpf_lookup(1, "f"), Some(5));
         assert_eq!(r.pins.of(5), 2, "the map reference pins the inode");
+        assert_eq!(r.pins.of(1), 1, "and its directory");
         assert!(r.maps.attrs.lock().contains_key(&5));
         // Attributes taken: the filesystem is asked for both extras, as
         // the model has both programs and the mount serves xattrs; no
@@ -860,6 +872,7 @@ mod tests {
         assert!(r.maps.entries.lock().is_empty());
         assert!(r.maps.attrs.lock().is_empty());
         assert_eq!(r.pins.of(5), 0);
+        assert_eq!(r.pins.of(1), 0, "the directory's pin went with the key");
         assert!(r.inodes.generation(5).is_none());
     }
 
