@@ -8,7 +8,9 @@
 //! - **Mirror.** Every key in the entry map is also in `entries` here, with
 //!   the inode it names. Each such key holds one backend pin and one
 //!   `maprefs` count in the [`InodeTable`], so an inode a program can hand
-//!   out is always pinned.
+//!   out is always pinned. It also pins its directory, as a kernel dentry
+//!   pins its parent: a backend watches the directories it holds, so every
+//!   change in the directory reaches the maps while they name its entries.
 //! - **Delete before invalidate.** A change (through the mount or reported
 //!   by the backend) deletes the affected keys and attributes from the maps
 //!   before the caller answers the request or sends the FUSE notify, so the
@@ -25,6 +27,10 @@
 //!   protocol in `ops.rs`.
 //! - **Full maps** are not errors: the entry is simply not offloaded and the
 //!   kernel keeps asking the daemon, which says so once in the log.
+//! - **Deadlines only grow.** The same answer is offered by several paths
+//!   (a LOOKUP reply, a prefetch, a GETATTR reply) that race; an offer may
+//!   extend an open or no-xattr answer's deadline but never shortens what
+//!   an earlier one promised. Only a change, which deletes it, does.
 //! - **Opens and xattrs.** Taking attributes, the mirror says which extra
 //!   answers it would take for the inode ([`Extras`]): the filesystem
 //!   then looks them up and offers a regular file's read-only opens (a
@@ -35,7 +41,7 @@
 //!   ([`Writers`]): their passthrough writes change size and times without
 //!   telling it.
 //! - **No backend.** The mirror is told facts; it never reads the backend.
-//!   The one thing it needs from below is a pin per map entry ([`Pins`]).
+//!   The one thing it needs from below is pins ([`Pins`]).
 //!
 //! Lock order: the mirror lock, then the inode table, then the pins (the
 //! backend) and the passthrough table.
@@ -59,9 +65,11 @@ use crate::fs::inode::{FUSE_ROOT, InodeTable};
 use crate::fs::passthrough::Passthrough;
 use crate::transport::wire::fuse_attr;
 
-/// How the mirror holds the inodes its map entries name: one pin each
-/// (a program may hand the inode to the kernel at any time), taken and
-/// given back through the filesystem, which pins them in the backend.
+/// How the mirror holds the inodes its map entries name, and their
+/// directories: one pin each per entry (a program may hand the inode to
+/// the kernel at any time, and a change in the directory must be seen),
+/// taken and given back through the filesystem, which pins them in the
+/// backend.
 pub trait Pins: Send + Sync {
     /// Pin FUSE inode `ino` once more; false if it is gone.
     fn pin(&self, ino: u64) -> bool;
