@@ -145,6 +145,26 @@ impl TestMount {
         settle_mount(&self.mnt());
     }
 
+    /// Wait until no request of this mount is in flight: the kernel counts
+    /// a request as waiting from its allocation to its reply, so this
+    /// covers background ones a syscall only started (readahead, an
+    /// asynchronous RELEASE once it is queued).
+    pub fn quiesce(&self) {
+        let path = ["/sys/fs/fuse/connections", "/sys/fs/efuse/connections"]
+            .iter()
+            .map(|c| PathBuf::from(format!("{c}/{}/waiting", self.connection)))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("no control file for connection {}", self.connection));
+        let idle = eventually(Duration::from_secs(60), || {
+            fs::read_to_string(&path).is_ok_and(|w| w.trim() == "0")
+        });
+        assert!(
+            idle,
+            "requests still in flight on {} after 60 s",
+            self.mnt().display()
+        );
+    }
+
     /// Mount with extra `efuse mount` arguments.
     pub fn with_args(extra: &[&str]) -> Self {
         Self::with_args_env(extra, &[])
