@@ -220,6 +220,19 @@ fn drop_caches() {
     fs::write("/proc/sys/vm/drop_caches", b"2").expect("drop_caches");
 }
 
+/// Drop the kernel's caches until it holds no inode of `m` (its FORGETs
+/// arrive after drop_caches returns), within `bound` (a hang guard).
+fn kernel_forgets_all(m: &TestMount, bound: Duration) {
+    assert!(
+        eventually(bound, || {
+            drop_caches();
+            mount_stats(&m.mnt())["inodes"][1] == 0
+        }),
+        "the kernel still holds inodes after {bound:?}: {}",
+        mount_stats(&m.mnt())["inodes"]
+    );
+}
+
 /// `dirs` directories of `per_dir` files each, plus the directories.
 fn make_tree(root: &Path, dirs: usize, per_dir: usize) -> Vec<PathBuf> {
     let mut rel = Vec::new();
@@ -381,14 +394,7 @@ fn names_in_the_maps_keep_their_directory_watched() {
     m.seed_file("dir/g", b"g");
     m.settle();
     assert_eq!(prefetch(&m.mnt()), 3);
-    assert!(
-        eventually(ASYNC, || {
-            drop_caches();
-            mount_stats(&m.mnt())["inodes"][1] == 0
-        }),
-        "the kernel still holds inodes: {}",
-        mount_stats(&m.mnt())["inodes"]
-    );
+    kernel_forgets_all(&m, ASYNC);
     fs::set_permissions(m.b("dir"), fs::Permissions::from_mode(0o750)).unwrap();
     m.settle();
     fs::remove_file(m.b("dir/g")).unwrap();
@@ -504,14 +510,7 @@ fn lookup_counts_balance() {
         daemon_count(&s, "FORGET") + daemon_count(&s, "BATCH_FORGET") > 0,
         "no FORGET arrived"
     );
-    assert!(
-        eventually(ASYNC, || {
-            drop_caches();
-            mount_stats(&m.mnt())["inodes"][1] == 0
-        }),
-        "the kernel still holds inodes: {}",
-        mount_stats(&m.mnt())["inodes"]
-    );
+    kernel_forgets_all(&m, ASYNC);
     let s = mount_stats(&m.mnt());
     assert_eq!(s["excess_forgets"], 0, "a FORGET exceeded the counted lookups");
     assert!(bpf(&s, "reconciled") > 0, "no BPF lookup was taken over");
@@ -676,13 +675,7 @@ fn full_maps_fall_back_to_the_daemon() {
         "the daemon answered what did not fit"
     );
     assert!(bpf(&s, "lookup_hits") > 0, "what fit was answered by BPF");
-    assert!(
-        eventually(ASYNC, || {
-            drop_caches();
-            mount_stats(&m.mnt())["inodes"][1] == 0
-        }),
-        "inodes still held"
-    );
+    kernel_forgets_all(&m, ASYNC);
     assert_eq!(mount_stats(&m.mnt())["excess_forgets"], 0);
 }
 
@@ -739,13 +732,7 @@ fn full_maps_keep_the_recent_names() {
     assert!(bpf(&after, "evicted") > 0, "{}", after["bpf"]);
     // (A bound against a hang only: at the full scale, tens of thousands
     // of FORGETs take a while under TCG.)
-    assert!(
-        eventually(Duration::from_secs(120), || {
-            drop_caches();
-            mount_stats(&m.mnt())["inodes"][1] == 0
-        }),
-        "inodes still held"
-    );
+    kernel_forgets_all(&m, Duration::from_secs(120));
     assert_eq!(mount_stats(&m.mnt())["excess_forgets"], 0);
 }
 
