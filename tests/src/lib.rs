@@ -95,11 +95,15 @@ impl Drop for UnmountUnder {
     }
 }
 
+/// Where FUSE connections show their control files: the kernel's FUSE,
+/// and efuse.ko's beside it.
+const CONTROL_DIRS: [&str; 2] = ["/sys/fs/fuse/connections", "/sys/fs/efuse/connections"];
+
 /// Abort FUSE connection `conn`, of the kernel's FUSE or of efuse.ko
 /// (connection numbers are device numbers from one allocator: a number
 /// names one connection of either at a time).
 pub fn abort_connection(conn: u32) {
-    for ctl in ["/sys/fs/fuse/connections", "/sys/fs/efuse/connections"] {
+    for ctl in CONTROL_DIRS {
         let _ = fs::write(format!("{ctl}/{conn}/abort"), b"1");
     }
 }
@@ -150,7 +154,7 @@ impl TestMount {
     /// covers background ones a syscall only started (readahead, an
     /// asynchronous RELEASE once it is queued).
     pub fn quiesce(&self) {
-        let path = ["/sys/fs/fuse/connections", "/sys/fs/efuse/connections"]
+        let path = CONTROL_DIRS
             .iter()
             .map(|c| PathBuf::from(format!("{c}/{}/waiting", self.connection)))
             .find(|p| p.exists())
